@@ -1,0 +1,1051 @@
+//! Canonical JSON (SPEC §1): RFC 8785 (JCS), and the `signet-jcs` profile that also puts every
+//! string into Unicode NFC.
+//!
+//! The parser is hand-written rather than `serde_json::from_slice` because serde_json's parser
+//! recurses (with a fixed limit of 128 levels) and is not strict I-JSON: it accepts duplicate
+//! member names, lone surrogate escapes (as U+FFFD in lossy paths) and has no NFC step. Both the
+//! parser and the writer here use an explicit stack, so nesting up to [`MAX_DEPTH`] never grows the
+//! native stack, natively or in the Envoy Wasm VM.
+//!
+//! Nothing here relies on serde_json's optional features (`preserve_order`,
+//! `arbitrary_precision` may be switched on by other crates in the build): numbers are read with
+//! `as_i64`/`as_u64`/`as_f64` and members are sorted by the writer itself.
+
+use std::borrow::Cow;
+use std::cmp::Ordering;
+use std::fmt;
+
+use serde_json::{Map, Number, Value};
+use unicode_normalization::{is_nfc_quick, IsNormalized, UnicodeNormalization};
+
+/// Which canonical form to produce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Profile {
+    /// `signet-jcs`: RFC 8785 plus NFC on every string (member names and values).
+    #[default]
+    Signet,
+    /// Plain RFC 8785, strings are kept as they are.
+    Rfc8785,
+}
+
+/// Maximum nesting of arrays and objects (the top-level container is depth 1). Deeper input is
+/// rejected with `TOO_DEEP`; it is enforced by both the parser and the writer.
+pub const MAX_DEPTH: usize = 1024;
+
+/// Options of [`parse`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ParseOptions {
+    pub profile: Profile,
+    /// Reject integer literals (no fraction, no exponent) whose magnitude exceeds 2^53: as a
+    /// double they would silently change (SPEC §1, a 422 in the exchange pipeline).
+    pub reject_unsafe_integers: bool,
+}
+
+/// Largest integer magnitude that survives the trip through an IEEE-754 double unchanged.
+const MAX_SAFE_MAGNITUDE: u64 = 1 << 53;
+
+/// Why a JSON text or value has no canonical form.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CanonError {
+    kind: ErrorKind,
+    message: String,
+    offset: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ErrorKind {
+    InvalidJson,
+    InvalidUtf8,
+    DuplicateKey,
+    LoneSurrogate,
+    NumberOutOfRange,
+    UnsafeInteger,
+    TooDeep,
+    ReservedMember,
+}
+
+impl CanonError {
+    fn new(kind: ErrorKind, message: impl Into<String>, offset: Option<usize>) -> Self {
+        CanonError {
+            kind,
+            message: message.into(),
+            offset,
+        }
+    }
+
+    /// A receipt extension tried to set a member the receipt itself defines.
+    pub(crate) fn reserved_member(name: &str) -> Self {
+        CanonError::new(
+            ErrorKind::ReservedMember,
+            format!("extension member {name:?} is reserved by the receipt format"),
+            None,
+        )
+    }
+
+    /// Stable UPPER_SNAKE code, suitable for the `code` of an API error.
+    pub fn code(&self) -> &'static str {
+        match self.kind {
+            ErrorKind::InvalidJson => "INVALID_JSON",
+            ErrorKind::InvalidUtf8 => "INVALID_UTF8",
+            ErrorKind::DuplicateKey => "DUPLICATE_KEY",
+            ErrorKind::LoneSurrogate => "LONE_SURROGATE",
+            ErrorKind::NumberOutOfRange => "NUMBER_OUT_OF_RANGE",
+            ErrorKind::UnsafeInteger => "UNSAFE_INTEGER",
+            ErrorKind::TooDeep => "TOO_DEEP",
+            ErrorKind::ReservedMember => "RESERVED_MEMBER",
+        }
+    }
+
+    /// Byte offset in the input where the problem was found (parse errors only).
+    pub fn offset(&self) -> Option<usize> {
+        self.offset
+    }
+
+    /// The reason without the offset.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl fmt::Display for CanonError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.offset {
+            Some(offset) => write!(f, "{} at byte {offset}", self.message),
+            None => f.write_str(&self.message),
+        }
+    }
+}
+
+impl std::error::Error for CanonError {}
+
+/// Parses one strict I-JSON text (RFC 7493): valid UTF-8, no lone surrogates, no duplicate member
+/// names (compared after NFC in the Signet profile), finite numbers only, nesting ≤ [`MAX_DEPTH`].
+/// In the Signet profile every string (names and values) of the result is in NFC.
+///
+/// Integers that fit `i64`/`u64` are kept as integers, every other number becomes the nearest
+/// `f64` (correctly rounded), so canonical output reproduces the ECMAScript number.
+pub fn parse(input: &[u8], opts: &ParseOptions) -> Result<Value, CanonError> {
+    let text = std::str::from_utf8(input).map_err(|e| {
+        CanonError::new(
+            ErrorKind::InvalidUtf8,
+            "invalid UTF-8",
+            Some(e.valid_up_to()),
+        )
+    })?;
+    Parser {
+        text,
+        bytes: input,
+        pos: 0,
+        opts: *opts,
+    }
+    .parse_document()
+}
+
+/// Writes the canonical form of `value`.
+///
+/// Numbers are IEEE-754 doubles (integers are converted first, as RFC 8785 requires). In the
+/// Signet profile strings are NFC-normalized here too, so values built in code need no extra
+/// step; two member names that become equal under NFC are a `DUPLICATE_KEY` error.
+pub fn to_canonical(value: &Value, profile: Profile) -> Result<String, CanonError> {
+    let mut out = String::with_capacity(128);
+    write_tree(Vec::new(), Some(value), profile, &mut out)?;
+    Ok(out)
+}
+
+/// Canonical form of the object made of the members of `object` whose names pass `include`,
+/// without building that object (receipts and bundles hash a subset of their members).
+pub(crate) fn to_canonical_subset(
+    object: &Map<String, Value>,
+    include: impl Fn(&str) -> bool,
+    profile: Profile,
+) -> Result<String, CanonError> {
+    let mut out = String::with_capacity(256);
+    out.push('{');
+    let root = Frame::Object {
+        members: sorted_members(object, include, profile)?.into_iter(),
+        first: true,
+    };
+    write_tree(vec![root], None, profile, &mut out)?;
+    Ok(out)
+}
+
+/// [`parse`] (without the unsafe-integer check) followed by [`to_canonical`].
+pub fn canonicalize(input: &[u8], profile: Profile) -> Result<String, CanonError> {
+    let value = parse(
+        input,
+        &ParseOptions {
+            profile,
+            reject_unsafe_integers: false,
+        },
+    )?;
+    to_canonical(&value, profile)
+}
+
+/// Rewrites every string of `value` (names and values) in NFC, so that the Signet profile and plain
+/// RFC 8785 produce the same bytes for it. Fails when two names of one object collide after NFC.
+pub(crate) fn normalize_in_place(value: &mut Value) -> Result<(), CanonError> {
+    let mut pending: Vec<&mut Value> = vec![value];
+    while let Some(value) = pending.pop() {
+        match value {
+            Value::String(s) => {
+                if let Cow::Owned(normalized) = nfc(s) {
+                    *s = normalized;
+                }
+            }
+            Value::Array(items) => pending.extend(items.iter_mut()),
+            Value::Object(map) => {
+                if map.keys().any(|k| matches!(nfc(k), Cow::Owned(_))) {
+                    let members = std::mem::take(map);
+                    for (key, member) in members {
+                        let key = nfc(&key).into_owned();
+                        if map.contains_key(&key) {
+                            return Err(duplicate_key(&key, None));
+                        }
+                        map.insert(key, member);
+                    }
+                }
+                pending.extend(map.values_mut());
+            }
+            Value::Null | Value::Bool(_) | Value::Number(_) => {}
+        }
+    }
+    Ok(())
+}
+
+/// [`normalize_in_place`] for an object held as a `Map`.
+pub(crate) fn normalize_object(object: &mut Map<String, Value>) -> Result<(), CanonError> {
+    let mut value = Value::Object(std::mem::take(object));
+    let result = normalize_in_place(&mut value);
+    if let Value::Object(normalized) = value {
+        *object = normalized;
+    }
+    result
+}
+
+/// NFC form of `s`, borrowed when it already is (the common case: checked without allocating).
+fn nfc(s: &str) -> Cow<'_, str> {
+    if s.is_ascii() || is_nfc_quick(s.chars()) == IsNormalized::Yes {
+        Cow::Borrowed(s)
+    } else {
+        Cow::Owned(s.nfc().collect())
+    }
+}
+
+fn duplicate_key(key: &str, offset: Option<usize>) -> CanonError {
+    const SHOWN: usize = 64;
+    let shown: String = key.chars().take(SHOWN).collect();
+    let ellipsis = if shown.len() < key.len() { "…" } else { "" };
+    CanonError::new(
+        ErrorKind::DuplicateKey,
+        format!("duplicate member name \"{shown}{ellipsis}\""),
+        offset,
+    )
+}
+
+fn too_deep(offset: Option<usize>) -> CanonError {
+    CanonError::new(
+        ErrorKind::TooDeep,
+        format!("nesting deeper than {MAX_DEPTH} levels"),
+        offset,
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Parser
+
+/// A container being filled while its members are parsed.
+enum OpenContainer {
+    Array(Vec<Value>),
+    Object {
+        members: Map<String, Value>,
+        /// Name of the member whose value is being parsed, and where that name started.
+        key: String,
+        key_offset: usize,
+    },
+}
+
+struct Parser<'a> {
+    text: &'a str,
+    bytes: &'a [u8],
+    pos: usize,
+    opts: ParseOptions,
+}
+
+impl Parser<'_> {
+    fn parse_document(mut self) -> Result<Value, CanonError> {
+        let mut stack: Vec<OpenContainer> = Vec::new();
+        'value: loop {
+            self.skip_whitespace();
+            let start = self.pos;
+            let mut value = match self.bytes.get(self.pos) {
+                Some(b'{') | Some(b'[') if stack.len() >= MAX_DEPTH => {
+                    return Err(too_deep(Some(start)));
+                }
+                Some(b'{') => {
+                    self.pos += 1;
+                    self.skip_whitespace();
+                    if self.eat(b'}') {
+                        Value::Object(Map::new())
+                    } else {
+                        let (key, key_offset) = self.parse_member_name()?;
+                        stack.push(OpenContainer::Object {
+                            members: Map::new(),
+                            key,
+                            key_offset,
+                        });
+                        continue 'value;
+                    }
+                }
+                Some(b'[') => {
+                    self.pos += 1;
+                    self.skip_whitespace();
+                    if self.eat(b']') {
+                        Value::Array(Vec::new())
+                    } else {
+                        stack.push(OpenContainer::Array(Vec::new()));
+                        continue 'value;
+                    }
+                }
+                Some(b'"') => Value::String(self.parse_string()?),
+                Some(b'-' | b'0'..=b'9') => Value::Number(self.parse_number()?),
+                Some(b't') => self.parse_literal("true", Value::Bool(true))?,
+                Some(b'f') => self.parse_literal("false", Value::Bool(false))?,
+                Some(b'n') => self.parse_literal("null", Value::Null)?,
+                Some(_) => return Err(self.unexpected("a value")),
+                None => return Err(self.unexpected_end()),
+            };
+
+            // Hand the finished value to its container; close every container that ends here.
+            loop {
+                match stack.last_mut() {
+                    None => {
+                        self.skip_whitespace();
+                        if self.pos != self.bytes.len() {
+                            return Err(self.unexpected("end of input"));
+                        }
+                        return Ok(value);
+                    }
+                    Some(OpenContainer::Array(items)) => {
+                        items.push(value);
+                        self.skip_whitespace();
+                        match self.bytes.get(self.pos) {
+                            Some(b',') => {
+                                self.pos += 1;
+                                continue 'value;
+                            }
+                            Some(b']') => {
+                                self.pos += 1;
+                                value = match stack.pop() {
+                                    Some(OpenContainer::Array(items)) => Value::Array(items),
+                                    _ => unreachable_container(),
+                                };
+                            }
+                            Some(_) => return Err(self.unexpected("',' or ']'")),
+                            None => return Err(self.unexpected_end()),
+                        }
+                    }
+                    Some(OpenContainer::Object {
+                        members,
+                        key,
+                        key_offset,
+                    }) => {
+                        let name = std::mem::take(key);
+                        if members.contains_key(&name) {
+                            return Err(duplicate_key(&name, Some(*key_offset)));
+                        }
+                        members.insert(name, value);
+                        self.skip_whitespace();
+                        match self.bytes.get(self.pos) {
+                            Some(b',') => {
+                                self.pos += 1;
+                                self.skip_whitespace();
+                                (*key, *key_offset) = self.parse_member_name()?;
+                                continue 'value;
+                            }
+                            Some(b'}') => {
+                                self.pos += 1;
+                                value = match stack.pop() {
+                                    Some(OpenContainer::Object { members, .. }) => {
+                                        Value::Object(members)
+                                    }
+                                    _ => unreachable_container(),
+                                };
+                            }
+                            Some(_) => return Err(self.unexpected("',' or '}'")),
+                            None => return Err(self.unexpected_end()),
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn skip_whitespace(&mut self) {
+        while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.bytes.get(self.pos) {
+            self.pos += 1;
+        }
+    }
+
+    fn eat(&mut self, byte: u8) -> bool {
+        let found = self.bytes.get(self.pos) == Some(&byte);
+        if found {
+            self.pos += 1;
+        }
+        found
+    }
+
+    fn unexpected(&self, expected: &str) -> CanonError {
+        let found = match self
+            .text
+            .get(self.pos..)
+            .and_then(|rest| rest.chars().next())
+        {
+            Some(c) if c.is_ascii_graphic() => format!("'{c}'"),
+            Some(c) => format!("U+{:04X}", u32::from(c)),
+            None => "end of input".to_owned(),
+        };
+        CanonError::new(
+            ErrorKind::InvalidJson,
+            format!("expected {expected}, found {found}"),
+            Some(self.pos),
+        )
+    }
+
+    fn unexpected_end(&self) -> CanonError {
+        CanonError::new(
+            ErrorKind::InvalidJson,
+            "unexpected end of input",
+            Some(self.pos),
+        )
+    }
+
+    fn parse_literal(&mut self, word: &str, value: Value) -> Result<Value, CanonError> {
+        if self.bytes[self.pos..].starts_with(word.as_bytes()) {
+            self.pos += word.len();
+            Ok(value)
+        } else {
+            Err(self.unexpected("a value"))
+        }
+    }
+
+    /// `"name"` followed by `:`; the name is NFC-normalized in the Signet profile.
+    fn parse_member_name(&mut self) -> Result<(String, usize), CanonError> {
+        let offset = self.pos;
+        if self.bytes.get(self.pos) != Some(&b'"') {
+            return Err(self.unexpected("a member name"));
+        }
+        let name = self.parse_string()?;
+        self.skip_whitespace();
+        if !self.eat(b':') {
+            return Err(self.unexpected("':'"));
+        }
+        Ok((name, offset))
+    }
+
+    /// Parses a string starting at the opening quote.
+    fn parse_string(&mut self) -> Result<String, CanonError> {
+        self.pos += 1; // opening quote
+        let mut out = String::new();
+        loop {
+            // Copy the run up to the next quote, backslash or control character. Those are ASCII,
+            // so the run ends on a char boundary of the (already validated) UTF-8 text.
+            let run_start = self.pos;
+            while let Some(&b) = self.bytes.get(self.pos) {
+                if b == b'"' || b == b'\\' || b < 0x20 {
+                    break;
+                }
+                self.pos += 1;
+            }
+            out.push_str(&self.text[run_start..self.pos]);
+            match self.bytes.get(self.pos) {
+                Some(b'"') => {
+                    self.pos += 1;
+                    break;
+                }
+                Some(b'\\') => self.parse_escape(&mut out)?,
+                Some(_) => {
+                    return Err(CanonError::new(
+                        ErrorKind::InvalidJson,
+                        "unescaped control character in string",
+                        Some(self.pos),
+                    ))
+                }
+                None => return Err(self.unexpected_end()),
+            }
+        }
+        if self.opts.profile == Profile::Signet {
+            if let Cow::Owned(normalized) = nfc(&out) {
+                out = normalized;
+            }
+        }
+        Ok(out)
+    }
+
+    fn parse_escape(&mut self, out: &mut String) -> Result<(), CanonError> {
+        let escape_start = self.pos;
+        self.pos += 1; // backslash
+        let simple = match self.bytes.get(self.pos) {
+            Some(b'"') => '"',
+            Some(b'\\') => '\\',
+            Some(b'/') => '/',
+            Some(b'b') => '\u{8}',
+            Some(b'f') => '\u{c}',
+            Some(b'n') => '\n',
+            Some(b'r') => '\r',
+            Some(b't') => '\t',
+            Some(b'u') => {
+                self.pos += 1;
+                let unit = self.parse_hex4()?;
+                let c = match unit {
+                    0xD800..=0xDBFF => {
+                        let low = if self.bytes[self.pos..].starts_with(b"\\u") {
+                            self.pos += 2;
+                            Some(self.parse_hex4()?)
+                        } else {
+                            None
+                        };
+                        match low {
+                            Some(low @ 0xDC00..=0xDFFF) => {
+                                let scalar = 0x10000
+                                    + ((u32::from(unit) - 0xD800) << 10)
+                                    + (u32::from(low) - 0xDC00);
+                                char::from_u32(scalar)
+                            }
+                            _ => None,
+                        }
+                    }
+                    0xDC00..=0xDFFF => None,
+                    _ => char::from_u32(u32::from(unit)),
+                };
+                return match c {
+                    Some(c) => {
+                        out.push(c);
+                        Ok(())
+                    }
+                    None => Err(CanonError::new(
+                        ErrorKind::LoneSurrogate,
+                        "lone surrogate in \\u escape",
+                        Some(escape_start),
+                    )),
+                };
+            }
+            Some(_) => {
+                return Err(CanonError::new(
+                    ErrorKind::InvalidJson,
+                    "invalid escape sequence",
+                    Some(escape_start),
+                ))
+            }
+            None => return Err(self.unexpected_end()),
+        };
+        self.pos += 1;
+        out.push(simple);
+        Ok(())
+    }
+
+    fn parse_hex4(&mut self) -> Result<u16, CanonError> {
+        let digits = self
+            .bytes
+            .get(self.pos..self.pos + 4)
+            .ok_or_else(|| self.unexpected_end())?;
+        let mut unit: u16 = 0;
+        for &d in digits {
+            let nibble = match d {
+                b'0'..=b'9' => d - b'0',
+                b'a'..=b'f' => d - b'a' + 10,
+                b'A'..=b'F' => d - b'A' + 10,
+                _ => {
+                    return Err(CanonError::new(
+                        ErrorKind::InvalidJson,
+                        "invalid \\u escape",
+                        Some(self.pos),
+                    ))
+                }
+            };
+            unit = (unit << 4) | u16::from(nibble);
+        }
+        self.pos += 4;
+        Ok(unit)
+    }
+
+    /// RFC 8259 number grammar: `-? (0 | [1-9][0-9]*) (. [0-9]+)? ([eE] [+-]? [0-9]+)?`.
+    fn parse_number(&mut self) -> Result<Number, CanonError> {
+        let start = self.pos;
+        self.eat(b'-');
+        match self.bytes.get(self.pos) {
+            Some(b'0') => self.pos += 1,
+            Some(b'1'..=b'9') => self.skip_digits(),
+            _ => return Err(self.unexpected("a digit")),
+        }
+        let mut is_integer = true;
+        if self.eat(b'.') {
+            is_integer = false;
+            if !self.bytes.get(self.pos).is_some_and(u8::is_ascii_digit) {
+                return Err(self.unexpected("a digit"));
+            }
+            self.skip_digits();
+        }
+        if let Some(b'e' | b'E') = self.bytes.get(self.pos) {
+            is_integer = false;
+            self.pos += 1;
+            if let Some(b'+' | b'-') = self.bytes.get(self.pos) {
+                self.pos += 1;
+            }
+            if !self.bytes.get(self.pos).is_some_and(u8::is_ascii_digit) {
+                return Err(self.unexpected("a digit"));
+            }
+            self.skip_digits();
+        }
+        let literal = &self.text[start..self.pos];
+
+        if is_integer {
+            let magnitude = literal.trim_start_matches('-').parse::<u64>().ok();
+            let safe = magnitude.is_some_and(|m| m <= MAX_SAFE_MAGNITUDE);
+            if self.opts.reject_unsafe_integers && !safe {
+                return Err(CanonError::new(
+                    ErrorKind::UnsafeInteger,
+                    format!("integer {literal} exceeds 2^53 and would lose precision"),
+                    Some(start),
+                ));
+            }
+            if let Ok(i) = literal.parse::<i64>() {
+                return Ok(Number::from(i));
+            }
+            if let Ok(u) = literal.parse::<u64>() {
+                return Ok(Number::from(u));
+            }
+        }
+        // str::parse::<f64> rounds correctly (round-half-even on the exact decimal value).
+        let double = literal.parse::<f64>().ok().filter(|d| d.is_finite());
+        double.and_then(Number::from_f64).ok_or_else(|| {
+            CanonError::new(
+                ErrorKind::NumberOutOfRange,
+                format!("number {literal} is outside the range of a double"),
+                Some(start),
+            )
+        })
+    }
+
+    fn skip_digits(&mut self) {
+        while self.bytes.get(self.pos).is_some_and(u8::is_ascii_digit) {
+            self.pos += 1;
+        }
+    }
+}
+
+/// The container on top of the stack was just matched by kind; reaching this is a bug.
+#[cold]
+fn unreachable_container() -> Value {
+    debug_assert!(false, "container stack out of sync");
+    Value::Null
+}
+
+// ---------------------------------------------------------------------------------------------
+// Writer
+
+/// A container whose members are being written.
+enum Frame<'a> {
+    Array {
+        items: std::slice::Iter<'a, Value>,
+        first: bool,
+    },
+    Object {
+        members: std::vec::IntoIter<(Cow<'a, str>, &'a Value)>,
+        first: bool,
+    },
+}
+
+/// Writes `next` (if any) and then the rest of every container on `stack`.
+fn write_tree<'a>(
+    mut stack: Vec<Frame<'a>>,
+    mut next: Option<&'a Value>,
+    profile: Profile,
+    out: &mut String,
+) -> Result<(), CanonError> {
+    loop {
+        if let Some(value) = next.take() {
+            match value {
+                Value::Null => out.push_str("null"),
+                Value::Bool(true) => out.push_str("true"),
+                Value::Bool(false) => out.push_str("false"),
+                Value::Number(n) => write_number(n, out)?,
+                Value::String(s) => write_string(&apply_profile(s, profile), out),
+                Value::Array(items) if items.is_empty() => out.push_str("[]"),
+                Value::Object(members) if members.is_empty() => out.push_str("{}"),
+                _ if stack.len() >= MAX_DEPTH => return Err(too_deep(None)),
+                Value::Array(items) => {
+                    out.push('[');
+                    stack.push(Frame::Array {
+                        items: items.iter(),
+                        first: true,
+                    });
+                }
+                Value::Object(members) => {
+                    out.push('{');
+                    stack.push(Frame::Object {
+                        members: sorted_members(members, |_| true, profile)?.into_iter(),
+                        first: true,
+                    });
+                }
+            }
+        }
+        let Some(frame) = stack.last_mut() else {
+            return Ok(());
+        };
+        match frame {
+            Frame::Array { items, first } => match items.next() {
+                Some(item) => {
+                    if !std::mem::take(first) {
+                        out.push(',');
+                    }
+                    next = Some(item);
+                }
+                None => {
+                    out.push(']');
+                    stack.pop();
+                }
+            },
+            Frame::Object { members, first } => match members.next() {
+                Some((name, member)) => {
+                    if !std::mem::take(first) {
+                        out.push(',');
+                    }
+                    write_string(&name, out);
+                    out.push(':');
+                    next = Some(member);
+                }
+                None => {
+                    out.push('}');
+                    stack.pop();
+                }
+            },
+        }
+    }
+}
+
+fn apply_profile(s: &str, profile: Profile) -> Cow<'_, str> {
+    match profile {
+        Profile::Signet => nfc(s),
+        Profile::Rfc8785 => Cow::Borrowed(s),
+    }
+}
+
+/// Members in RFC 8785 order (UTF-16 code units of the names, after NFC in the Signet profile).
+fn sorted_members(
+    members: &Map<String, Value>,
+    include: impl Fn(&str) -> bool,
+    profile: Profile,
+) -> Result<Vec<(Cow<'_, str>, &Value)>, CanonError> {
+    let mut sorted: Vec<(Cow<'_, str>, &Value)> = members
+        .iter()
+        .filter(|(name, _)| include(name))
+        .map(|(name, value)| (apply_profile(name, profile), value))
+        .collect();
+    sorted.sort_unstable_by(|a, b| cmp_utf16(&a.0, &b.0));
+    // Names are unique in a Map; they can only collide after NFC.
+    if let Some(pair) = sorted.windows(2).find(|pair| pair[0].0 == pair[1].0) {
+        return Err(duplicate_key(&pair[0].0, None));
+    }
+    Ok(sorted)
+}
+
+/// Orders strings by their UTF-16 code units (RFC 8785 §3.2.3).
+///
+/// UTF-8 byte order equals code point order, which differs from UTF-16 order only between a
+/// supplementary character (a surrogate pair, 0xD800..) and U+E000..U+FFFF; so compare bytes up
+/// to the first difference and decide that character in UTF-16.
+fn cmp_utf16(a: &str, b: &str) -> Ordering {
+    match a.bytes().zip(b.bytes()).position(|(x, y)| x != y) {
+        None => a.len().cmp(&b.len()),
+        Some(mut at) => {
+            // Both strings share the bytes before `at`, so a boundary in one is one in the other.
+            while !a.is_char_boundary(at) {
+                at -= 1;
+            }
+            a[at..].encode_utf16().cmp(b[at..].encode_utf16())
+        }
+    }
+}
+
+fn write_string(s: &str, out: &mut String) {
+    out.push('"');
+    let bytes = s.as_bytes();
+    let mut run_start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let escaped = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\x08' => "\\b",
+            b'\t' => "\\t",
+            b'\n' => "\\n",
+            b'\x0c' => "\\f",
+            b'\r' => "\\r",
+            0x00..=0x1f => "",
+            _ => continue,
+        };
+        out.push_str(&s[run_start..i]);
+        if escaped.is_empty() {
+            const HEX: &[u8; 16] = b"0123456789abcdef";
+            out.push_str("\\u00");
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 0xf)]));
+        } else {
+            out.push_str(escaped);
+        }
+        run_start = i + 1;
+    }
+    out.push_str(&s[run_start..]);
+    out.push('"');
+}
+
+/// ECMAScript `Number.prototype.toString` of the number as a double (RFC 8785 §3.2.2.3).
+fn write_number(n: &Number, out: &mut String) -> Result<(), CanonError> {
+    let double = if let Some(i) = n.as_i64() {
+        if i.unsigned_abs() <= MAX_SAFE_MAGNITUDE {
+            // Exact as a double and below 1e21: ECMAScript prints the plain integer.
+            out.push_str(itoa_i64(i, &mut [0u8; 20]));
+            return Ok(());
+        }
+        i as f64
+    } else if let Some(u) = n.as_u64() {
+        u as f64
+    } else {
+        n.as_f64().unwrap_or(f64::NAN)
+    };
+    if !double.is_finite() {
+        return Err(CanonError::new(
+            ErrorKind::NumberOutOfRange,
+            format!("number {n} is not a finite double"),
+            None,
+        ));
+    }
+    // ryu-js prints -0 as "0", as ECMAScript does.
+    out.push_str(ryu_js::Buffer::new().format_finite(double));
+    Ok(())
+}
+
+/// Decimal digits of `i` (|i| ≤ 2^53) without going through `fmt`.
+fn itoa_i64(i: i64, buf: &mut [u8; 20]) -> &str {
+    let mut magnitude = i.unsigned_abs();
+    let mut at = buf.len();
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (magnitude % 10) as u8;
+        magnitude /= 10;
+        if magnitude == 0 {
+            break;
+        }
+    }
+    if i < 0 {
+        at -= 1;
+        buf[at] = b'-';
+    }
+    std::str::from_utf8(&buf[at..]).unwrap_or("0")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn signet(input: &str) -> Result<String, CanonError> {
+        canonicalize(input.as_bytes(), Profile::Signet)
+    }
+
+    #[test]
+    fn numbers_follow_ecmascript() {
+        let cases = [
+            ("1e21", "1e+21"),
+            ("1e-7", "1e-7"),
+            ("0.000001", "0.000001"),
+            ("100", "100"),
+            ("-0", "0"),
+            ("-0.0", "0"),
+            ("5e-324", "5e-324"),
+            ("9007199254740993", "9007199254740992"),
+            ("18446744073709551615", "18446744073709552000"),
+            ("-9223372036854775808", "-9223372036854776000"),
+            ("123456789012345678901234567890", "1.2345678901234568e+29"),
+            ("1.0", "1"),
+        ];
+        for (input, expected) in cases {
+            assert_eq!(signet(input).as_deref(), Ok(expected), "{input}");
+        }
+    }
+
+    #[test]
+    fn rejects_what_i_json_forbids() {
+        let cases: [(&[u8], &str); 12] = [
+            (br#"{"a":1,"a":2}"#, "DUPLICATE_KEY"),
+            (br#"["\ud800"]"#, "LONE_SURROGATE"),
+            (br#"["\udc00\ud800"]"#, "LONE_SURROGATE"),
+            (br#"["\ud800\u0041"]"#, "LONE_SURROGATE"),
+            (b"[\"\xed\xa0\x80\"]", "INVALID_UTF8"),
+            (b"[\"\xff\"]", "INVALID_UTF8"),
+            (b"[NaN]", "INVALID_JSON"),
+            (b"[Infinity]", "INVALID_JSON"),
+            (b"1e400", "NUMBER_OUT_OF_RANGE"),
+            (b"-1e400", "NUMBER_OUT_OF_RANGE"),
+            (b"[01]", "INVALID_JSON"),
+            (b"[1,]", "INVALID_JSON"),
+        ];
+        for (input, code) in cases {
+            let err = canonicalize(input, Profile::Signet).err();
+            assert_eq!(err.as_ref().map(CanonError::code), Some(code), "{input:?}");
+        }
+    }
+
+    #[test]
+    fn more_grammar_errors() {
+        for input in [
+            "",
+            " ",
+            "{",
+            "[",
+            "[1 2]",
+            "{\"a\" 1}",
+            "{\"a\":1,}",
+            "{1:2}",
+            "tru",
+            "nul",
+            "1.",
+            ".5",
+            "1e",
+            "-",
+            "+1",
+            "\"\\x\"",
+            "\"\t\"",
+            "[1]x",
+            "\u{feff}[]",
+            "'a'",
+        ] {
+            let err = signet(input).err();
+            assert_eq!(
+                err.as_ref().map(CanonError::code),
+                Some("INVALID_JSON"),
+                "{input:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn duplicate_names_are_compared_after_nfc() {
+        // "é" precomposed and decomposed are the same name in the Signet profile only.
+        let input = "{\"\u{e9}\":1,\"e\u{301}\":2}";
+        assert_eq!(signet(input).err().map(|e| e.code()), Some("DUPLICATE_KEY"));
+        assert!(canonicalize(input.as_bytes(), Profile::Rfc8785).is_ok());
+    }
+
+    #[test]
+    fn writer_rejects_names_that_collide_after_nfc() {
+        let mut map = Map::new();
+        map.insert("\u{e9}".into(), Value::from(1));
+        map.insert("e\u{301}".into(), Value::from(2));
+        let value = Value::Object(map);
+        assert_eq!(
+            to_canonical(&value, Profile::Signet)
+                .err()
+                .map(|e| e.code()),
+            Some("DUPLICATE_KEY")
+        );
+        assert!(to_canonical(&value, Profile::Rfc8785).is_ok());
+    }
+
+    #[test]
+    fn signet_profile_normalizes_values_built_in_code() {
+        let value = Value::String("e\u{301}".into());
+        assert_eq!(
+            to_canonical(&value, Profile::Signet).as_deref(),
+            Ok("\"\u{e9}\"")
+        );
+        assert_eq!(
+            to_canonical(&value, Profile::Rfc8785).as_deref(),
+            Ok("\"e\u{301}\"")
+        );
+    }
+
+    #[test]
+    fn unsafe_integers_are_rejected_only_on_request() {
+        let strict = ParseOptions {
+            profile: Profile::Signet,
+            reject_unsafe_integers: true,
+        };
+        assert!(parse(b"9007199254740992", &strict).is_ok());
+        assert!(parse(b"-9007199254740992", &strict).is_ok());
+        assert!(parse(b"9007199254740993.5", &strict).is_ok());
+        for input in [
+            "9007199254740993",
+            "-9007199254740993",
+            "1000000000000000000000000",
+        ] {
+            let err = parse(input.as_bytes(), &strict).err();
+            assert_eq!(err.map(|e| e.code()), Some("UNSAFE_INTEGER"), "{input}");
+            assert!(parse(input.as_bytes(), &ParseOptions::default()).is_ok());
+        }
+    }
+
+    #[test]
+    fn escapes_only_what_rfc8785_requires() {
+        let input = r#""\u0000\u001f\b\t\n\f\r\"\\\/\u00e9\u20ac\ud83d\ude00\u007f""#;
+        assert_eq!(
+            signet(input).as_deref(),
+            Ok("\"\\u0000\\u001f\\b\\t\\n\\f\\r\\\"\\\\/é€😀\u{7f}\"")
+        );
+    }
+
+    #[test]
+    fn members_sort_by_utf16_code_units() {
+        // U+FF61 sorts after U+1F600 in code points but before it in UTF-16 (0xD83D < 0xFF61).
+        let input = "{\"\u{ff61}\":1,\"\u{1f600}\":2,\"a\":3,\"\":4,\"ab\":5}";
+        assert_eq!(
+            signet(input).as_deref(),
+            Ok("{\"\":4,\"a\":3,\"ab\":5,\"\u{1f600}\":2,\"\u{ff61}\":1}")
+        );
+    }
+
+    #[test]
+    fn nesting_limit_is_enforced_without_recursion() {
+        let ok = format!("{}{}", "[".repeat(MAX_DEPTH), "]".repeat(MAX_DEPTH));
+        assert_eq!(signet(&ok).as_deref(), Ok(ok.as_str()));
+        let deep = format!("{}{}", "[".repeat(MAX_DEPTH + 1), "]".repeat(MAX_DEPTH + 1));
+        assert_eq!(signet(&deep).err().map(|e| e.code()), Some("TOO_DEEP"));
+        let objects = format!("{}1{}", "{\"a\":".repeat(MAX_DEPTH), "}".repeat(MAX_DEPTH));
+        assert_eq!(signet(&objects).as_deref(), Ok(objects.as_str()));
+
+        // A value built in code deeper than the limit is refused by the writer too.
+        let mut value = Value::Null;
+        for _ in 0..=MAX_DEPTH {
+            value = Value::Array(vec![value]);
+        }
+        assert_eq!(
+            to_canonical(&value, Profile::Rfc8785)
+                .err()
+                .map(|e| e.code()),
+            Some("TOO_DEEP")
+        );
+    }
+
+    #[test]
+    fn errors_carry_offsets() {
+        let err = signet("{\"a\":1,\n \"a\":2}").err();
+        assert_eq!(err.as_ref().and_then(CanonError::offset), Some(9));
+        assert_eq!(
+            err.map(|e| e.to_string()).as_deref(),
+            Some("duplicate member name \"a\" at byte 9")
+        );
+    }
+
+    #[test]
+    fn normalize_in_place_matches_signet_profile() {
+        let mut value = parse(
+            "{\"e\u{301}\":[\"A\u{30a}\",{\"x\":\"o\u{308}\"}]}".as_bytes(),
+            &ParseOptions {
+                profile: Profile::Rfc8785,
+                reject_unsafe_integers: false,
+            },
+        )
+        .unwrap();
+        let signet = to_canonical(&value, Profile::Signet).unwrap();
+        normalize_in_place(&mut value).unwrap();
+        assert_eq!(to_canonical(&value, Profile::Rfc8785).unwrap(), signet);
+    }
+}

@@ -1,0 +1,46 @@
+//! Content identifiers: `"sha256:" + lowercase hex SHA-256` (SPEC §1).
+
+use sha2::{Digest, Sha256};
+
+/// The CID prefix; also the receipt's `algo`.
+pub const PREFIX: &str = "sha256:";
+
+/// `sha256:<hex>` of `bytes` (usually canonical JSON).
+pub fn cid(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(PREFIX.len() + 64);
+    out.push_str(PREFIX);
+    push_hex(&Sha256::digest(bytes), &mut out);
+    out
+}
+
+/// Lowercase hex SHA-256 of `bytes`, without prefix (e.g. the API key hash).
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(64);
+    push_hex(&Sha256::digest(bytes), &mut out);
+    out
+}
+
+fn push_hex(bytes: &[u8], out: &mut String) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for &b in bytes {
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 0xf)]));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_digests() {
+        assert_eq!(
+            sha256_hex(b""),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+        assert_eq!(
+            cid(b"abc"),
+            "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+}

@@ -1,0 +1,281 @@
+//! Ed25519 signing keys and the JWKS (SPEC §3).
+
+use std::fmt;
+
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::Engine as _;
+use ed25519_compact::{KeyPair, PublicKey, Seed, Signature};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Rule, VerifyError};
+
+/// Why a key could not be loaded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyError(String);
+
+impl fmt::Display for KeyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for KeyError {}
+
+/// An Ed25519 key with its key id. Built from the configured 32-byte seed.
+#[derive(Clone)]
+pub struct SigningKey {
+    seed: [u8; Seed::BYTES],
+    key_pair: KeyPair,
+    kid: String,
+}
+
+impl SigningKey {
+    /// From the seed as configured in `SP_PRIVATE_KEY_B64`: base64url of 32 bytes (padding optional).
+    pub fn from_seed_b64url(seed: &str, kid: impl Into<String>) -> Result<Self, KeyError> {
+        let bytes = URL_SAFE_NO_PAD
+            .decode(seed.trim().trim_end_matches('='))
+            .map_err(|e| KeyError(format!("signing key seed is not base64url: {e}")))?;
+        let seed: [u8; Seed::BYTES] = bytes.try_into().map_err(|bytes: Vec<u8>| {
+            KeyError(format!(
+                "signing key seed must be 32 bytes, got {}",
+                bytes.len()
+            ))
+        })?;
+        Ok(SigningKey::from_seed(seed, kid))
+    }
+
+    pub fn from_seed(seed: [u8; 32], kid: impl Into<String>) -> Self {
+        SigningKey {
+            key_pair: KeyPair::from_seed(Seed::new(seed)),
+            seed,
+            kid: kid.into(),
+        }
+    }
+
+    pub fn kid(&self) -> &str {
+        &self.kid
+    }
+
+    /// Deterministic Ed25519 signature of `msg`, standard base64 with padding.
+    pub fn sign(&self, msg: &[u8]) -> String {
+        STANDARD.encode(self.key_pair.sk.sign(msg, None).as_ref())
+    }
+
+    /// The public half as published in the JWKS.
+    pub fn public_jwk(&self) -> Jwk {
+        Jwk::ed25519(self.kid.clone(), &self.key_pair.pk)
+    }
+
+    /// The seed in the configured form (base64url, no padding).
+    pub fn seed_b64url(&self) -> String {
+        URL_SAFE_NO_PAD.encode(self.seed)
+    }
+}
+
+impl fmt::Debug for SigningKey {
+    // Never print the seed.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SigningKey")
+            .field("kid", &self.kid)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One public key of the JWKS: `{"kty":"OKP","crv":"Ed25519","x","kid","use":"sig","alg":"EdDSA"}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Jwk {
+    pub kty: String,
+    pub crv: String,
+    /// base64url (no padding) of the 32-byte public key.
+    pub x: String,
+    pub kid: String,
+    #[serde(rename = "use")]
+    pub use_: String,
+    pub alg: String,
+}
+
+impl Jwk {
+    fn ed25519(kid: String, pk: &PublicKey) -> Self {
+        Jwk {
+            kty: "OKP".into(),
+            crv: "Ed25519".into(),
+            x: URL_SAFE_NO_PAD.encode(pk.as_ref()),
+            kid,
+            use_: "sig".into(),
+            alg: "EdDSA".into(),
+        }
+    }
+
+    fn public_key(&self) -> Result<PublicKey, VerifyError> {
+        if self.kty != "OKP" || self.crv != "Ed25519" {
+            return Err(VerifyError::new(
+                Rule::UnknownKid,
+                format!("key {:?} is not an Ed25519 key", self.kid),
+            ));
+        }
+        URL_SAFE_NO_PAD
+            .decode(self.x.trim_end_matches('='))
+            .ok()
+            .and_then(|bytes| PublicKey::from_slice(&bytes).ok())
+            .ok_or_else(|| {
+                VerifyError::new(
+                    Rule::UnknownKid,
+                    format!("key {:?} has no valid Ed25519 public key", self.kid),
+                )
+            })
+    }
+}
+
+/// `{"keys":[…]}` as served at `/.well-known/jwks.json`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Jwks {
+    pub keys: Vec<Jwk>,
+}
+
+impl Jwks {
+    /// Parses a JWKS document. Keys this crate cannot use (other key types, members missing) are
+    /// skipped, as RFC 7517 §5 asks, so a mixed JWKS still works.
+    pub fn from_json(bytes: &[u8]) -> Result<Jwks, KeyError> {
+        #[derive(Deserialize)]
+        struct Document {
+            keys: Vec<serde_json::Value>,
+        }
+        let document: Document = serde_json::from_slice(bytes)
+            .map_err(|e| KeyError(format!("not a JWKS document: {e}")))?;
+        let keys = document
+            .keys
+            .into_iter()
+            .filter_map(|key| serde_json::from_value::<Jwk>(key).ok())
+            .filter(|key| key.kty == "OKP" && key.crv == "Ed25519")
+            .collect();
+        Ok(Jwks { keys })
+    }
+
+    /// The JWKS document as JSON.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|_| String::from(r#"{"keys":[]}"#))
+    }
+
+    pub fn find(&self, kid: &str) -> Option<&Jwk> {
+        self.keys.iter().find(|key| key.kid == kid)
+    }
+
+    /// Checks the standard-base64 Ed25519 signature `sig_b64` of `msg` with the key `kid`.
+    pub fn verify(&self, kid: &str, msg: &[u8], sig_b64: &str) -> Result<(), VerifyError> {
+        let key = self.find(kid).ok_or_else(|| {
+            VerifyError::new(Rule::UnknownKid, format!("kid {kid:?} is not in the JWKS"))
+        })?;
+        let public_key = key.public_key()?;
+        let signature = STANDARD
+            .decode(sig_b64)
+            .ok()
+            .and_then(|bytes| Signature::from_slice(&bytes).ok())
+            .ok_or_else(|| {
+                VerifyError::new(
+                    Rule::Signature,
+                    "signature is not standard base64 of 64 bytes",
+                )
+            })?;
+        public_key.verify(msg, &signature).map_err(|_| {
+            VerifyError::new(
+                Rule::Signature,
+                format!("Ed25519 signature does not verify with kid {kid:?}"),
+            )
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for Jwks {
+    /// Same leniency as [`Jwks::from_json`].
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let value = serde_json::Value::deserialize(deserializer)?;
+        let bytes = serde_json::to_vec(&value).map_err(serde::de::Error::custom)?;
+        Jwks::from_json(&bytes).map_err(serde::de::Error::custom)
+    }
+}
+
+impl FromIterator<Jwk> for Jwks {
+    fn from_iter<I: IntoIterator<Item = Jwk>>(keys: I) -> Self {
+        Jwks {
+            keys: keys.into_iter().collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // RFC 8032 §7.1, test 1.
+    const RFC8032_SEED: &str = "9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60";
+    const RFC8032_PUBLIC: &str = "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a";
+    const RFC8032_SIG_EMPTY: &str = "e5564300c360ac729086e2cc806e828a84877f1eb8e5d974d873e065224901555fb8821590a33bacc61e39701cf9b46bd25bf5f0595bbe24655141438e7a100b";
+
+    fn unhex(s: &str) -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    fn rfc8032_key() -> SigningKey {
+        let seed: [u8; 32] = unhex(RFC8032_SEED).try_into().unwrap();
+        SigningKey::from_seed(seed, "k1")
+    }
+
+    #[test]
+    fn signs_like_rfc8032() {
+        let key = rfc8032_key();
+        assert_eq!(key.sign(b""), STANDARD.encode(unhex(RFC8032_SIG_EMPTY)));
+        assert_eq!(
+            key.public_jwk().x,
+            URL_SAFE_NO_PAD.encode(unhex(RFC8032_PUBLIC))
+        );
+    }
+
+    #[test]
+    fn seed_round_trips_through_base64url() {
+        let key = rfc8032_key();
+        let again = SigningKey::from_seed_b64url(&key.seed_b64url(), "k1").unwrap();
+        assert_eq!(again.public_jwk(), key.public_jwk());
+        assert!(SigningKey::from_seed_b64url("AAAA", "k").is_err());
+        assert!(SigningKey::from_seed_b64url("not base64!", "k").is_err());
+        assert!(!format!("{key:?}").contains(&key.seed_b64url()));
+    }
+
+    #[test]
+    fn jwks_round_trip_and_verify() {
+        let key = rfc8032_key();
+        let jwks: Jwks = [key.public_jwk()].into_iter().collect();
+        let json = jwks.to_json();
+        assert!(json.contains(r#""use":"sig""#));
+        let parsed = Jwks::from_json(json.as_bytes()).unwrap();
+        assert_eq!(parsed, jwks);
+
+        let sig = key.sign(b"hello");
+        assert!(parsed.verify("k1", b"hello", &sig).is_ok());
+        let err = |r: Result<(), VerifyError>| r.err().map(|e| e.rule);
+        assert_eq!(
+            err(parsed.verify("k1", b"hellp", &sig)),
+            Some(Rule::Signature)
+        );
+        assert_eq!(
+            err(parsed.verify("k2", b"hello", &sig)),
+            Some(Rule::UnknownKid)
+        );
+        assert_eq!(
+            err(parsed.verify("k1", b"hello", "%%")),
+            Some(Rule::Signature)
+        );
+    }
+
+    #[test]
+    fn jwks_skips_keys_it_cannot_use() {
+        let doc = r#"{"keys":[{"kty":"RSA","n":"AQAB","e":"AQAB","kid":"r"},
+            {"kty":"OKP","crv":"Ed25519","x":"11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo","kid":"e","use":"sig","alg":"EdDSA"}]}"#;
+        let jwks = Jwks::from_json(doc.as_bytes()).unwrap();
+        assert_eq!(jwks.keys.len(), 1);
+        assert!(jwks.find("e").is_some());
+        assert!(Jwks::from_json(b"[]").is_err());
+    }
+}
