@@ -1,1 +1,26 @@
+//! Harness of the end-to-end tests (`tests/*.rs`): each test starts its own [`Stack`] — the real
+//! Envoy 1.40 with the built `signet_filter.wasm`, the real `signet-control-plane` (SQLite or
+//! PostgreSQL) and the demo upstream — on free loopback ports, with its own temp dir.
+//!
+//! The binaries come from the workspace target dir; `make test` builds them first (see
+//! [`binaries`]). A missing one fails the test with the command that builds it.
 
+pub mod binaries;
+pub mod control_plane;
+pub mod envoy;
+pub mod http;
+pub mod ports;
+pub mod postgres;
+pub mod process;
+pub mod prometheus;
+pub mod stack;
+
+pub use control_plane::Storage;
+pub use stack::{Stack, StackOptions};
+
+/// `n` random bytes as lowercase hex, for names that must not collide between runs.
+pub fn random_hex(n: usize) -> String {
+    let mut bytes = vec![0u8; n];
+    getrandom::fill(&mut bytes).expect("random bytes");
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

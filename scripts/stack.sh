@@ -1,0 +1,148 @@
+# Shared by scripts/up.sh and scripts/bench.sh (sourced, not run): build, configure, start and
+# stop the local stack — control plane, demo upstream, Envoy with the Signet filter.
+#
+# Every setting is an environment variable with a default below; the control plane's own SP_*
+# variables (control-plane/README.md) pass through unchanged, e.g.
+#   SP_STORAGE=postgres SP_POSTGRES_URL=postgres://postgres@127.0.0.1:5432/test make up
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+ENVOY_VERSION=1.40.0
+WASM="$ROOT/target/wasm32-wasip1/wasm/signet_filter.wasm"
+BIN="$ROOT/target/release"
+
+: "${ENVOY_PORT:=10000}"
+: "${ENVOY_ADMIN_PORT:=9901}"
+: "${CONTROL_PLANE_PORT:=8088}"
+: "${UPSTREAM_PORT:=8089}"
+: "${SIGNET_DATA:=$ROOT/data}"        # dev key, filter token, SQLite database
+: "${SIGNET_RUN:=$ROOT/.run}"         # rendered Envoy config, logs
+
+# The demo tenant: API key `demo-key`, may forward to *.example.com.
+if [[ -z ${SP_API_KEYS:-} ]]; then
+    SP_API_KEYS='{"demo-key":{"tenant":"demo","allowlist":["*.example.com"]}}'
+fi
+: "${SP_STORAGE:=sqlite}"
+: "${SP_DB_PATH:=$SIGNET_DATA/signet.db}"
+export SP_API_KEYS SP_STORAGE SP_DB_PATH
+
+STACK_PIDS=()
+
+log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+# Builds the filter (.wasm) and the release binaries, installing the wasm target and Envoy if
+# they are missing.
+stack_build() {
+    log "building the filter, the control plane, the signet CLI and the demo upstream"
+    make -C "$ROOT" --no-print-directory toolchain envoy wasm
+    cargo build --release --manifest-path "$ROOT/Cargo.toml" \
+        --bin signet --bin signet-control-plane --bin demo-upstream
+    [[ -f $WASM ]] || die "the filter build did not produce $WASM"
+    ENVOY_BIN=$(command -v envoy) || die "envoy is not on PATH after 'make envoy'"
+    "$ENVOY_BIN" --version | grep -q "/$ENVOY_VERSION/" || die "envoy is not $ENVOY_VERSION"
+}
+
+# A dev signing key and filter token, created once under $SIGNET_DATA (never committed), unless
+# SP_PRIVATE_KEY_B64 / SP_KID / SP_FILTER_TOKEN are already set.
+stack_secrets() {
+    mkdir -p "$SIGNET_DATA"
+    chmod 700 "$SIGNET_DATA"
+    local key_file="$SIGNET_DATA/dev-signing-key.json"
+    if [[ -z ${SP_PRIVATE_KEY_B64:-} ]]; then
+        if [[ ! -f $key_file ]]; then
+            log "creating a dev signing key in $key_file"
+            (umask 077 && "$BIN/signet" keygen --kid "dev-$(date -u +%Y%m%d)" >"$key_file")
+        fi
+        SP_PRIVATE_KEY_B64=$(json_field "$key_file" seed_b64url)
+        SP_KID=$(json_field "$key_file" kid)
+    fi
+    [[ -n ${SP_KID:-} ]] || die "SP_PRIVATE_KEY_B64 is set but SP_KID is not"
+    local token_file="$SIGNET_DATA/dev-filter-token"
+    if [[ -z ${SP_FILTER_TOKEN:-} ]]; then
+        if [[ ! -f $token_file ]]; then
+            (umask 077 && od -An -tx1 -N24 /dev/urandom | tr -d ' \n' >"$token_file")
+        fi
+        SP_FILTER_TOKEN=$(<"$token_file")
+    fi
+    export SP_PRIVATE_KEY_B64 SP_KID SP_FILTER_TOKEN
+}
+
+# json_field FILE NAME: a top-level string member of a JSON file.
+json_field() {
+    python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$1" "$2"
+}
+
+# Envoy's config: envoy/signet-local.yaml.tmpl with its ${...} placeholders filled.
+stack_render_envoy_config() {
+    local out=$1 plugin_config
+    # One line; a ' doubled for the YAML single-quoted scalar it lands in.
+    plugin_config=$(python3 -c 'import json,sys; print(json.dumps(json.load(open(sys.argv[1])), separators=(",", ":")).replace("'"'"'", "'"''"'"))' \
+        "$ROOT/envoy/signet-plugin.json")
+    sed -e "s|\${ENVOY_PORT}|$ENVOY_PORT|g" \
+        -e "s|\${ENVOY_ADMIN_PORT}|$ENVOY_ADMIN_PORT|g" \
+        -e "s|\${CONTROL_PLANE_PORT}|$CONTROL_PLANE_PORT|g" \
+        -e "s|\${UPSTREAM_PORT}|$UPSTREAM_PORT|g" \
+        -e "s|\${SIGNET_FILTER_WASM}|$WASM|g" \
+        -e "s|\${SIGNET_PLUGIN_CONFIG}|${plugin_config//|/\\|}|g" \
+        "$ROOT/envoy/signet-local.yaml.tmpl" >"$out"
+    if grep -v '^ *#' "$out" | grep -q '\${'; then
+        die "unfilled placeholder in $out: $(grep -v '^ *#' "$out" | grep '\${')"
+    fi
+}
+
+# start NAME LOG CMD...: runs CMD in the background in its own process group (job control), so
+# that stack_stop can end it with everything it spawned.
+start() {
+    local name=$1 logfile=$2
+    shift 2
+    "$@" >>"$logfile" 2>&1 &
+    STACK_PIDS+=("$!")
+    log "started $name (pid $!, log $logfile)"
+}
+
+# wait_http NAME URL [SECONDS]: until URL answers 2xx.
+wait_http() {
+    local name=$1 url=$2 deadline=$((SECONDS + ${3:-30}))
+    until curl -fsS -o /dev/null "$url" 2>/dev/null; do
+        ((SECONDS < deadline)) || die "$name did not come up ($url); see the logs in $SIGNET_RUN"
+        sleep 0.2
+    done
+}
+
+stack_start() {
+    mkdir -p "$SIGNET_RUN"
+    set -m # each background job in its own process group
+    local port
+    for port in "$ENVOY_PORT" "$ENVOY_ADMIN_PORT" "$CONTROL_PLANE_PORT" "$UPSTREAM_PORT"; do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            die "127.0.0.1:$port is already in use (another 'make up'?); set the *_PORT variables"
+        fi
+    done
+
+    start "control plane ($SP_STORAGE) on :$CONTROL_PLANE_PORT" "$SIGNET_RUN/control-plane.log" \
+        env PORT="$CONTROL_PLANE_PORT" SP_BIND=127.0.0.1 "$BIN/signet-control-plane"
+    start "demo upstream on :$UPSTREAM_PORT" "$SIGNET_RUN/upstream.log" \
+        "$BIN/demo-upstream" "127.0.0.1:$UPSTREAM_PORT"
+    wait_http "control plane" "http://127.0.0.1:$CONTROL_PLANE_PORT/.well-known/jwks.json"
+    wait_http "demo upstream" "http://127.0.0.1:$UPSTREAM_PORT/"
+
+    stack_render_envoy_config "$SIGNET_RUN/envoy.yaml"
+    # The filter reads SP_PRIVATE_KEY_B64, SP_KID and SP_FILTER_TOKEN from this environment.
+    start "envoy on :$ENVOY_PORT (admin :$ENVOY_ADMIN_PORT)" "$SIGNET_RUN/envoy.log" \
+        "$ENVOY_BIN" --config-path "$SIGNET_RUN/envoy.yaml" --disable-hot-restart \
+        ${ENVOY_CONCURRENCY:+--concurrency "$ENVOY_CONCURRENCY"} --log-level info
+    wait_http envoy "http://127.0.0.1:$ENVOY_ADMIN_PORT/ready"
+    set +m
+}
+
+# Stops every process group stack_start created.
+stack_stop() {
+    local pid
+    for pid in "${STACK_PIDS[@]}"; do
+        kill -TERM -- "-$pid" 2>/dev/null || true
+    done
+    for pid in "${STACK_PIDS[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+    STACK_PIDS=()
+}

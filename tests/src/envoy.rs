@@ -1,0 +1,126 @@
+//! A real Envoy 1.40 running `envoy/signet-local.yaml.tmpl` with the built filter.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::binaries;
+use crate::http::Client;
+use crate::process::Service;
+use crate::prometheus::Metrics;
+
+/// The template shared with `make up`.
+pub fn template() -> String {
+    let path = binaries::workspace_root().join("envoy/signet-local.yaml.tmpl");
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+}
+
+/// The plugin configuration shared with `make up`, as one line of JSON.
+pub fn default_plugin_config() -> serde_json::Value {
+    let path = binaries::workspace_root().join("envoy/signet-plugin.json");
+    let text =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Replaces every `${NAME}` of the template; a placeholder left over is a bug in the caller.
+pub fn render(template: &str, vars: &[(&str, String)]) -> String {
+    let mut text = template.to_owned();
+    for (name, value) in vars {
+        text = text.replace(&format!("${{{name}}}"), value);
+    }
+    // Placeholders are only substituted outside comments; a `${` in a comment is documentation.
+    let unfilled: Vec<&str> = text
+        .lines()
+        .filter(|line| !line.trim_start().starts_with('#') && line.contains("${"))
+        .collect();
+    assert!(unfilled.is_empty(), "unfilled placeholders: {unfilled:#?}");
+    text
+}
+
+/// What differs between the Envoys of the tests.
+#[derive(Clone, Debug)]
+pub struct EnvoySettings {
+    pub control_plane_port: u16,
+    pub upstream_port: u16,
+    pub plugin_config: serde_json::Value,
+    pub wasm: PathBuf,
+}
+
+pub struct Envoy {
+    pub port: u16,
+    pub admin_port: u16,
+    pub service: Service,
+    pub config_path: PathBuf,
+}
+
+impl Envoy {
+    /// Writes the config into `dir` and starts Envoy without waiting for it.
+    pub fn spawn(dir: &Path, settings: &EnvoySettings, env: &[(String, String)]) -> Envoy {
+        let port = crate::ports::free_port();
+        let admin_port = crate::ports::free_port();
+        let plugin_config = serde_json::to_string(&settings.plugin_config).expect("json");
+        let yaml = render(
+            &template(),
+            &[
+                ("ENVOY_PORT", port.to_string()),
+                ("ENVOY_ADMIN_PORT", admin_port.to_string()),
+                (
+                    "CONTROL_PLANE_PORT",
+                    settings.control_plane_port.to_string(),
+                ),
+                ("UPSTREAM_PORT", settings.upstream_port.to_string()),
+                ("SIGNET_FILTER_WASM", settings.wasm.display().to_string()),
+                // The template quotes it in a YAML single-quoted scalar.
+                ("SIGNET_PLUGIN_CONFIG", plugin_config.replace('\'', "''")),
+            ],
+        );
+        let config_path = dir.join("envoy.yaml");
+        std::fs::write(&config_path, yaml).expect("write envoy.yaml");
+
+        let mut command = Command::new(binaries::envoy());
+        command
+            .arg("--config-path")
+            .arg(&config_path)
+            // Several Envoys run at once: no shared-memory hot-restart state between them.
+            .arg("--disable-hot-restart")
+            // One worker, one Wasm VM: the tests run many stacks on two cores.
+            .args(["--concurrency", "1"])
+            .args(["--log-level", "info", "--component-log-level", "wasm:debug"])
+            .envs(env.iter().map(|(k, v)| (k, v)));
+        let service = Service::spawn("envoy", command, &dir.join("envoy.log"));
+        Envoy {
+            port,
+            admin_port,
+            service,
+            config_path,
+        }
+    }
+
+    /// Starts Envoy and waits until its listeners are up.
+    pub fn start(dir: &Path, settings: &EnvoySettings, env: &[(String, String)]) -> Envoy {
+        let mut envoy = Envoy::spawn(dir, settings, env);
+        let client = Client::new();
+        let ready_url = envoy.admin_url("/ready");
+        envoy.service.wait_until(Duration::from_secs(20), || {
+            crate::process::accepts_connections(envoy.admin_port)
+                && client.get(&ready_url, &[]).status == 200
+        });
+        envoy
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.admin_port)
+    }
+
+    /// `/stats/prometheus`, where the filter's stats carry the labels set by `stats_tags`.
+    pub fn stats(&self) -> Metrics {
+        let response = Client::new().get(&self.admin_url("/stats/prometheus"), &[]);
+        assert_eq!(response.status, 200, "{}", response.text());
+        Metrics::parse(&response.text())
+    }
+}

@@ -1,0 +1,250 @@
+//! One complete deployment per test: demo upstream, control plane and Envoy with the filter, on
+//! free ports, with a temp dir that holds their configs, logs and (SQLite) database.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use serde_json::{json, Value};
+use tempfile::TempDir;
+
+use crate::control_plane::{ControlPlane, Storage};
+use crate::envoy::{Envoy, EnvoySettings};
+use crate::http::{Client, Response};
+use crate::postgres::TestDatabase;
+use crate::process::Service;
+use crate::{binaries, random_hex};
+
+/// API keys of the tenants every stack has (`SP_API_KEYS`).
+pub const DEMO_KEY: &str = "demo-key";
+pub const DEMO_TENANT: &str = "demo";
+pub const OTHER_KEY: &str = "other-key";
+pub const OTHER_TENANT: &str = "other";
+
+#[derive(Clone, Debug)]
+pub struct StackOptions {
+    pub storage: Storage,
+    /// The filter's plugin configuration; `envoy/signet-plugin.json` when `None`.
+    pub plugin_config: Option<Value>,
+    /// Extra or overriding control-plane variables, e.g. `SP_CHAIN_MAX`.
+    pub control_plane_env: Vec<(String, String)>,
+}
+
+impl Default for StackOptions {
+    fn default() -> Self {
+        StackOptions {
+            storage: Storage::Sqlite,
+            plugin_config: None,
+            control_plane_env: Vec::new(),
+        }
+    }
+}
+
+/// The signing key shared by the filter (through Envoy's environment) and the control plane.
+#[derive(Clone, Debug)]
+pub struct TestKey {
+    pub kid: String,
+    pub seed_b64url: String,
+}
+
+impl TestKey {
+    pub fn generate() -> TestKey {
+        let mut seed = [0u8; 32];
+        getrandom::fill(&mut seed).expect("random seed");
+        let kid = format!("e2e-{}", random_hex(4));
+        let key = signet_protocol::keys::SigningKey::from_seed(seed, &kid);
+        TestKey {
+            kid,
+            seed_b64url: key.seed_b64url(),
+        }
+    }
+}
+
+// Fields drop in order: Envoy first, the temp dir last.
+pub struct Stack {
+    pub envoy: Envoy,
+    pub control_plane: ControlPlane,
+    pub upstream: Service,
+    pub upstream_port: u16,
+    pub key: TestKey,
+    pub filter_token: String,
+    pub client: Client,
+    _database: Option<TestDatabase>,
+    pub dir: TempDir,
+}
+
+impl Stack {
+    pub fn start(storage: Storage) -> Stack {
+        Stack::with_options(StackOptions {
+            storage,
+            ..StackOptions::default()
+        })
+    }
+
+    pub fn with_options(options: StackOptions) -> Stack {
+        let dir = tempfile::Builder::new()
+            .prefix("signet-e2e-")
+            .tempdir()
+            .expect("temp dir");
+        let key = TestKey::generate();
+        let filter_token = format!("e2e-filter-token-{}", random_hex(16));
+
+        let (upstream, upstream_port) = start_upstream(dir.path());
+
+        let database = (options.storage == Storage::Postgres).then(TestDatabase::create);
+        let mut env = control_plane_env(&key, &filter_token, dir.path(), database.as_ref());
+        env.extend(options.control_plane_env.iter().cloned());
+        let control_plane = ControlPlane::start(dir.path(), env);
+
+        let settings = EnvoySettings {
+            control_plane_port: control_plane.port,
+            upstream_port,
+            plugin_config: options
+                .plugin_config
+                .clone()
+                .unwrap_or_else(crate::envoy::default_plugin_config),
+            wasm: binaries::filter_wasm(),
+        };
+        let envoy = Envoy::start(dir.path(), &settings, &envoy_env(&key, &filter_token));
+
+        Stack {
+            envoy,
+            control_plane,
+            upstream,
+            upstream_port,
+            key,
+            filter_token,
+            client: Client::new(),
+            _database: database,
+            dir,
+        }
+    }
+
+    /// `POST /v1/exchange` with the demo tenant's key and a fresh idempotency key.
+    pub fn exchange(&self, body: &Value) -> Response {
+        let idempotency_key = new_idempotency_key();
+        self.exchange_with(
+            &[
+                ("X-SIGNET-API-Key", DEMO_KEY),
+                ("X-SIGNET-Idempotency-Key", &idempotency_key),
+            ],
+            body.to_string().as_bytes(),
+        )
+    }
+
+    /// `POST /v1/exchange` with exactly these headers and raw body.
+    pub fn exchange_with(&self, headers: &[(&str, &str)], body: &[u8]) -> Response {
+        let mut all = vec![("content-type", "application/json")];
+        all.extend_from_slice(headers);
+        self.client
+            .post(&self.envoy.url("/v1/exchange"), &all, body)
+    }
+
+    /// `GET /v1/receipts/export/{trace_id}` from the control plane.
+    pub fn export_bundle(&self, trace_id: &str) -> Response {
+        self.client.get(
+            &self
+                .control_plane
+                .url(&format!("/v1/receipts/export/{trace_id}")),
+            &[],
+        )
+    }
+
+    pub fn jwks_url(&self) -> String {
+        self.control_plane.url("/.well-known/jwks.json")
+    }
+
+    /// Runs the real `signet` CLI: `signet verify bundle <file> --jwks <url>`.
+    pub fn verify_bundle_with_cli(&self, bundle: &[u8]) -> Output {
+        let path = self
+            .dir
+            .path()
+            .join(format!("bundle-{}.json", random_hex(4)));
+        std::fs::write(&path, bundle).expect("write bundle");
+        signet(&[
+            "verify",
+            "bundle",
+            path.to_str().expect("utf-8 path"),
+            "--jwks",
+            &self.jwks_url(),
+        ])
+    }
+
+    /// Envoy's, the control plane's and the upstream's logs, for failure messages.
+    pub fn logs(&self) -> String {
+        format!(
+            "--- envoy ---\n{}\n--- control plane ---\n{}\n--- upstream ---\n{}",
+            self.envoy.service.log_tail(),
+            self.control_plane.service.log_tail(),
+            self.upstream.log_tail()
+        )
+    }
+}
+
+pub fn new_idempotency_key() -> String {
+    format!("e2e-{}", random_hex(12))
+}
+
+/// Runs the `signet` CLI with `args`.
+pub fn signet(args: &[&str]) -> Output {
+    Command::new(binaries::signet_cli())
+        .args(args)
+        .output()
+        .expect("run signet")
+}
+
+fn start_upstream(dir: &Path) -> (Service, u16) {
+    let port = crate::ports::free_port();
+    let mut command = Command::new(binaries::demo_upstream());
+    command.arg(format!("127.0.0.1:{port}"));
+    let mut service = Service::spawn("demo-upstream", command, &dir.join("upstream.log"));
+    service.wait_until(std::time::Duration::from_secs(10), || {
+        crate::process::accepts_connections(port)
+    });
+    (service, port)
+}
+
+/// Tenants of every stack: `demo` may forward to `*.example.com`; `other` exists to own traces
+/// that `demo` must not extend.
+pub fn api_keys() -> Value {
+    json!({
+        DEMO_KEY: {"tenant": DEMO_TENANT, "allowlist": ["*.example.com"]},
+        OTHER_KEY: {"tenant": OTHER_TENANT, "allowlist": []},
+    })
+}
+
+fn control_plane_env(
+    key: &TestKey,
+    filter_token: &str,
+    dir: &Path,
+    database: Option<&TestDatabase>,
+) -> Vec<(String, String)> {
+    let mut env = vec![
+        ("SP_PRIVATE_KEY_B64".to_owned(), key.seed_b64url.clone()),
+        ("SP_KID".to_owned(), key.kid.clone()),
+        ("SP_FILTER_TOKEN".to_owned(), filter_token.to_owned()),
+        ("SP_API_KEYS".to_owned(), api_keys().to_string()),
+    ];
+    match database {
+        None => {
+            env.push(("SP_STORAGE".to_owned(), "sqlite".to_owned()));
+            let path = dir.join("signet.db");
+            env.push(("SP_DB_PATH".to_owned(), path.display().to_string()));
+        }
+        Some(database) => {
+            env.push(("SP_STORAGE".to_owned(), "postgres".to_owned()));
+            env.push(("SP_POSTGRES_URL".to_owned(), database.url()));
+            // Many stacks share one server during `cargo test`.
+            env.push(("SP_PG_POOL_SIZE".to_owned(), "4".to_owned()));
+        }
+    }
+    env
+}
+
+/// What the filter reads through `host_env_keys`.
+fn envoy_env(key: &TestKey, filter_token: &str) -> Vec<(String, String)> {
+    vec![
+        ("SP_PRIVATE_KEY_B64".to_owned(), key.seed_b64url.clone()),
+        ("SP_KID".to_owned(), key.kid.clone()),
+        ("SP_FILTER_TOKEN".to_owned(), filter_token.to_owned()),
+    ]
+}
