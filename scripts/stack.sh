@@ -7,8 +7,10 @@
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 ENVOY_VERSION=1.40.0
-WASM="$ROOT/target/wasm32-wasip1/wasm/signet_filter.wasm"
-BIN="$ROOT/target/release"
+TARGET_DIR=${CARGO_TARGET_DIR:-target}
+[[ $TARGET_DIR == /* ]] || TARGET_DIR="$ROOT/$TARGET_DIR"
+WASM="$TARGET_DIR/wasm32-wasip1/wasm/signet_filter.wasm"
+BIN="$TARGET_DIR/release"
 
 : "${ENVOY_PORT:=10000}"
 : "${ENVOY_ADMIN_PORT:=9901}"
