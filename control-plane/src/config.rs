@@ -1,0 +1,332 @@
+//! Configuration from the environment. Every variable is documented in README.md.
+//!
+//! Invalid configuration stops the start with a message naming the variable and the problem;
+//! nothing silently falls back to a default.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use signet_protocol::keys::{Jwk, Jwks, SigningKey};
+
+use crate::tenants::{api_key_hash, normalize_host_pattern, TenantDirectory};
+
+pub const DEFAULT_PORT: u16 = 8088;
+pub const DEFAULT_DB_PATH: &str = "./data/signet.db";
+pub const DEFAULT_CHAIN_MAX: u64 = 1000;
+pub const DEFAULT_LEASE_SECS: u64 = 30;
+pub const DEFAULT_PG_POOL_SIZE: usize = 16;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StorageConfig {
+    Sqlite { path: PathBuf },
+    Postgres { url: String, pool_size: usize },
+}
+
+impl StorageConfig {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StorageConfig::Sqlite { .. } => "sqlite",
+            StorageConfig::Postgres { .. } => "postgres",
+        }
+    }
+}
+
+pub struct Config {
+    pub bind: IpAddr,
+    pub port: u16,
+    pub storage: StorageConfig,
+    pub tenants: TenantDirectory,
+    /// `SP_HEL_ALLOWLIST`, kept to rebuild the directory on an admin reload.
+    pub global_allowlist: Vec<String>,
+    pub signing_key: SigningKey,
+    /// Public keys of earlier kids (`SP_PREVIOUS_JWKS`); the database keeps every kid ever
+    /// configured as well.
+    pub previous_keys: Vec<Jwk>,
+    /// SHA-256 hex of `SP_FILTER_TOKEN`.
+    pub filter_token_hash: String,
+    /// SHA-256 hex of `SP_ADMIN_KEY`; `None` disables admin access.
+    pub admin_key_hash: Option<String>,
+    pub chain_max: u64,
+    pub idempotency_lease: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub variable: &'static str,
+    pub problem: String,
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "invalid configuration: {}: {}",
+            self.variable, self.problem
+        )
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn invalid(variable: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError {
+        variable,
+        problem: problem.into(),
+    }
+}
+
+impl Config {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Reads the configuration through `lookup` (the environment, or a map in tests).
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        // An empty variable counts as unset, as shells and compose files tend to produce them.
+        let get = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
+
+        let port =
+            parse_number("PORT", get("PORT"), DEFAULT_PORT as u64, 1, u16::MAX as u64)? as u16;
+        let bind = match get("SP_BIND") {
+            None => IpAddr::from([127, 0, 0, 1]),
+            Some(v) => v
+                .trim()
+                .parse()
+                .map_err(|_| invalid("SP_BIND", format!("{v:?} is not an IP address")))?,
+        };
+
+        let storage = match get("SP_STORAGE").as_deref().map(str::trim) {
+            None | Some("sqlite") => {
+                if get("SP_POSTGRES_URL").is_some() && get("SP_STORAGE").is_none() {
+                    return Err(invalid(
+                        "SP_STORAGE",
+                        "SP_POSTGRES_URL is set but SP_STORAGE is not; set SP_STORAGE=postgres (or unset the URL)",
+                    ));
+                }
+                StorageConfig::Sqlite {
+                    path: PathBuf::from(
+                        get("SP_DB_PATH").unwrap_or_else(|| DEFAULT_DB_PATH.into()),
+                    ),
+                }
+            }
+            Some("postgres") => StorageConfig::Postgres {
+                url: get("SP_POSTGRES_URL").ok_or_else(|| {
+                    invalid("SP_POSTGRES_URL", "required when SP_STORAGE=postgres")
+                })?,
+                pool_size: parse_number(
+                    "SP_PG_POOL_SIZE",
+                    get("SP_PG_POOL_SIZE"),
+                    DEFAULT_PG_POOL_SIZE as u64,
+                    1,
+                    1024,
+                )? as usize,
+            },
+            Some(other) => {
+                return Err(invalid(
+                    "SP_STORAGE",
+                    format!("{other:?} is not a storage; use sqlite or postgres"),
+                ))
+            }
+        };
+
+        let global_allowlist = parse_allowlist(get("SP_HEL_ALLOWLIST").as_deref())?;
+        let tenants = TenantDirectory::parse(
+            get("SP_API_KEYS").as_deref().unwrap_or("{}"),
+            get("SP_RESERVED_CONFIG").as_deref().unwrap_or("{}"),
+            &global_allowlist,
+        )
+        .map_err(|e| match e {
+            crate::tenants::TenantConfigError::ApiKeys(p) => invalid("SP_API_KEYS", p),
+            crate::tenants::TenantConfigError::Reserved(p) => invalid("SP_RESERVED_CONFIG", p),
+        })?;
+
+        let kid = get("SP_KID")
+            .ok_or_else(|| invalid("SP_KID", "required (key id of SP_PRIVATE_KEY_B64)"))?;
+        let seed = get("SP_PRIVATE_KEY_B64").ok_or_else(|| {
+            invalid(
+                "SP_PRIVATE_KEY_B64",
+                "required (32-byte Ed25519 seed, base64url)",
+            )
+        })?;
+        let signing_key = SigningKey::from_seed_b64url(seed.trim(), kid.trim())
+            .map_err(|e| invalid("SP_PRIVATE_KEY_B64", e.to_string()))?;
+
+        let previous_keys = match get("SP_PREVIOUS_JWKS") {
+            None => Vec::new(),
+            Some(v) => {
+                Jwks::from_json(v.as_bytes())
+                    .map_err(|e| invalid("SP_PREVIOUS_JWKS", e.to_string()))?
+                    .keys
+            }
+        };
+
+        let filter_token = get("SP_FILTER_TOKEN").ok_or_else(|| {
+            invalid(
+                "SP_FILTER_TOKEN",
+                "required (the shared secret the filter presents)",
+            )
+        })?;
+        if filter_token.len() < 16 {
+            return Err(invalid("SP_FILTER_TOKEN", "must be at least 16 characters"));
+        }
+        let admin_key_hash = match get("SP_ADMIN_KEY") {
+            Some(k) if k.len() < 16 => {
+                return Err(invalid("SP_ADMIN_KEY", "must be at least 16 characters"))
+            }
+            other => other.map(|k| api_key_hash(&k)),
+        };
+
+        let chain_max = parse_number(
+            "SP_CHAIN_MAX",
+            get("SP_CHAIN_MAX"),
+            DEFAULT_CHAIN_MAX,
+            1,
+            1_000_000,
+        )?;
+        let lease_secs = parse_number(
+            "SP_IDEMPOTENCY_LEASE_SECS",
+            get("SP_IDEMPOTENCY_LEASE_SECS"),
+            DEFAULT_LEASE_SECS,
+            1,
+            86_400,
+        )?;
+
+        Ok(Config {
+            bind,
+            port,
+            storage,
+            tenants,
+            global_allowlist,
+            signing_key,
+            previous_keys,
+            filter_token_hash: api_key_hash(&filter_token),
+            admin_key_hash,
+            chain_max,
+            idempotency_lease: Duration::from_secs(lease_secs),
+        })
+    }
+}
+
+fn parse_number(
+    variable: &'static str,
+    value: Option<String>,
+    default: u64,
+    min: u64,
+    max: u64,
+) -> Result<u64, ConfigError> {
+    let Some(v) = value else { return Ok(default) };
+    let n: u64 = v
+        .trim()
+        .parse()
+        .map_err(|_| invalid(variable, format!("{v:?} is not a whole number")))?;
+    if n < min || n > max {
+        return Err(invalid(variable, format!("{n} is outside {min}..={max}")));
+    }
+    Ok(n)
+}
+
+/// `SP_HEL_ALLOWLIST`: host patterns separated by commas, or a JSON array of them.
+fn parse_allowlist(value: Option<&str>) -> Result<Vec<String>, ConfigError> {
+    let Some(v) = value else {
+        return Ok(Vec::new());
+    };
+    let entries: Vec<String> = if v.trim_start().starts_with('[') {
+        serde_json::from_str(v).map_err(|e| {
+            invalid(
+                "SP_HEL_ALLOWLIST",
+                format!("not a JSON array of strings: {e}"),
+            )
+        })?
+    } else {
+        v.split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect()
+    };
+    entries
+        .iter()
+        .map(|e| normalize_host_pattern(e).map_err(|p| invalid("SP_HEL_ALLOWLIST", p)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    const SEED: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8";
+
+    fn config(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let mut env: HashMap<String, String> = [
+            ("SP_PRIVATE_KEY_B64", SEED),
+            ("SP_KID", "k1"),
+            ("SP_FILTER_TOKEN", "filter-token-0123456789"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        for (k, v) in vars {
+            env.insert(k.to_string(), v.to_string());
+        }
+        Config::from_lookup(|name| env.get(name).cloned())
+    }
+
+    #[test]
+    fn defaults() {
+        let c = config(&[]).unwrap();
+        assert_eq!(c.port, 8088);
+        assert_eq!(c.bind.to_string(), "127.0.0.1");
+        assert_eq!(
+            c.storage,
+            StorageConfig::Sqlite {
+                path: "./data/signet.db".into()
+            }
+        );
+        assert_eq!(c.chain_max, 1000);
+        assert_eq!(c.idempotency_lease, Duration::from_secs(30));
+        assert!(c.admin_key_hash.is_none());
+    }
+
+    #[test]
+    fn errors_name_the_variable() {
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (&[("SP_STORAGE", "postgres")], "SP_POSTGRES_URL"),
+            (&[("SP_STORAGE", "mysql")], "SP_STORAGE"),
+            (&[("SP_POSTGRES_URL", "postgres://x")], "SP_STORAGE"),
+            (&[("PORT", "0")], "PORT"),
+            (&[("PORT", "eighty")], "PORT"),
+            (&[("SP_BIND", "localhost:1")], "SP_BIND"),
+            (&[("SP_CHAIN_MAX", "0")], "SP_CHAIN_MAX"),
+            (&[("SP_KID", "")], "SP_KID"),
+            (&[("SP_PRIVATE_KEY_B64", "c2hvcnQ")], "SP_PRIVATE_KEY_B64"),
+            (&[("SP_FILTER_TOKEN", "")], "SP_FILTER_TOKEN"),
+            (&[("SP_ADMIN_KEY", "short")], "SP_ADMIN_KEY"),
+            (&[("SP_API_KEYS", "[]")], "SP_API_KEYS"),
+            (&[("SP_RESERVED_CONFIG", "{\"t\":1}")], "SP_RESERVED_CONFIG"),
+            (&[("SP_HEL_ALLOWLIST", "https://x.com")], "SP_HEL_ALLOWLIST"),
+            (&[("SP_PREVIOUS_JWKS", "{}")], "SP_PREVIOUS_JWKS"),
+        ];
+        for (vars, variable) in cases {
+            match config(vars) {
+                Ok(_) => panic!("{vars:?} accepted"),
+                Err(e) => assert_eq!(e.variable, *variable, "{vars:?}: {e}"),
+            }
+        }
+    }
+
+    #[test]
+    fn postgres_and_allowlist_forms() {
+        let c = config(&[
+            ("SP_STORAGE", "postgres"),
+            ("SP_POSTGRES_URL", "postgres://postgres@127.0.0.1/test"),
+            ("SP_HEL_ALLOWLIST", "a.com, *.b.org"),
+        ])
+        .unwrap();
+        assert_eq!(c.storage.kind(), "postgres");
+        assert_eq!(c.global_allowlist, vec!["a.com", "*.b.org"]);
+        let c = config(&[("SP_HEL_ALLOWLIST", r#"["a.com"]"#)]).unwrap();
+        assert_eq!(c.global_allowlist, vec!["a.com"]);
+    }
+}

@@ -1,0 +1,95 @@
+//! Signet control plane: where receipts live.
+//!
+//! The Envoy filter is stateless; it reaches this service through HTTP callouts
+//! (`/v1/internal/*`, see docs/ARCHITECTURE.md) to look up tenants, reserve idempotency keys and
+//! commit receipts. Operators and auditors use the public endpoints (JWKS, chains, signed export
+//! bundles, metrics).
+
+pub mod api;
+pub mod billing;
+pub mod chain;
+pub mod config;
+pub mod idempotency;
+pub mod keys;
+pub mod metrics;
+pub mod storage;
+pub mod tenants;
+
+use std::sync::{Arc, RwLock};
+
+use config::{Config, StorageConfig};
+use keys::KeyRing;
+use metrics::Metrics;
+use storage::{PostgresStorage, SqliteStorage, Storage, StoreError};
+use tenants::TenantDirectory;
+
+/// Shared state of the service.
+pub struct ControlPlane {
+    pub storage: Arc<dyn Storage>,
+    tenants: RwLock<Arc<TenantDirectory>>,
+    pub global_allowlist: Vec<String>,
+    pub keys: KeyRing,
+    pub metrics: Metrics,
+    filter_token_hash: String,
+    admin_key_hash: Option<String>,
+    pub chain_max: u64,
+    pub lease_ms: i64,
+}
+
+impl ControlPlane {
+    /// Opens the storage (creating or migrating the schema) and loads the key ring.
+    pub async fn start(config: Config) -> Result<Arc<Self>, Box<dyn std::error::Error>> {
+        let storage = open_storage(&config.storage).await?;
+        let keys =
+            KeyRing::load(storage.as_ref(), config.signing_key, config.previous_keys).await?;
+        Ok(Arc::new(ControlPlane {
+            metrics: Metrics::new(storage.kind()),
+            storage,
+            tenants: RwLock::new(Arc::new(config.tenants)),
+            global_allowlist: config.global_allowlist,
+            keys,
+            filter_token_hash: config.filter_token_hash,
+            admin_key_hash: config.admin_key_hash,
+            chain_max: config.chain_max,
+            lease_ms: config.idempotency_lease.as_millis() as i64,
+        }))
+    }
+
+    pub fn tenants(&self) -> Arc<TenantDirectory> {
+        self.tenants
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn replace_tenants(&self, directory: TenantDirectory) {
+        *self.tenants.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(directory);
+    }
+
+    /// Whether `token` is `SP_FILTER_TOKEN` (compared as SHA-256 digests).
+    pub fn is_filter_token(&self, token: &str) -> bool {
+        tenants::api_key_hash(token) == self.filter_token_hash
+    }
+
+    /// Whether `key` is `SP_ADMIN_KEY`; always false when no admin key is configured.
+    pub fn is_admin_key(&self, key: &str) -> bool {
+        self.admin_key_hash.as_deref() == Some(tenants::api_key_hash(key).as_str())
+    }
+}
+
+pub async fn open_storage(config: &StorageConfig) -> Result<Arc<dyn Storage>, StoreError> {
+    Ok(match config {
+        StorageConfig::Sqlite { path } => Arc::new(SqliteStorage::open(path)?),
+        StorageConfig::Postgres { url, pool_size } => {
+            Arc::new(PostgresStorage::connect(url, *pool_size).await?)
+        }
+    })
+}
+
+/// Unix time in milliseconds.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,127 @@
+//! Prometheus metrics served at `/metrics` (OpenMetrics text).
+
+use std::time::Instant;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CallLabels {
+    pub call: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabels {
+    pub code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StorageLabels {
+    pub backend: &'static str,
+    pub op: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    backend: &'static str,
+    /// Receipts stored.
+    pub commits: Counter,
+    /// Commits refused because the receipt did not extend the head.
+    pub chain_conflicts: Counter,
+    /// Begin/commit calls answered with a stored response.
+    pub idempotent_hits: Family<CallLabels, Counter>,
+    /// Verified exchanges counted (one per stored receipt).
+    pub vex: Counter,
+    /// Fallback units counted.
+    pub fu: Counter,
+    /// Error responses by SPEC §4 code.
+    pub errors: Family<CodeLabels, Counter>,
+    pub storage_seconds: Family<StorageLabels, Histogram>,
+}
+
+fn storage_histogram() -> Histogram {
+    // 50 µs .. ~1.6 s
+    Histogram::new(exponential_buckets(0.00005, 2.0, 16))
+}
+
+impl Metrics {
+    pub fn new(backend: &'static str) -> Self {
+        let mut registry = Registry::with_prefix("signet_cp");
+        let m = Metrics {
+            backend,
+            commits: Counter::default(),
+            chain_conflicts: Counter::default(),
+            idempotent_hits: Family::default(),
+            vex: Counter::default(),
+            fu: Counter::default(),
+            errors: Family::default(),
+            storage_seconds: Family::new_with_constructor(storage_histogram),
+            registry: Registry::default(),
+        };
+        registry.register("commits", "Receipts stored", m.commits.clone());
+        registry.register(
+            "chain_conflicts",
+            "Commits refused: not on the chain head",
+            m.chain_conflicts.clone(),
+        );
+        registry.register(
+            "idempotent_hits",
+            "Calls answered with the stored response of an earlier request",
+            m.idempotent_hits.clone(),
+        );
+        registry.register("vex", "Verified exchanges counted", m.vex.clone());
+        registry.register("fu", "Fallback units (LLM tokens) counted", m.fu.clone());
+        registry.register("errors", "Error responses by code", m.errors.clone());
+        registry.register(
+            "storage_seconds",
+            "Latency of storage operations",
+            m.storage_seconds.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    pub fn error(&self, code: &str) {
+        self.errors
+            .get_or_create(&CodeLabels {
+                code: code.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Starts timing a storage operation; the latency is recorded by [`StorageTimer::done`].
+    pub fn time(&self, op: &'static str) -> StorageTimer<'_> {
+        StorageTimer {
+            metrics: self,
+            op,
+            start: Instant::now(),
+        }
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+pub struct StorageTimer<'a> {
+    metrics: &'a Metrics,
+    op: &'static str,
+    start: Instant,
+}
+
+impl StorageTimer<'_> {
+    pub fn done(self) {
+        self.metrics
+            .storage_seconds
+            .get_or_create(&StorageLabels {
+                backend: self.metrics.backend,
+                op: self.op,
+            })
+            .observe(self.start.elapsed().as_secs_f64());
+    }
+}

@@ -1,0 +1,180 @@
+//! Where receipts live: one trait, two backends that behave identically (SQLite and
+//! PostgreSQL). The decisions (idempotency, chain rules, tier math) are the shared pure
+//! functions of `idempotency`, `chain` and `billing`; a backend only reads and writes rows,
+//! atomically.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde_json::Value;
+
+use crate::billing::{BillingLine, BillingPlan};
+use crate::chain::{Head, Rejection};
+
+mod postgres;
+mod sqlite;
+
+pub use postgres::PostgresStorage;
+pub use sqlite::SqliteStorage;
+
+/// `begin`: reserve an idempotency key and read the chain head.
+#[derive(Debug, Clone)]
+pub struct BeginRequest {
+    pub tenant: String,
+    pub idempotency_key: String,
+    pub fingerprint: String,
+    pub trace_id: Option<String>,
+    pub now_ms: i64,
+    pub lease_ms: i64,
+    pub chain_max: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum BeginOutcome {
+    Proceed { head: Option<Head> },
+    Replay { response: Value },
+    Rejected(Rejection),
+}
+
+/// `commit`: store one verified receipt with everything that depends on it, in one
+/// transaction.
+#[derive(Debug, Clone)]
+pub struct CommitRequest {
+    pub tenant: String,
+    pub idempotency_key: String,
+    pub fingerprint: String,
+    pub trace_id: String,
+    pub hop: u64,
+    pub receipt_hash: String,
+    pub prev_receipt_hash: Option<String>,
+    /// The receipt as JSON text.
+    pub receipt: String,
+    /// The exchange's 200 body, stored for replays.
+    pub response: Value,
+    pub fu_tokens: u64,
+    /// UTC calendar month of the usage, `YYYY-MM`.
+    pub month: String,
+    pub now_ms: i64,
+    pub chain_max: u64,
+    pub plan: Arc<BillingPlan>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum CommitOutcome {
+    Committed { response: Value },
+    Replay { response: Value },
+    Rejected(Rejection),
+}
+
+/// A trace with its receipts in hop order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredChain {
+    pub tenant: String,
+    pub receipts: Vec<Value>,
+}
+
+/// Month-to-date counters of a tenant.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub vex: u64,
+    pub fu: u64,
+}
+
+/// A row of the billing queue (what the Stripe reporter sends).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BillingRow {
+    pub tenant: String,
+    pub month: String,
+    pub meter: String,
+    pub band: u32,
+    pub units: u64,
+    pub stripe_item: Option<String>,
+    pub price_per_unit: Option<String>,
+    pub amount: Option<String>,
+    /// Unique per event and band: the Stripe `Idempotency-Key` and `identifier`.
+    pub idempotency_key: String,
+    pub state: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreError {
+    /// The database failed or is unreachable.
+    Database(String),
+    /// A stored row does not parse (never expected).
+    Corrupt(String),
+}
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreError::Database(e) => write!(f, "database error: {e}"),
+            StoreError::Corrupt(e) => write!(f, "corrupt row: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+#[async_trait]
+pub trait Storage: Send + Sync + 'static {
+    /// `sqlite` or `postgres`.
+    fn kind(&self) -> &'static str;
+    /// A round trip to the database.
+    async fn ping(&self) -> Result<(), StoreError>;
+    async fn begin(&self, req: BeginRequest) -> Result<BeginOutcome, StoreError>;
+    async fn commit(&self, req: CommitRequest) -> Result<CommitOutcome, StoreError>;
+    /// Drops a pending reservation of this request; true when one was dropped.
+    async fn release(
+        &self,
+        tenant: &str,
+        idempotency_key: &str,
+        fingerprint: &str,
+    ) -> Result<bool, StoreError>;
+    async fn chain(&self, trace_id: &str) -> Result<Option<StoredChain>, StoreError>;
+    /// Records a signing key's public JWK (JSON) under its kid unless the kid is known, and
+    /// returns the JWK stored for that kid.
+    async fn remember_signing_key(&self, kid: &str, jwk: &str) -> Result<String, StoreError>;
+    /// Every public JWK (JSON) ever recorded, oldest first.
+    async fn signing_keys(&self) -> Result<Vec<String>, StoreError>;
+    async fn usage(&self, tenant: &str, month: &str) -> Result<Usage, StoreError>;
+    async fn billing_queue(&self, tenant: &str) -> Result<Vec<BillingRow>, StoreError>;
+}
+
+/// Columns of a billing-queue row for `line`, identical in both backends.
+pub(crate) struct BillingColumns {
+    pub meter: &'static str,
+    pub band: i32,
+    pub units: i64,
+    pub stripe_item: Option<String>,
+    pub price_per_unit: Option<String>,
+    pub amount: Option<String>,
+    pub idempotency_key: String,
+}
+
+impl BillingColumns {
+    pub fn new(receipt_hash: &str, line: &BillingLine) -> Self {
+        BillingColumns {
+            meter: line.meter.as_str(),
+            band: line.band as i32,
+            units: to_i64(line.units),
+            stripe_item: line.stripe_item.clone(),
+            price_per_unit: line.price_per_unit.map(|p| p.to_string()),
+            amount: line.amount().map(|a| a.normalize().to_string()),
+            idempotency_key: format!("{receipt_hash}/{}/{}", line.meter.as_str(), line.band),
+        }
+    }
+}
+
+/// Counters and hops are stored as signed 64-bit integers; values beyond are saturated (a
+/// chain cap or a month of usage never gets near 2^63).
+pub(crate) fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+pub(crate) fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+pub(crate) fn parse_json(text: &str, what: &str) -> Result<Value, StoreError> {
+    serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
+}

@@ -1,0 +1,559 @@
+//! SQLite backend: one connection owned by a writer thread (WAL, synchronous=NORMAL).
+//!
+//! Every operation is queued to that thread. The thread takes whatever is queued (up to
+//! `MAX_BATCH`), runs each operation inside its own SAVEPOINT of one `BEGIN IMMEDIATE`
+//! transaction and replies only after `COMMIT`: one fsync for many commits, and a rejected
+//! operation rolls back only its own changes. Operations are serial, so the read-decide-write
+//! of a commit needs no further locking.
+
+use std::path::Path;
+use std::sync::mpsc;
+
+use async_trait::async_trait;
+use rusqlite::{params, Connection, OptionalExtension};
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+use super::*;
+use crate::billing::lines_for_exchange;
+use crate::chain::{check_append, check_begin, TraceState};
+use crate::idempotency::{begin_step, commit_step, BeginStep, CommitStep, Record, RecordState};
+
+const MAX_BATCH: usize = 512;
+
+/// Versioned schema; entry `i` takes the database from version `i` to `i + 1`.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE traces (
+    trace_id   TEXT PRIMARY KEY,
+    tenant     TEXT NOT NULL,
+    head_hop   INTEGER NOT NULL,
+    head_hash  TEXT,
+    created_ms INTEGER NOT NULL
+);
+CREATE TABLE receipts (
+    trace_id          TEXT NOT NULL,
+    hop               INTEGER NOT NULL,
+    receipt_hash      TEXT NOT NULL UNIQUE,
+    prev_receipt_hash TEXT,
+    tenant            TEXT NOT NULL,
+    body              TEXT NOT NULL,
+    stored_ms         INTEGER NOT NULL,
+    PRIMARY KEY (trace_id, hop)
+);
+CREATE TRIGGER receipts_no_update BEFORE UPDATE ON receipts
+    BEGIN SELECT RAISE(ABORT, 'receipts are append-only'); END;
+CREATE TRIGGER receipts_no_delete BEFORE DELETE ON receipts
+    BEGIN SELECT RAISE(ABORT, 'receipts are append-only'); END;
+CREATE TABLE idempotency (
+    tenant         TEXT NOT NULL,
+    key            TEXT NOT NULL,
+    fingerprint    TEXT NOT NULL,
+    state          TEXT NOT NULL CHECK (state IN ('pending', 'done')),
+    response       TEXT,
+    lease_until_ms INTEGER NOT NULL,
+    updated_ms     INTEGER NOT NULL,
+    PRIMARY KEY (tenant, key)
+);
+CREATE TABLE usage_ledger (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    tenant       TEXT NOT NULL,
+    month        TEXT NOT NULL,
+    trace_id     TEXT NOT NULL,
+    hop          INTEGER NOT NULL,
+    receipt_hash TEXT NOT NULL UNIQUE,
+    vex          INTEGER NOT NULL,
+    fu           INTEGER NOT NULL,
+    created_ms   INTEGER NOT NULL
+);
+CREATE INDEX usage_ledger_tenant_month ON usage_ledger (tenant, month);
+CREATE TABLE usage_monthly (
+    tenant TEXT NOT NULL,
+    month  TEXT NOT NULL,
+    vex    INTEGER NOT NULL,
+    fu     INTEGER NOT NULL,
+    PRIMARY KEY (tenant, month)
+);
+CREATE TABLE billing_queue (
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
+    tenant          TEXT NOT NULL,
+    month           TEXT NOT NULL,
+    meter           TEXT NOT NULL CHECK (meter IN ('vex', 'fu')),
+    band            INTEGER NOT NULL,
+    units           INTEGER NOT NULL CHECK (units > 0),
+    stripe_item     TEXT,
+    price_per_unit  TEXT,
+    amount          TEXT,
+    idempotency_key TEXT NOT NULL UNIQUE,
+    state           TEXT NOT NULL DEFAULT 'pending',
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    created_ms      INTEGER NOT NULL
+);
+CREATE INDEX billing_queue_pending ON billing_queue (id) WHERE state = 'pending';
+CREATE INDEX billing_queue_tenant ON billing_queue (tenant, month);
+CREATE TABLE signing_keys (
+    kid           TEXT PRIMARY KEY,
+    jwk           TEXT NOT NULL,
+    first_seen_ms INTEGER NOT NULL
+);
+"#];
+
+pub struct SqliteStorage {
+    jobs: mpsc::Sender<Box<dyn Job>>,
+}
+
+impl SqliteStorage {
+    /// Opens (creating the file and its directory if needed) and migrates the database, then
+    /// starts the writer thread. The thread ends when the storage is dropped.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                StoreError::Database(format!("cannot create {}: {e}", dir.display()))
+            })?;
+        }
+        let mut conn = Connection::open(path).map_err(db)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(db)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(db)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(db)?;
+        conn.set_prepared_statement_cache_capacity(64);
+        migrate(&mut conn).map_err(db)?;
+
+        let (jobs, queue) = mpsc::channel::<Box<dyn Job>>();
+        std::thread::Builder::new()
+            .name("signet-sqlite-writer".into())
+            .spawn(move || writer_loop(conn, queue))
+            .map_err(|e| StoreError::Database(format!("cannot start the writer thread: {e}")))?;
+        Ok(Self { jobs })
+    }
+
+    /// Runs `op` on the writer thread. `op` returns its value and whether its changes are kept.
+    async fn run<T, F>(&self, op: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<(T, bool)> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let job = TypedJob {
+            op: Some(op),
+            result: None,
+            reply,
+        };
+        self.jobs
+            .send(Box::new(job))
+            .map_err(|_| StoreError::Database("the SQLite writer thread stopped".into()))?;
+        answer
+            .await
+            .map_err(|_| StoreError::Database("the SQLite writer thread stopped".into()))?
+    }
+}
+
+fn db(e: rusqlite::Error) -> StoreError {
+    StoreError::Database(e.to_string())
+}
+
+fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    tx.execute_batch("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")?;
+    let version: Option<i64> =
+        tx.query_row("SELECT max(version) FROM schema_version", [], |r| r.get(0))?;
+    let version = version.unwrap_or(0) as usize;
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+        tx.execute_batch(sql)?;
+        tx.execute(
+            "INSERT INTO schema_version (version) VALUES (?1)",
+            [i as i64 + 1],
+        )?;
+    }
+    tx.commit()
+}
+
+/// A queued operation, type-erased so one thread can run them all.
+trait Job: Send {
+    /// Runs the operation; true when its changes are kept.
+    fn run(&mut self, conn: &Connection) -> bool;
+    /// Delivers the result once the transaction's fate (`outcome`) is known.
+    fn finish(self: Box<Self>, outcome: Result<(), StoreError>);
+}
+
+struct TypedJob<T, F> {
+    op: Option<F>,
+    result: Option<rusqlite::Result<(T, bool)>>,
+    reply: oneshot::Sender<Result<T, StoreError>>,
+}
+
+impl<T, F> Job for TypedJob<T, F>
+where
+    T: Send + 'static,
+    F: FnOnce(&Connection) -> rusqlite::Result<(T, bool)> + Send + 'static,
+{
+    fn run(&mut self, conn: &Connection) -> bool {
+        let result = (self.op.take().expect("a job runs once"))(conn);
+        let keep = matches!(result, Ok((_, true)));
+        self.result = Some(result);
+        keep
+    }
+
+    fn finish(self: Box<Self>, outcome: Result<(), StoreError>) {
+        let answer = match (outcome, self.result) {
+            (Err(e), _) => Err(e),
+            (Ok(()), Some(Ok((value, _)))) => Ok(value),
+            (Ok(()), Some(Err(e))) => Err(db(e)),
+            (Ok(()), None) => Err(StoreError::Database("operation did not run".into())),
+        };
+        // The caller may have gone away (client disconnect); the data is committed anyway.
+        let _ = self.reply.send(answer);
+    }
+}
+
+fn writer_loop(conn: Connection, queue: mpsc::Receiver<Box<dyn Job>>) {
+    while let Ok(first) = queue.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let outcome = run_batch(&conn, &mut batch);
+        if outcome.is_err() {
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        for job in batch {
+            job.finish(outcome.clone());
+        }
+    }
+}
+
+fn run_batch(conn: &Connection, batch: &mut [Box<dyn Job>]) -> Result<(), StoreError> {
+    conn.execute_batch("BEGIN IMMEDIATE").map_err(db)?;
+    for job in batch.iter_mut() {
+        conn.execute_batch("SAVEPOINT job").map_err(db)?;
+        if job.run(conn) {
+            conn.execute_batch("RELEASE job").map_err(db)?;
+        } else {
+            conn.execute_batch("ROLLBACK TO job; RELEASE job")
+                .map_err(db)?;
+        }
+    }
+    conn.execute_batch("COMMIT").map_err(db)
+}
+
+fn read_record(conn: &Connection, tenant: &str, key: &str) -> rusqlite::Result<Option<Record>> {
+    conn.prepare_cached(
+        "SELECT fingerprint, state, response, lease_until_ms FROM idempotency WHERE tenant = ?1 AND key = ?2",
+    )?
+    .query_row(params![tenant, key], |r| {
+        let state: String = r.get(1)?;
+        let state = if state == "done" {
+            let text: String = r.get(2)?;
+            let response = serde_json::from_str(&text).map_err(|e| {
+                rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Text, e.into())
+            })?;
+            RecordState::Done { response }
+        } else {
+            RecordState::Pending { lease_until_ms: r.get(3)? }
+        };
+        Ok(Record { fingerprint: r.get(0)?, state })
+    })
+    .optional()
+}
+
+fn read_trace(conn: &Connection, trace_id: &str) -> rusqlite::Result<Option<TraceState>> {
+    conn.prepare_cached("SELECT tenant, head_hop, head_hash FROM traces WHERE trace_id = ?1")?
+        .query_row([trace_id], |r| {
+            Ok(TraceState {
+                tenant: r.get(0)?,
+                head: Head {
+                    hop: to_u64(r.get(1)?),
+                    receipt_hash: r.get(2)?,
+                },
+            })
+        })
+        .optional()
+}
+
+fn begin(conn: &Connection, req: &BeginRequest) -> rusqlite::Result<(BeginOutcome, bool)> {
+    let existing = read_record(conn, &req.tenant, &req.idempotency_key)?;
+    match begin_step(existing.as_ref(), &req.fingerprint, req.now_ms) {
+        BeginStep::Replay(response) => return Ok((BeginOutcome::Replay { response }, false)),
+        BeginStep::Reject(r) => return Ok((BeginOutcome::Rejected(r), false)),
+        BeginStep::Reserve | BeginStep::Renew => {}
+    }
+    let head = match &req.trace_id {
+        None => None,
+        Some(trace_id) => {
+            let trace = read_trace(conn, trace_id)?;
+            match check_begin(trace.as_ref(), &req.tenant, req.chain_max) {
+                Ok(head) => head,
+                Err(r) => return Ok((BeginOutcome::Rejected(r), false)),
+            }
+        }
+    };
+    conn.prepare_cached(
+        "INSERT INTO idempotency (tenant, key, fingerprint, state, response, lease_until_ms, updated_ms)
+         VALUES (?1, ?2, ?3, 'pending', NULL, ?4, ?5)
+         ON CONFLICT (tenant, key) DO UPDATE SET lease_until_ms = excluded.lease_until_ms,
+                                                 updated_ms = excluded.updated_ms",
+    )?
+    .execute(params![
+        req.tenant,
+        req.idempotency_key,
+        req.fingerprint,
+        req.now_ms.saturating_add(req.lease_ms),
+        req.now_ms
+    ])?;
+    Ok((BeginOutcome::Proceed { head }, true))
+}
+
+fn commit(conn: &Connection, req: &CommitRequest) -> rusqlite::Result<(CommitOutcome, bool)> {
+    let existing = read_record(conn, &req.tenant, &req.idempotency_key)?;
+    match commit_step(existing.as_ref(), &req.fingerprint) {
+        CommitStep::Replay(response) => return Ok((CommitOutcome::Replay { response }, false)),
+        CommitStep::Reject(r) => return Ok((CommitOutcome::Rejected(r), false)),
+        CommitStep::Proceed => {}
+    }
+    let trace = read_trace(conn, &req.trace_id)?;
+    if let Err(r) = check_append(
+        trace.as_ref(),
+        &req.tenant,
+        req.hop,
+        req.prev_receipt_hash.as_deref(),
+        req.chain_max,
+    ) {
+        return Ok((CommitOutcome::Rejected(r), false));
+    }
+    let hop = to_i64(req.hop);
+    conn.prepare_cached(
+        "INSERT INTO receipts (trace_id, hop, receipt_hash, prev_receipt_hash, tenant, body, stored_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?
+    .execute(params![
+        req.trace_id,
+        hop,
+        req.receipt_hash,
+        req.prev_receipt_hash,
+        req.tenant,
+        req.receipt,
+        req.now_ms
+    ])?;
+    conn.prepare_cached(
+        "INSERT INTO traces (trace_id, tenant, head_hop, head_hash, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (trace_id) DO UPDATE SET head_hop = excluded.head_hop, head_hash = excluded.head_hash",
+    )?
+    .execute(params![req.trace_id, req.tenant, hop, req.receipt_hash, req.now_ms])?;
+    let fu = to_i64(req.fu_tokens);
+    let (vex_after, fu_after): (i64, i64) = conn
+        .prepare_cached(
+            "INSERT INTO usage_monthly (tenant, month, vex, fu) VALUES (?1, ?2, 1, ?3)
+             ON CONFLICT (tenant, month) DO UPDATE SET vex = vex + 1, fu = fu + excluded.fu
+             RETURNING vex, fu",
+        )?
+        .query_row(params![req.tenant, req.month, fu], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?;
+    conn.prepare_cached(
+        "INSERT INTO usage_ledger (tenant, month, trace_id, hop, receipt_hash, vex, fu, created_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, 1, ?6, ?7)",
+    )?
+    .execute(params![
+        req.tenant,
+        req.month,
+        req.trace_id,
+        hop,
+        req.receipt_hash,
+        fu,
+        req.now_ms
+    ])?;
+    for line in lines_for_exchange(
+        &req.plan,
+        to_u64(vex_after),
+        to_u64(fu_after),
+        req.fu_tokens,
+    ) {
+        let c = BillingColumns::new(&req.receipt_hash, &line);
+        conn.prepare_cached(
+            "INSERT INTO billing_queue (tenant, month, meter, band, units, stripe_item, price_per_unit,
+                                        amount, idempotency_key, created_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        )?
+        .execute(params![
+            req.tenant,
+            req.month,
+            c.meter,
+            c.band,
+            c.units,
+            c.stripe_item,
+            c.price_per_unit,
+            c.amount,
+            c.idempotency_key,
+            req.now_ms
+        ])?;
+    }
+    conn.prepare_cached(
+        "INSERT INTO idempotency (tenant, key, fingerprint, state, response, lease_until_ms, updated_ms)
+         VALUES (?1, ?2, ?3, 'done', ?4, 0, ?5)
+         ON CONFLICT (tenant, key) DO UPDATE SET state = 'done', response = excluded.response,
+                                                 updated_ms = excluded.updated_ms",
+    )?
+    .execute(params![
+        req.tenant,
+        req.idempotency_key,
+        req.fingerprint,
+        req.response.to_string(),
+        req.now_ms
+    ])?;
+    Ok((
+        CommitOutcome::Committed {
+            response: req.response.clone(),
+        },
+        true,
+    ))
+}
+
+#[async_trait]
+impl Storage for SqliteStorage {
+    fn kind(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.run(|conn| conn.query_row("SELECT 1", [], |_| Ok(((), false))))
+            .await
+    }
+
+    async fn begin(&self, req: BeginRequest) -> Result<BeginOutcome, StoreError> {
+        self.run(move |conn| begin(conn, &req)).await
+    }
+
+    async fn commit(&self, req: CommitRequest) -> Result<CommitOutcome, StoreError> {
+        self.run(move |conn| commit(conn, &req)).await
+    }
+
+    async fn release(
+        &self,
+        tenant: &str,
+        idempotency_key: &str,
+        fingerprint: &str,
+    ) -> Result<bool, StoreError> {
+        let (t, k, f) = (
+            tenant.to_owned(),
+            idempotency_key.to_owned(),
+            fingerprint.to_owned(),
+        );
+        self.run(move |conn| {
+            let n = conn
+                .prepare_cached(
+                    "DELETE FROM idempotency WHERE tenant = ?1 AND key = ?2 AND fingerprint = ?3
+                     AND state = 'pending'",
+                )?
+                .execute(params![t, k, f])?;
+            Ok((n > 0, true))
+        })
+        .await
+    }
+
+    async fn chain(&self, trace_id: &str) -> Result<Option<StoredChain>, StoreError> {
+        let trace_id = trace_id.to_owned();
+        let rows = self
+            .run(move |conn| {
+                let Some(tenant) = conn
+                    .prepare_cached("SELECT tenant FROM traces WHERE trace_id = ?1")?
+                    .query_row([&trace_id], |r| r.get::<_, String>(0))
+                    .optional()?
+                else {
+                    return Ok((None, false));
+                };
+                let bodies = conn
+                    .prepare_cached("SELECT body FROM receipts WHERE trace_id = ?1 ORDER BY hop")?
+                    .query_map([&trace_id], |r| r.get::<_, String>(0))?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                Ok((Some((tenant, bodies)), false))
+            })
+            .await?;
+        rows.map(|(tenant, bodies)| {
+            let receipts = bodies
+                .iter()
+                .map(|b| parse_json(b, "receipt"))
+                .collect::<Result<Vec<Value>, _>>()?;
+            Ok(StoredChain { tenant, receipts })
+        })
+        .transpose()
+    }
+
+    async fn remember_signing_key(&self, kid: &str, jwk: &str) -> Result<String, StoreError> {
+        let (kid, jwk) = (kid.to_owned(), jwk.to_owned());
+        self.run(move |conn| {
+            conn.prepare_cached(
+                "INSERT INTO signing_keys (kid, jwk, first_seen_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (kid) DO NOTHING",
+            )?
+            .execute(params![kid, jwk, crate::now_ms()])?;
+            let stored: String = conn
+                .prepare_cached("SELECT jwk FROM signing_keys WHERE kid = ?1")?
+                .query_row([&kid], |r| r.get(0))?;
+            Ok((stored, true))
+        })
+        .await
+    }
+
+    async fn signing_keys(&self) -> Result<Vec<String>, StoreError> {
+        self.run(|conn| {
+            let keys = conn
+                .prepare_cached("SELECT jwk FROM signing_keys ORDER BY first_seen_ms, kid")?
+                .query_map([], |r| r.get(0))?
+                .collect::<rusqlite::Result<Vec<String>>>()?;
+            Ok((keys, false))
+        })
+        .await
+    }
+
+    async fn usage(&self, tenant: &str, month: &str) -> Result<Usage, StoreError> {
+        let (tenant, month) = (tenant.to_owned(), month.to_owned());
+        self.run(move |conn| {
+            let usage = conn
+                .prepare_cached(
+                    "SELECT vex, fu FROM usage_monthly WHERE tenant = ?1 AND month = ?2",
+                )?
+                .query_row([&tenant, &month], |r| {
+                    Ok(Usage {
+                        vex: to_u64(r.get(0)?),
+                        fu: to_u64(r.get(1)?),
+                    })
+                })
+                .optional()?;
+            Ok((usage.unwrap_or_default(), false))
+        })
+        .await
+    }
+
+    async fn billing_queue(&self, tenant: &str) -> Result<Vec<BillingRow>, StoreError> {
+        let tenant = tenant.to_owned();
+        self.run(move |conn| {
+            let rows = conn
+                .prepare_cached(
+                    "SELECT tenant, month, meter, band, units, stripe_item, price_per_unit, amount,
+                            idempotency_key, state
+                     FROM billing_queue WHERE tenant = ?1 ORDER BY id",
+                )?
+                .query_map([&tenant], |r| {
+                    Ok(BillingRow {
+                        tenant: r.get(0)?,
+                        month: r.get(1)?,
+                        meter: r.get(2)?,
+                        band: r.get(3)?,
+                        units: to_u64(r.get(4)?),
+                        stripe_item: r.get(5)?,
+                        price_per_unit: r.get(6)?,
+                        amount: r.get(7)?,
+                        idempotency_key: r.get(8)?,
+                        state: r.get(9)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok((rows, false))
+        })
+        .await
+    }
+}
