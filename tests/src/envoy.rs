@@ -45,6 +45,9 @@ pub struct EnvoySettings {
     pub upstream_port: u16,
     pub plugin_config: serde_json::Value,
     pub wasm: PathBuf,
+    /// `(from, to)` text replacements applied to the template, e.g. to change one route's
+    /// metadata; each `from` must occur in it.
+    pub template_edits: Vec<(String, String)>,
 }
 
 pub struct Envoy {
@@ -60,8 +63,16 @@ impl Envoy {
         let port = crate::ports::free_port();
         let admin_port = crate::ports::free_port();
         let plugin_config = serde_json::to_string(&settings.plugin_config).expect("json");
+        let mut template = template();
+        for (from, to) in &settings.template_edits {
+            assert!(
+                template.contains(from.as_str()),
+                "template edit: {from:?} not in the template"
+            );
+            template = template.replace(from.as_str(), to);
+        }
         let yaml = render(
-            &template(),
+            &template,
             &[
                 ("ENVOY_PORT", port.to_string()),
                 ("ENVOY_ADMIN_PORT", admin_port.to_string()),
@@ -115,6 +126,30 @@ impl Envoy {
 
     pub fn admin_url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.admin_port)
+    }
+
+    /// Stats after the next flush: histograms (`signet_exchange_latency_ms`) reach
+    /// `/stats/prometheus` only then (`stats_flush_interval: 1s` in the template).
+    pub fn stats_after_flush(&self) -> Metrics {
+        std::thread::sleep(Duration::from_millis(1300));
+        self.stats()
+    }
+
+    /// Polls the stats until `name{labels}` equals `expected` (5 s at most), and returns them.
+    pub fn wait_for_stat(&self, name: &str, labels: &[(&str, &str)], expected: f64) -> Metrics {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let stats = self.stats();
+            let value = stats.value(name, labels);
+            if value == expected {
+                return stats;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{name}{labels:?} is {value}, expected {expected}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// `/stats/prometheus`, where the filter's stats carry the labels set by `stats_tags`.

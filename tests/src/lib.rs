@@ -9,6 +9,7 @@ pub mod binaries;
 pub mod control_plane;
 pub mod envoy;
 pub mod http;
+pub mod payloads;
 pub mod ports;
 pub mod postgres;
 pub mod process;

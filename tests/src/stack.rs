@@ -19,6 +19,8 @@ pub const DEMO_KEY: &str = "demo-key";
 pub const DEMO_TENANT: &str = "demo";
 pub const OTHER_KEY: &str = "other-key";
 pub const OTHER_TENANT: &str = "other";
+/// `SP_ADMIN_KEY` of every stack (usage counters).
+pub const ADMIN_KEY: &str = "e2e-admin-key-0123456789";
 
 #[derive(Clone, Debug)]
 pub struct StackOptions {
@@ -27,6 +29,8 @@ pub struct StackOptions {
     pub plugin_config: Option<Value>,
     /// Extra or overriding control-plane variables, e.g. `SP_CHAIN_MAX`.
     pub control_plane_env: Vec<(String, String)>,
+    /// Text replacements in the Envoy template (see [`EnvoySettings::template_edits`]).
+    pub envoy_template_edits: Vec<(String, String)>,
 }
 
 impl Default for StackOptions {
@@ -35,6 +39,7 @@ impl Default for StackOptions {
             storage: Storage::Sqlite,
             plugin_config: None,
             control_plane_env: Vec::new(),
+            envoy_template_edits: Vec::new(),
         }
     }
 }
@@ -103,6 +108,7 @@ impl Stack {
                 .clone()
                 .unwrap_or_else(crate::envoy::default_plugin_config),
             wasm: binaries::filter_wasm(),
+            template_edits: options.envoy_template_edits.clone(),
         };
         let envoy = Envoy::start(dir.path(), &settings, &envoy_env(&key, &filter_token));
 
@@ -146,6 +152,55 @@ impl Stack {
                 .control_plane
                 .url(&format!("/v1/receipts/export/{trace_id}")),
             &[],
+        )
+    }
+
+    /// `POST` to an Envoy route other than the exchange API.
+    pub fn post(&self, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Response {
+        self.client.post(&self.envoy.url(path), headers, body)
+    }
+
+    /// The tenant's month-to-date usage row from the control plane's admin API (persistent, so
+    /// it also tells what a restarted control plane counted).
+    pub fn usage(&self, tenant: &str) -> Value {
+        let response = self.client.get(
+            &self.control_plane.url(&format!("/v1/admin/usage/{tenant}")),
+            &[("X-SIGNET-Admin-Key", ADMIN_KEY)],
+        );
+        assert_eq!(response.status, 200, "usage: {}", response.text());
+        response.json()
+    }
+
+    /// Verified exchanges the control plane counted for `tenant` this month.
+    pub fn vex_count(&self, tenant: &str) -> u64 {
+        let usage = self.usage(tenant);
+        usage["vex"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no VEx count in the usage answer: {usage}"))
+    }
+
+    /// What another filter instance does first for a request: reserve its idempotency key
+    /// through the internal API (`POST /v1/internal/begin`), here for `body` on a new trace.
+    pub fn reserve_idempotency_key(
+        &self,
+        tenant: &str,
+        idempotency_key: &str,
+        body: &[u8],
+    ) -> Response {
+        let fingerprint = format!("sha256:{}", signet_protocol::cid::sha256_hex(body));
+        let request = json!({
+            "tenant": tenant,
+            "idempotency_key": idempotency_key,
+            "fingerprint": fingerprint,
+            "trace_id": null,
+        });
+        self.client.post(
+            &self.control_plane.url("/v1/internal/begin"),
+            &[
+                ("X-SIGNET-Filter-Token", &self.filter_token),
+                ("content-type", "application/json"),
+            ],
+            request.to_string().as_bytes(),
         )
     }
 
@@ -223,6 +278,7 @@ fn control_plane_env(
         ("SP_KID".to_owned(), key.kid.clone()),
         ("SP_FILTER_TOKEN".to_owned(), filter_token.to_owned()),
         ("SP_API_KEYS".to_owned(), api_keys().to_string()),
+        ("SP_ADMIN_KEY".to_owned(), ADMIN_KEY.to_owned()),
     ];
     match database {
         None => {

@@ -1,0 +1,97 @@
+//! Configuration mistakes are refused loudly: Envoy does not start with an invalid plugin
+//! configuration, and a route with invalid metadata answers 500 instead of guessing.
+
+use std::time::Duration;
+
+use serde_json::json;
+use signet_e2e::envoy::{Envoy, EnvoySettings};
+use signet_e2e::payloads::sample_invoice;
+use signet_e2e::stack::DEMO_KEY;
+use signet_e2e::{binaries, Stack, StackOptions, Storage};
+
+use crate::assert_error;
+
+/// Starts Envoy alone with `plugin_config` and expects it to exit, naming `field` in its log.
+fn assert_envoy_refuses(plugin_config: serde_json::Value, field: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = EnvoySettings {
+        // Nothing listens there: the configuration is refused before any callout.
+        control_plane_port: signet_e2e::ports::free_port(),
+        upstream_port: signet_e2e::ports::free_port(),
+        plugin_config: plugin_config.clone(),
+        wasm: binaries::filter_wasm(),
+        template_edits: Vec::new(),
+    };
+    let env = [
+        (
+            "SP_PRIVATE_KEY_B64",
+            "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8",
+        ),
+        ("SP_KID", "e2e-config"),
+        ("SP_FILTER_TOKEN", "e2e-filter-token-config"),
+    ]
+    .map(|(k, v)| (k.to_owned(), v.to_owned()));
+    let mut envoy = Envoy::spawn(dir.path(), &settings, &env);
+    let status = envoy.service.wait_exit(Duration::from_secs(20));
+    let log = envoy.service.log();
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "Envoy accepted the plugin configuration {plugin_config} ({status:?}):\n{}",
+        envoy.service.log_tail()
+    );
+    assert!(
+        log.contains("invalid plugin configuration") && log.contains(field),
+        "Envoy's log does not name {field:?}:\n{}",
+        envoy.service.log_tail()
+    );
+}
+
+#[test]
+fn unknown_plugin_config_field_stops_envoy() {
+    assert_envoy_refuses(
+        json!({"control_plane": {"cluster": "signet_control_plane"}, "tenant_cache_ttl": 5}),
+        "tenant_cache_ttl",
+    );
+}
+
+#[test]
+fn missing_control_plane_cluster_stops_envoy() {
+    assert_envoy_refuses(json!({"control_plane": {"timeout_ms": 100}}), "cluster");
+}
+
+#[test]
+fn out_of_range_plugin_config_value_stops_envoy() {
+    assert_envoy_refuses(
+        json!({"control_plane": {"cluster": "signet_control_plane", "timeout_ms": 0}}),
+        "timeout_ms",
+    );
+}
+
+#[test]
+fn invalid_route_metadata_answers_500_on_that_route_only() {
+    let stack = Stack::with_options(StackOptions {
+        storage: Storage::Sqlite,
+        envoy_template_edits: vec![(
+            "inline_body: normalized ".into(),
+            "inline_body: sideways ".into(),
+        )],
+        ..StackOptions::default()
+    });
+    let r = stack.post(
+        "/invoices",
+        &[
+            ("X-SIGNET-API-Key", DEMO_KEY),
+            ("content-type", "application/json"),
+        ],
+        sample_invoice().to_string().as_bytes(),
+    );
+    assert_error(&stack, &r, 500, "ROUTE_CONFIG_INVALID");
+    assert!(
+        stack.envoy.service.log().contains("inline_body"),
+        "the log should name the field:\n{}",
+        stack.envoy.service.log_tail()
+    );
+    // The exchange route is configured correctly and still works.
+    let ok = stack.exchange(&signet_e2e::payloads::exchange_body(sample_invoice()));
+    crate::assert_ok(&stack, &ok);
+}
