@@ -55,7 +55,7 @@ stack_secrets() {
             log "creating a dev signing key in $key_file"
             (umask 077 && "$BIN/signet" keygen --kid "dev-$(date -u +%Y%m%d)" >"$key_file")
         fi
-        SP_PRIVATE_KEY_B64=$(json_field "$key_file" seed_b64url)
+        SP_PRIVATE_KEY_B64=$(json_field "$key_file" seed)
         SP_KID=$(json_field "$key_file" kid)
     fi
     [[ -n ${SP_KID:-} ]] || die "SP_PRIVATE_KEY_B64 is set but SP_KID is not"
