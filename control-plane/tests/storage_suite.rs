@@ -1,0 +1,780 @@
+//! The storage suite: the same behaviour, through the HTTP API, on SQLite and PostgreSQL.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::{json, Value};
+use signet_protocol::keys::{Jwks, SigningKey};
+
+both_backends!(
+    chain_grows_and_exports_a_verifiable_bundle,
+    idempotency_replays_refuses_reuse_and_in_flight,
+    release_lets_the_client_retry_with_the_same_key,
+    an_expired_lease_can_be_taken_over,
+    a_commit_that_does_not_extend_the_head_is_a_conflict,
+    traces_belong_to_the_tenant_that_opened_them,
+    chains_are_capped,
+    invalid_receipts_and_callers_are_refused,
+    usage_and_billing_rows_follow_the_tiers,
+    tenant_lookup_and_reload,
+    rotation_keeps_old_kids_in_the_jwks,
+    concurrent_commits_on_one_trace_never_fork,
+    concurrent_identical_requests_count_one_vex,
+);
+
+async fn chain_grows_and_exports_a_verifiable_bundle(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let server = Server::start(&db).await;
+    let health = server.get("/healthz", &[]).await;
+    assert_eq!(health.status, 200);
+    assert_eq!(health.body["storage"], db.env["SP_STORAGE"].as_str());
+    assert_eq!(health.body["database"], "reachable");
+
+    let begin = server
+        .begin("demo", "k1", &fingerprint(b"k1"), Some("t-1"))
+        .await;
+    assert_eq!(
+        (begin.status, &begin.body),
+        (200, &json!({"outcome": "proceed", "head": null}))
+    );
+    let r1 = sign_receipt(&signing_key(), "t-1", 1, None, "demo");
+    let c1 = server
+        .commit("demo", "k1", &fingerprint(b"k1"), &r1, 0)
+        .await;
+    assert_eq!(c1.status, 200, "{:?}", c1.body);
+    assert_eq!(
+        c1.body,
+        json!({"outcome": "committed", "response": response_for(&r1)})
+    );
+
+    let begin = server
+        .begin("demo", "k2", &fingerprint(b"k2"), Some("t-1"))
+        .await;
+    assert_eq!(
+        begin.body["head"],
+        json!({"hop": 1, "receipt_hash": r1["receipt_hash"]})
+    );
+    for hop in 2..=3 {
+        let r = server.exchange("demo", &format!("x{hop}"), "t-1", 0).await;
+        assert_eq!(r.body["outcome"], "committed", "{:?}", r.body);
+    }
+
+    let owner = [("X-SIGNET-API-Key", DEMO_KEY)];
+    let chain = server.get("/v1/receipts/chain/t-1", &owner).await;
+    assert_eq!(chain.status, 200);
+    let receipts = chain.body.as_array().unwrap();
+    assert_eq!(receipts.len(), 3);
+    assert_eq!(receipts[0], r1);
+    let jwks_body = server.get_text("/.well-known/jwks.json").await;
+    assert_eq!(
+        jwks_body,
+        server.get_text("/.well-known/signet-jwks.json").await
+    );
+    let jwks = Jwks::from_json(jwks_body.as_bytes()).unwrap();
+    signet_protocol::chain::verify(receipts, Some(&jwks), true).unwrap();
+
+    let export = server
+        .get("/v1/receipts/export/t-1", &[("X-ODIN-API-Key", DEMO_KEY)])
+        .await;
+    assert_eq!(export.status, 200);
+    signet_protocol::bundle::verify(&export.body, Some(&jwks), true).unwrap();
+    assert_eq!(export.body["chain"], chain.body);
+    for (member, names) in [
+        (
+            "bundle_cid",
+            ["x-signet-response-cid", "x-odin-response-cid"],
+        ),
+        ("signature", ["x-signet-signature", "x-odin-signature"]),
+        ("kid", ["x-signet-kid", "x-odin-kid"]),
+    ] {
+        for name in names {
+            assert_eq!(export.header(name), export.body[member].as_str(), "{name}");
+        }
+    }
+    // An auditor with the admin key may export too.
+    let audit = server
+        .get(
+            "/v1/receipts/export/t-1",
+            &[("X-SIGNET-Admin-Key", ADMIN_KEY)],
+        )
+        .await;
+    assert_eq!(audit.status, 200);
+    assert_eq!(server.usage("demo").await["vex"], 3);
+    server.stop().await;
+    db.cleanup().await;
+}
+
+async fn idempotency_replays_refuses_reuse_and_in_flight(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let server = Server::start(&db).await;
+    let fp = fingerprint(b"body");
+    let other_fp = fingerprint(b"other body");
+    assert_eq!(
+        server.begin("demo", "key", &fp, None).await.body["outcome"],
+        "proceed"
+    );
+    let again = server.begin("demo", "key", &fp, None).await;
+    assert_eq!(
+        (again.status, again.body["code"].as_str()),
+        (409, Some("IDEMPOTENCY_IN_FLIGHT"))
+    );
+    let reused = server.begin("demo", "key", &other_fp, None).await;
+    assert_eq!(
+        (reused.status, reused.body["code"].as_str()),
+        (422, Some("IDEMPOTENCY_KEY_REUSED"))
+    );
+    // The same key of another tenant is another key.
+    assert_eq!(
+        server.begin("other", "key", &other_fp, None).await.body["outcome"],
+        "proceed"
+    );
+
+    let receipt = sign_receipt(&signing_key(), "t-idem", 1, None, "demo");
+    assert_eq!(
+        server.commit("demo", "key", &fp, &receipt, 5).await.body["outcome"],
+        "committed"
+    );
+    let replay = server.begin("demo", "key", &fp, None).await;
+    assert_eq!(
+        replay.body,
+        json!({"outcome": "replay", "response": response_for(&receipt)})
+    );
+    let replay = server.commit("demo", "key", &fp, &receipt, 5).await;
+    assert_eq!(
+        replay.body,
+        json!({"outcome": "replay", "response": response_for(&receipt)})
+    );
+    let reused = server.commit("demo", "key", &other_fp, &receipt, 5).await;
+    assert_eq!(
+        (reused.status, reused.body["code"].as_str()),
+        (422, Some("IDEMPOTENCY_KEY_REUSED"))
+    );
+    let usage = server.usage("demo").await;
+    assert_eq!(
+        (usage["vex"].as_u64(), usage["fu"].as_u64()),
+        (Some(1), Some(5))
+    );
+    let metrics = server.get_text("/metrics").await;
+    assert!(
+        metrics.contains("signet_cp_idempotent_hits_total{call=\"commit\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("signet_cp_vex_total 1"), "{metrics}");
+    server.stop().await;
+    db.cleanup().await;
+}
+
+async fn release_lets_the_client_retry_with_the_same_key(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let server = Server::start(&db).await;
+    let fp = fingerprint(b"x");
+    assert_eq!(
+        server.begin("demo", "k", &fp, None).await.body["outcome"],
+        "proceed"
+    );
+    let release = json!({"tenant": "demo", "idempotency_key": "k", "fingerprint": fp});
+    assert_eq!(server.internal("release", &release).await.status, 204);
+    assert_eq!(
+        server.begin("demo", "k", &fp, None).await.body["outcome"],
+        "proceed"
+    );
+    server.stop().await;
+    db.cleanup().await;
+}
+
+async fn an_expired_lease_can_be_taken_over(backend: Backend) {
+    let mut db = TestDb::new(backend).await;
+    db.set("SP_IDEMPOTENCY_LEASE_SECS", "1");
+    let server = Server::start(&db).await;
+    let fp = fingerprint(b"x");
+    assert_eq!(
+        server.begin("demo", "k", &fp, None).await.body["outcome"],
+        "proceed"
+    );
+    assert_eq!(server.begin("demo", "k", &fp, None).await.status, 409);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(
+        server.begin("demo", "k", &fp, None).await.body["outcome"],
+        "proceed"
+    );
+    assert_eq!(server.begin("demo", "k", &fp, None).await.status, 409);
+    server.stop().await;
+    db.cleanup().await;
+}
+
+async fn a_commit_that_does_not_extend_the_head_is_a_conflict(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let server = Server::start(&db).await;
+    let key = signing_key();
+    // A receipt beyond hop 1 on a trace that does not exist.
+    let orphan = sign_receipt(&key, "t-c", 2, Some("sha256:00"), "demo");
+    let r = server
+        .commit("demo", "a", &fingerprint(b"a"), &orphan, 0)
+        .await;
+    assert_eq!(
+        (r.status, &r.body["code"], &r.body["head"]),
+        (409, &json!("CHAIN_CONFLICT"), &Value::Null)
+    );
+
+    let r1 = sign_receipt(&key, "t-c", 1, None, "demo");
+    assert_eq!(
+        server
+            .commit("demo", "b", &fingerprint(b"b"), &r1, 0)
+            .await
+            .status,
+        200
+    );
+    let head = json!({"hop": 1, "receipt_hash": r1["receipt_hash"]});
+    for (name, receipt) in [
+        ("same hop", sign_receipt(&key, "t-c", 1, None, "demo")),
+        (
+            "skipped hop",
+            sign_receipt(&key, "t-c", 3, r1["receipt_hash"].as_str(), "demo"),
+        ),
+        (
+            "wrong link",
+            sign_receipt(&key, "t-c", 2, Some("sha256:ff"), "demo"),
+        ),
+    ] {
+        let r = server
+            .commit("demo", name, &fingerprint(name.as_bytes()), &receipt, 0)
+            .await;
+        assert_eq!(
+            (r.status, &r.body["code"]),
+            (409, &json!("CHAIN_CONFLICT")),
+            "{name}"
+        );
+        assert_eq!(r.body["head"], head, "{name}");
+        assert!(r.body["detail"].is_string());
+    }
+    // A conflicting commit leaves nothing behind: the key is still free.
+    let ok = sign_receipt(&key, "t-c", 2, r1["receipt_hash"].as_str(), "demo");
+    assert_eq!(
+        server
+            .commit("demo", "wrong link", &fingerprint(b"wrong link"), &ok, 0)
+            .await
+            .status,
+        200
+    );
+    assert_eq!(server.usage("demo").await["vex"], 2);
+    assert!(server
+        .get_text("/metrics")
+        .await
+        .contains("signet_cp_chain_conflicts_total 4"));
+    server.stop().await;
+    db.cleanup().await;
+}
+
+async fn traces_belong_to_the_tenant_that_opened_them(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let server = Server::start(&db).await;
+    assert_eq!(server.exchange("demo", "k1", "t-own", 0).await.status, 200);
+    let b = server
+        .begin("other", "k2", &fingerprint(b"k2"), Some("t-own"))
+        .await;
+    assert_eq!(
+        (b.status, b.body["code"].as_str()),
+        (403, Some("TRACE_FORBIDDEN"))
+    );
+    let chain = server
+        .get(
+            "/v1/receipts/chain/t-own",
+            &[("X-SIGNET-API-Key", DEMO_KEY)],
+        )
+        .await
+        .body;
+    let r2 = sign_receipt(
+        &signing_key(),
+        "t-own",
+        2,
+        chain[0]["receipt_hash"].as_str(),
+        "other",
+    );
+    let c = server
+        .commit("other", "k2", &fingerprint(b"k2"), &r2, 0)
+        .await;
+    assert_eq!(
+        (c.status, c.body["code"].as_str()),
+        (403, Some("TRACE_FORBIDDEN"))
+    );
+
+    let read = |headers: &'static [(&'static str, &'static str)]| {
+        server.get("/v1/receipts/chain/t-own", headers)
+    };
+    assert_eq!(read(&[("X-SIGNET-API-Key", OTHER_KEY)]).await.status, 404);
+    assert_eq!(read(&[("X-SIGNET-API-Key", "nope")]).await.status, 401);
+    assert_eq!(read(&[]).await.status, 401);
+    assert_eq!(
+        read(&[("X-SIGNET-Admin-Key", "wrong-admin-key-000000")])
+            .await
+            .status,
+        401
+    );
+    assert_eq!(read(&[("X-SIGNET-Admin-Key", ADMIN_KEY)]).await.status, 200);
+    let missing = server
+        .get(
+            "/v1/receipts/export/t-none",
+            &[("X-SIGNET-API-Key", DEMO_KEY)],
+        )
+        .await;
+    assert_eq!(
+        (missing.status, missing.body["code"].as_str()),
+        (404, Some("TRACE_NOT_FOUND"))
+    );
+    let bad = server
+        .get(
+            "/v1/receipts/chain/bad%20id",
+            &[("X-SIGNET-API-Key", DEMO_KEY)],
+        )
+        .await;
+    assert_eq!(
+        (bad.status, bad.body["code"].as_str()),
+        (400, Some("TRACE_ID_INVALID"))
+    );
+    server.stop().await;
+    db.cleanup().await;
+}
+
+async fn chains_are_capped(backend: Backend) {
+    let mut db = TestDb::new(backend).await;
+    db.set("SP_CHAIN_MAX", "2");
+    let server = Server::start(&db).await;
+    assert_eq!(server.exchange("demo", "k1", "t-cap", 0).await.status, 200);
+    assert_eq!(server.exchange("demo", "k2", "t-cap", 0).await.status, 200);
+    let full = server
+        .begin("demo", "k3", &fingerprint(b"k3"), Some("t-cap"))
+        .await;
+    assert_eq!(
+        (full.status, full.body["code"].as_str()),
+        (409, Some("CHAIN_FULL"))
+    );
+    let chain = server
+        .get(
+            "/v1/receipts/chain/t-cap",
+            &[("X-SIGNET-API-Key", DEMO_KEY)],
+        )
+        .await
+        .body;
+    let r3 = sign_receipt(
+        &signing_key(),
+        "t-cap",
+        3,
+        chain[1]["receipt_hash"].as_str(),
+        "demo",
+    );
+    let c = server
+        .commit("demo", "k3", &fingerprint(b"k3"), &r3, 0)
+        .await;
+    assert_eq!(
+        (c.status, c.body["code"].as_str()),
+        (409, Some("CHAIN_FULL"))
+    );
+    server.stop().await;
+    db.cleanup().await;
+}
+
+async fn invalid_receipts_and_callers_are_refused(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let server = Server::start(&db).await;
+    let fp = fingerprint(b"x");
+    let good = sign_receipt(&signing_key(), "t-bad", 1, None, "demo");
+    let mut tampered = good.clone();
+    tampered["ts"] = json!("2020-01-01T00:00:00.000Z");
+    let stranger = sign_receipt(
+        &SigningKey::from_seed_b64url(OTHER_SEED, "stranger").unwrap(),
+        "t-bad",
+        1,
+        None,
+        "demo",
+    );
+    let impostor = sign_receipt(
+        &SigningKey::from_seed_b64url(OTHER_SEED, KID).unwrap(),
+        "t-bad",
+        1,
+        None,
+        "demo",
+    );
+    let other_tenant = sign_receipt(&signing_key(), "t-bad", 1, None, "other");
+    for (name, receipt) in [
+        ("tampered", tampered),
+        ("unknown kid", stranger),
+        ("wrong key", impostor),
+        ("tenant", other_tenant),
+    ] {
+        let r = server.commit("demo", name, &fp, &receipt, 0).await;
+        assert_eq!(
+            (r.status, r.body["code"].as_str()),
+            (400, Some("RECEIPT_INVALID")),
+            "{name}: {:?}",
+            r.body
+        );
+    }
+    let unknown = server.commit("ghost", "k", &fp, &good, 0).await;
+    assert_eq!(unknown.status, 403);
+    let bad_fp = server.begin("demo", "k", "sha256:XYZ", None).await;
+    assert_eq!(
+        (bad_fp.status, bad_fp.body["code"].as_str()),
+        (400, Some("FINGERPRINT_INVALID"))
+    );
+    let bad_trace = server.begin("demo", "k", &fp, Some("a b")).await;
+    assert_eq!(
+        (bad_trace.status, bad_trace.body["code"].as_str()),
+        (400, Some("TRACE_ID_INVALID"))
+    );
+    let malformed = server
+        .http
+        .post(format!("{}/v1/internal/commit", server.base))
+        .header("X-SIGNET-Filter-Token", FILTER_TOKEN)
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(malformed.status().as_u16(), 400);
+    let body: Value = malformed.json().await.unwrap();
+    assert_eq!(body["code"], "BAD_REQUEST");
+    // Nobody but the filter can commit.
+    for token in [None, Some("wrong-token-0000000000")] {
+        let mut req = server
+            .http
+            .post(format!("{}/v1/internal/commit", server.base))
+            .json(&json!({}));
+        if let Some(t) = token {
+            req = req.header("X-SIGNET-Filter-Token", t);
+        }
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), 401);
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(
+            body,
+            json!({"detail": "missing or wrong filter token", "code": "FILTER_UNAUTHORIZED"})
+        );
+    }
+    assert_eq!(server.usage("demo").await["vex"], 0);
+    // The good receipt is still accepted.
+    assert_eq!(server.commit("demo", "k", &fp, &good, 0).await.status, 200);
+    server.stop().await;
+    db.cleanup().await;
+}
+
+async fn usage_and_billing_rows_follow_the_tiers(backend: Backend) {
+    let mut db = TestDb::new(backend).await;
+    db.set(
+        "SP_RESERVED_CONFIG",
+        &json!({"demo": {
+            "vex_reserved": 2,
+            "vex_overage_tiers": [{"threshold": 1, "price_per_unit": "0.5"},
+                                  {"threshold": 10, "price_per_unit": 0.25, "stripe_item": "si_vex_b"}],
+            "fu_reserved": 100,
+            "fu_overage_tiers": [{"threshold": 50, "price_per_unit": 0.001},
+                                 {"threshold": 1000, "price_per_unit": "0.0001"}],
+        }})
+        .to_string(),
+    );
+    let server = Server::start(&db).await;
+    for (i, fu) in [60u64, 60, 60, 0].iter().enumerate() {
+        let r = server
+            .exchange("demo", &format!("k{i}"), "t-bill", *fu)
+            .await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+    }
+    let usage = server.usage("demo").await;
+    assert_eq!(
+        (usage["vex"].as_u64(), usage["fu"].as_u64()),
+        (Some(4), Some(180))
+    );
+    let rows: Vec<(String, u64, u64, Value, Value, Value)> = usage["billing_queue"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["meter"].as_str().unwrap().to_owned(),
+                r["band"].as_u64().unwrap(),
+                r["units"].as_u64().unwrap(),
+                r["stripe_item"].clone(),
+                r["price_per_unit"].clone(),
+                r["amount"].clone(),
+            )
+        })
+        .collect();
+    // Exchange 1: inside both reservations. 2: FU 60 -> 120 = 20 over (band 0).
+    // 3: VEx 3 = first overage unit (band 0); FU 120 -> 180 = 30 more in band 0, 30 in band 1.
+    // 4: VEx 4 = band 1.
+    let expected = vec![
+        (
+            "fu".to_owned(),
+            0,
+            20,
+            json!("si_fu"),
+            json!("0.001"),
+            json!("0.02"),
+        ),
+        (
+            "vex".to_owned(),
+            0,
+            1,
+            json!("si_vex"),
+            json!("0.5"),
+            json!("0.5"),
+        ),
+        (
+            "fu".to_owned(),
+            0,
+            30,
+            json!("si_fu"),
+            json!("0.001"),
+            json!("0.03"),
+        ),
+        (
+            "fu".to_owned(),
+            1,
+            30,
+            json!("si_fu"),
+            json!("0.0001"),
+            json!("0.003"),
+        ),
+        (
+            "vex".to_owned(),
+            1,
+            1,
+            json!("si_vex_b"),
+            json!("0.25"),
+            json!("0.25"),
+        ),
+    ];
+    assert_eq!(rows, expected);
+    let keys: std::collections::HashSet<_> = usage["billing_queue"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["idempotency_key"].clone())
+        .collect();
+    assert_eq!(
+        keys.len(),
+        5,
+        "every billing row has its own Stripe idempotency key"
+    );
+    assert!(usage["billing_queue"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|r| r["state"] == "pending"));
+    server.stop().await;
+    db.cleanup().await;
+}
+
+async fn tenant_lookup_and_reload(backend: Backend) {
+    let mut db = TestDb::new(backend).await;
+    db.set("SP_HEL_ALLOWLIST", "api.global.org");
+    let server = Server::start(&db).await;
+    let lookup = |hash: String| {
+        server
+            .http
+            .get(format!("{}/v1/internal/tenant", server.base))
+            .header("X-SIGNET-Filter-Token", FILTER_TOKEN)
+            .header("X-SIGNET-Key-Hash", hash)
+            .send()
+    };
+    let hash = signet_protocol::cid::sha256_hex(DEMO_KEY.as_bytes());
+    let r = lookup(hash.clone()).await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(
+        r.json::<Value>().await.unwrap(),
+        json!({"tenant": "demo", "allowlist": ["*.example.com", "api.global.org"],
+               "fallback_enabled": false, "fu_monthly_limit": null})
+    );
+    let unknown = lookup(signet_protocol::cid::sha256_hex(b"nope"))
+        .await
+        .unwrap();
+    assert_eq!(unknown.status().as_u16(), 401);
+    assert_eq!(
+        unknown.json::<Value>().await.unwrap(),
+        json!({"detail": "unknown API key", "code": "UNKNOWN_API_KEY"})
+    );
+
+    let reload = |body: Value, key: &'static str| {
+        server
+            .http
+            .post(format!("{}/v1/admin/reload", server.base))
+            .header("X-SIGNET-Admin-Key", key)
+            .json(&body)
+            .send()
+    };
+    let new_keys =
+        json!({"new-key": {"tenant": "demo", "fallback_enabled": true, "fu_monthly_limit": 500}});
+    assert_eq!(
+        reload(json!({"api_keys": new_keys}), "wrong-admin-key-000000")
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        401
+    );
+    let invalid = reload(json!({"api_keys": {"k": {"allowlist": []}}}), ADMIN_KEY)
+        .await
+        .unwrap();
+    assert_eq!(invalid.status().as_u16(), 400);
+    assert_eq!(
+        lookup(hash.clone()).await.unwrap().status().as_u16(),
+        200,
+        "a failed reload changes nothing"
+    );
+    let ok = reload(json!({"api_keys": new_keys}), ADMIN_KEY)
+        .await
+        .unwrap();
+    assert_eq!(ok.status().as_u16(), 200);
+    assert_eq!(
+        lookup(hash).await.unwrap().status().as_u16(),
+        401,
+        "the old key is gone"
+    );
+    let r = lookup(signet_protocol::cid::sha256_hex(b"new-key"))
+        .await
+        .unwrap();
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(
+        (
+            body["fallback_enabled"].as_bool(),
+            body["fu_monthly_limit"].as_u64()
+        ),
+        (Some(true), Some(500))
+    );
+    server.stop().await;
+    db.cleanup().await;
+}
+
+async fn rotation_keeps_old_kids_in_the_jwks(backend: Backend) {
+    let mut db = TestDb::new(backend).await;
+    let server = Server::start(&db).await;
+    assert_eq!(server.exchange("demo", "k1", "t-rot", 0).await.status, 200);
+    server.stop().await;
+
+    db.set("SP_PRIVATE_KEY_B64", OTHER_SEED);
+    db.set("SP_KID", "test-k2");
+    let server = Server::start(&db).await;
+    let jwks = Jwks::from_json(server.get_text("/.well-known/jwks.json").await.as_bytes()).unwrap();
+    let kids: Vec<&str> = jwks.keys.iter().map(|k| k.kid.as_str()).collect();
+    assert_eq!(kids, vec!["test-k2", KID]);
+    let export = server
+        .get(
+            "/v1/receipts/export/t-rot",
+            &[("X-SIGNET-API-Key", DEMO_KEY)],
+        )
+        .await;
+    assert_eq!(export.body["kid"], "test-k2");
+    signet_protocol::bundle::verify(&export.body, Some(&jwks), true).unwrap();
+    server.stop().await;
+
+    // A kid never changes its key.
+    db.set("SP_KID", KID);
+    let err = match signet_control_plane::ControlPlane::start(db.config()).await {
+        Ok(_) => panic!("a reused kid was accepted"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("SP_KID") && err.contains(KID), "{err}");
+    db.cleanup().await;
+}
+
+async fn concurrent_commits_on_one_trace_never_fork(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let server = std::sync::Arc::new(Server::start(&db).await);
+    let tasks: Vec<_> = (0..64)
+        .map(|i| {
+            let server = server.clone();
+            tokio::spawn(async move {
+                // As the filter does: one retry on a conflict, re-signed on the new head.
+                for attempt in 0..2 {
+                    let r = server
+                        .exchange("demo", &format!("c{i}-{attempt}"), "t-race", 0)
+                        .await;
+                    match (r.status, r.body["code"].as_str()) {
+                        (200, _) => return true,
+                        (409, Some("CHAIN_CONFLICT")) => continue,
+                        other => panic!("unexpected {other:?} {:?}", r.body),
+                    }
+                }
+                false
+            })
+        })
+        .collect();
+    let mut successes = 0;
+    for t in tasks {
+        successes += t.await.unwrap() as u64;
+    }
+    let chain = server
+        .get(
+            "/v1/receipts/chain/t-race",
+            &[("X-SIGNET-API-Key", DEMO_KEY)],
+        )
+        .await
+        .body;
+    let receipts = chain.as_array().unwrap();
+    assert!(successes >= 2, "only {successes} of 64 succeeded");
+    assert_eq!(receipts.len() as u64, successes);
+    let jwks = server.cp.keys.jwks().clone();
+    signet_protocol::chain::verify(receipts, Some(&jwks), true).unwrap();
+    assert_eq!(server.usage("demo").await["vex"].as_u64(), Some(successes));
+    let conflicts = server.get_text("/metrics").await;
+    assert!(
+        !conflicts.contains("signet_cp_chain_conflicts_total 0\n"),
+        "64 racers without a conflict?"
+    );
+    std::sync::Arc::into_inner(server).unwrap().stop().await;
+    db.cleanup().await;
+}
+
+async fn concurrent_identical_requests_count_one_vex(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let server = std::sync::Arc::new(Server::start(&db).await);
+    let receipt = sign_receipt(&signing_key(), "t-same", 1, None, "demo");
+    let fp = fingerprint(b"same body");
+    // 32 filters run the whole exchange with one key, and 32 more commit the same receipt
+    // directly (as after a lost reply), all at once.
+    let mut tasks = Vec::new();
+    for i in 0..64 {
+        let server = server.clone();
+        let (receipt, fp) = (receipt.clone(), fp.clone());
+        tasks.push(tokio::spawn(async move {
+            if i % 2 == 0 {
+                let b = server.begin("demo", "same", &fp, Some("t-same")).await;
+                match (b.status, b.body["outcome"].as_str()) {
+                    (200, Some("proceed")) => {}
+                    _ => return b,
+                }
+            }
+            server.commit("demo", "same", &fp, &receipt, 7).await
+        }));
+    }
+    let mut committed = 0;
+    for t in tasks {
+        let r = t.await.unwrap();
+        match (
+            r.status,
+            r.body["outcome"].as_str(),
+            r.body["code"].as_str(),
+        ) {
+            (200, Some("committed"), _) => committed += 1,
+            (200, Some("replay"), _) => assert_eq!(r.body["response"], response_for(&receipt)),
+            (409, _, Some("IDEMPOTENCY_IN_FLIGHT")) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(committed, 1);
+    let usage = server.usage("demo").await;
+    assert_eq!(
+        (usage["vex"].as_u64(), usage["fu"].as_u64()),
+        (Some(1), Some(7))
+    );
+    let chain = server
+        .get(
+            "/v1/receipts/chain/t-same",
+            &[("X-SIGNET-API-Key", DEMO_KEY)],
+        )
+        .await
+        .body;
+    assert_eq!(chain.as_array().unwrap().len(), 1);
+    std::sync::Arc::into_inner(server).unwrap().stop().await;
+    db.cleanup().await;
+}
