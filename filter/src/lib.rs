@@ -13,9 +13,14 @@
     )
 )]
 
+pub mod config;
+pub mod host;
 pub mod money;
+pub mod policy;
+mod protobuf;
 pub mod registry;
 pub mod repair;
+pub mod route;
 pub mod sanitize;
 pub mod schema;
 pub mod transform;
