@@ -133,11 +133,23 @@ async fn admin_sql(sql: &str) {
 
 /// The service on a loopback port, in this process.
 pub struct Server {
-    pub base: String,
+    pub client: Client,
     pub cp: Arc<ControlPlane>,
-    pub http: reqwest::Client,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl std::ops::Deref for Server {
+    type Target = Client;
+    fn deref(&self) -> &Client {
+        &self.client
+    }
+}
+
+/// Plays the filter (and the operator) against a control plane at `base`.
+pub struct Client {
+    pub base: String,
+    pub http: reqwest::Client,
 }
 
 impl Server {
@@ -158,9 +170,8 @@ impl Server {
                 .unwrap();
         });
         Server {
-            base,
+            client: Client::new(base),
             cp,
-            http: reqwest::Client::new(),
             stop: Some(stop),
             task: Some(task),
         }
@@ -170,6 +181,15 @@ impl Server {
     pub async fn stop(mut self) {
         let _ = self.stop.take().unwrap().send(());
         self.task.take().unwrap().await.unwrap();
+    }
+}
+
+impl Client {
+    pub fn new(base: String) -> Client {
+        Client {
+            base,
+            http: reqwest::Client::new(),
+        }
     }
 
     async fn send(&self, req: reqwest::RequestBuilder) -> Reply {

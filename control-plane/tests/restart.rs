@@ -1,0 +1,144 @@
+//! The real binary: committed receipts survive a restart, and bad configuration stops the start.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use signet_protocol::keys::Jwks;
+
+both_backends!(committed_receipts_survive_a_restart);
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn spawn(db: &TestDb, port: u16) -> (Process, Client) {
+    let child = Command::new(env!("CARGO_BIN_EXE_signet-control-plane"))
+        .env_clear()
+        .envs(&db.env)
+        .env("PORT", port.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let client = Client::new(format!("http://127.0.0.1:{port}"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(r) = client
+            .http
+            .get(format!("{}/healthz", client.base))
+            .send()
+            .await
+        {
+            if r.status().is_success() {
+                return (Process(child), client);
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the control plane did not come up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Stops the process the way an orchestrator does (SIGTERM) and waits for it.
+fn terminate(mut p: Process) {
+    let pid = p.0.id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let status = p.0.wait().unwrap();
+    assert!(status.success(), "graceful shutdown: {status}");
+}
+
+async fn committed_receipts_survive_a_restart(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let port = free_port();
+    let (process, client) = spawn(&db, port).await;
+    for i in 0..5 {
+        let r = client
+            .exchange("demo", &format!("k{i}"), "t-durable", 3)
+            .await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+    }
+    let owner = [("X-SIGNET-API-Key", DEMO_KEY)];
+    let before = client
+        .get("/v1/receipts/chain/t-durable", &owner)
+        .await
+        .body;
+    terminate(process);
+
+    let (_process, client) = spawn(&db, port).await;
+    let after = client
+        .get("/v1/receipts/chain/t-durable", &owner)
+        .await
+        .body;
+    assert_eq!(after.as_array().unwrap().len(), 5);
+    assert_eq!(before, after);
+    // The idempotency record survived too: a retry replays.
+    let fp = fingerprint(b"k4");
+    assert_eq!(
+        client
+            .begin("demo", "k4", &fp, Some("t-durable"))
+            .await
+            .body["outcome"],
+        "replay"
+    );
+    let usage = client.usage("demo").await;
+    assert_eq!(
+        (usage["vex"].as_u64(), usage["fu"].as_u64()),
+        (Some(5), Some(15))
+    );
+    // The chain continues where it stopped.
+    assert_eq!(
+        client.exchange("demo", "k5", "t-durable", 0).await.status,
+        200
+    );
+    let export = client
+        .get("/v1/receipts/export/t-durable", &owner)
+        .await
+        .body;
+    let jwks = client
+        .get("/.well-known/jwks.json", &[])
+        .await
+        .body
+        .to_string();
+    signet_protocol::bundle::verify(
+        &export,
+        Some(&Jwks::from_json(jwks.as_bytes()).unwrap()),
+        true,
+    )
+    .unwrap();
+    drop(_process);
+    db.cleanup().await;
+}
+
+#[test]
+fn invalid_configuration_stops_the_start_naming_the_variable() {
+    let out = Command::new(env!("CARGO_BIN_EXE_signet-control-plane"))
+        .env_clear()
+        .env("SP_STORAGE", "postgres")
+        .env("SP_PRIVATE_KEY_B64", SEED)
+        .env("SP_KID", KID)
+        .env("SP_FILTER_TOKEN", FILTER_TOKEN)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("SP_POSTGRES_URL"), "{stderr}");
+    assert!(!stderr.contains(SEED), "never log keys");
+}
