@@ -74,24 +74,6 @@ json_field() {
     python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$1" "$2"
 }
 
-# Envoy's config: envoy/signet-local.yaml.tmpl with its ${...} placeholders filled.
-stack_render_envoy_config() {
-    local out=$1 plugin_config
-    # One line; a ' doubled for the YAML single-quoted scalar it lands in.
-    plugin_config=$(python3 -c 'import json,sys; print(json.dumps(json.load(open(sys.argv[1])), separators=(",", ":")).replace("'"'"'", "'"''"'"))' \
-        "$ROOT/envoy/signet-plugin.json")
-    sed -e "s|\${ENVOY_PORT}|$ENVOY_PORT|g" \
-        -e "s|\${ENVOY_ADMIN_PORT}|$ENVOY_ADMIN_PORT|g" \
-        -e "s|\${CONTROL_PLANE_PORT}|$CONTROL_PLANE_PORT|g" \
-        -e "s|\${UPSTREAM_PORT}|$UPSTREAM_PORT|g" \
-        -e "s|\${SIGNET_FILTER_WASM}|$WASM|g" \
-        -e "s|\${SIGNET_PLUGIN_CONFIG}|${plugin_config//|/\\|}|g" \
-        "$ROOT/envoy/signet-local.yaml.tmpl" >"$out"
-    if grep -v '^ *#' "$out" | grep -q '\${'; then
-        die "unfilled placeholder in $out: $(grep -v '^ *#' "$out" | grep '\${')"
-    fi
-}
-
 # start NAME LOG CMD...: runs CMD in the background in its own process group (job control), so
 # that stack_stop can end it with everything it spawned.
 start() {
@@ -128,7 +110,10 @@ stack_start() {
     wait_http "control plane" "http://127.0.0.1:$CONTROL_PLANE_PORT/.well-known/jwks.json"
     wait_http "demo upstream" "http://127.0.0.1:$UPSTREAM_PORT/"
 
-    stack_render_envoy_config "$SIGNET_RUN/envoy.yaml"
+    BIND_ADDRESS=127.0.0.1 CONTROL_PLANE_HOST=127.0.0.1 UPSTREAM_HOST=127.0.0.1 \
+        ENVOY_PORT=$ENVOY_PORT ENVOY_ADMIN_PORT=$ENVOY_ADMIN_PORT \
+        CONTROL_PLANE_PORT=$CONTROL_PLANE_PORT UPSTREAM_PORT=$UPSTREAM_PORT SIGNET_FILTER_WASM=$WASM \
+        "$ROOT/scripts/render-envoy-config.sh" >"$SIGNET_RUN/envoy.yaml"
     # The filter reads SP_PRIVATE_KEY_B64, SP_KID and SP_FILTER_TOKEN from this environment.
     start "envoy on :$ENVOY_PORT (admin :$ENVOY_ADMIN_PORT)" "$SIGNET_RUN/envoy.log" \
         "$ENVOY_BIN" --config-path "$SIGNET_RUN/envoy.yaml" --disable-hot-restart \

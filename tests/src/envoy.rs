@@ -9,7 +9,7 @@ use crate::http::Client;
 use crate::process::Service;
 use crate::prometheus::Metrics;
 
-/// The template shared with `make up`.
+/// The template shared with `make up` (which renders it with scripts/render-envoy-config.sh).
 pub fn template() -> String {
     let path = binaries::workspace_root().join("envoy/signet-local.yaml.tmpl");
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
@@ -74,6 +74,9 @@ impl Envoy {
         let yaml = render(
             &template,
             &[
+                ("BIND_ADDRESS", "127.0.0.1".to_owned()),
+                ("CONTROL_PLANE_HOST", "127.0.0.1".to_owned()),
+                ("UPSTREAM_HOST", "127.0.0.1".to_owned()),
                 ("ENVOY_PORT", port.to_string()),
                 ("ENVOY_ADMIN_PORT", admin_port.to_string()),
                 (
