@@ -1,1 +1,185 @@
-fn main() {}
+//! Commit throughput over HTTP on loopback, per backend.
+//!
+//! `cargo bench -p signet-control-plane --bench commit_load`
+//! Environment: `BENCH_CLIENTS` (default 32 concurrent clients), `BENCH_COMMITS` (default
+//! 20000 per backend), `BENCH_BACKENDS` (default `sqlite,postgres`).
+//!
+//! Each client owns a trace and commits its pre-signed receipts hop after hop with fresh
+//! idempotency keys, as the filter does after `begin`. The baseline in the same run is the
+//! HTTP stack alone (`GET /.well-known/jwks.json`, no storage), so the figures can be read
+//! against what this machine does without a database.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::json;
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+struct Figures {
+    per_second: f64,
+    p50: Duration,
+    p99: Duration,
+}
+
+impl std::fmt::Display for Figures {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:>8.0}/s  p50 {:>7.2} ms  p99 {:>7.2} ms",
+            self.per_second,
+            self.p50.as_secs_f64() * 1e3,
+            self.p99.as_secs_f64() * 1e3
+        )
+    }
+}
+
+/// Runs `clients` tasks, each sending its requests in order; returns throughput and latencies.
+async fn drive(http: reqwest::Client, url: String, work: Vec<Vec<Option<Vec<u8>>>>) -> Figures {
+    let total: usize = work.iter().map(Vec::len).sum();
+    let url = Arc::new(url);
+    let start = Instant::now();
+    let tasks: Vec<_> = work
+        .into_iter()
+        .map(|bodies| {
+            let (http, url) = (http.clone(), url.clone());
+            tokio::spawn(async move {
+                let mut latencies = Vec::with_capacity(bodies.len());
+                for body in bodies {
+                    let t = Instant::now();
+                    let req = match body {
+                        Some(b) => http
+                            .post(url.as_str())
+                            .header("X-SIGNET-Filter-Token", FILTER_TOKEN)
+                            .header("content-type", "application/json")
+                            .body(b),
+                        None => http.get(url.as_str()),
+                    };
+                    let resp = req.send().await.expect("request");
+                    let status = resp.status();
+                    let text = resp.text().await.expect("body");
+                    assert!(status.is_success(), "{status}: {text}");
+                    latencies.push(t.elapsed());
+                }
+                latencies
+            })
+        })
+        .collect();
+    let mut latencies = Vec::with_capacity(total);
+    for t in tasks {
+        latencies.extend(t.await.unwrap());
+    }
+    let elapsed = start.elapsed();
+    latencies.sort();
+    let at = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
+    Figures {
+        per_second: total as f64 / elapsed.as_secs_f64(),
+        p50: at(0.5),
+        p99: at(0.99),
+    }
+}
+
+/// Pre-signed commit bodies: client `c` appends hops 1..=n to trace `{prefix}-c`.
+fn commit_bodies(prefix: &str, clients: usize, per_client: usize) -> Vec<Vec<Option<Vec<u8>>>> {
+    let key = signing_key();
+    (0..clients)
+        .map(|c| {
+            let trace_id = format!("{prefix}-{c}");
+            let mut prev: Option<String> = None;
+            (1..=per_client as u64)
+                .map(|hop| {
+                    let receipt = sign_receipt(&key, &trace_id, hop, prev.as_deref(), "demo");
+                    prev = receipt["receipt_hash"].as_str().map(String::from);
+                    let idem = format!("{trace_id}-{hop}");
+                    let body = json!({
+                        "tenant": "demo", "idempotency_key": idem,
+                        "fingerprint": fingerprint(idem.as_bytes()),
+                        "receipt": receipt, "response": response_for(&receipt), "fu_tokens": 0,
+                    });
+                    Some(serde_json::to_vec(&body).unwrap())
+                })
+                .collect()
+        })
+        .collect()
+}
+
+async fn bench_backend(backend: Backend, clients: usize, commits: usize) {
+    let db = TestDb::new(backend).await;
+    let server = Server::start(&db).await;
+    let per_client = commits.div_ceil(clients);
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(clients)
+        .build()
+        .unwrap();
+
+    // Warm-up: connections, prepared statements, page cache.
+    let warm = commit_bodies("warm", clients, 2);
+    drive(
+        http.clone(),
+        format!("{}/v1/internal/commit", server.base),
+        warm,
+    )
+    .await;
+    let baseline_work = vec![vec![None; per_client]; clients];
+    let baseline = drive(
+        http.clone(),
+        format!("{}/.well-known/jwks.json", server.base),
+        baseline_work,
+    )
+    .await;
+
+    let work = commit_bodies("bench", clients, per_client);
+    let commits_fig = drive(http, format!("{}/v1/internal/commit", server.base), work).await;
+    let usage = server.usage("demo").await;
+    assert_eq!(
+        usage["vex"].as_u64(),
+        Some(((per_client + 2) * clients) as u64),
+        "every commit counted once"
+    );
+
+    let name = format!("{backend:?}").to_lowercase();
+    println!("{name:<9} baseline GET jwks    {baseline}");
+    println!(
+        "{name:<9} commit ({clients} clients) {commits_fig}   ({:.0}% of baseline, {} commits)",
+        100.0 * commits_fig.per_second / baseline.per_second,
+        per_client * clients
+    );
+    server.stop().await;
+    db.cleanup().await;
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; a filter argument that does not match skips the run.
+    if std::env::args()
+        .skip(1)
+        .any(|a| !a.starts_with("--") && !"commit_load".contains(a.as_str()))
+    {
+        return;
+    }
+    let clients = env_or("BENCH_CLIENTS", 32);
+    let commits = env_or("BENCH_COMMITS", 20_000);
+    let backends = std::env::var("BENCH_BACKENDS").unwrap_or_else(|_| "sqlite,postgres".into());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        for name in backends.split(',') {
+            let backend = match name.trim() {
+                "sqlite" => Backend::Sqlite,
+                "postgres" => Backend::Postgres,
+                other => panic!("BENCH_BACKENDS: unknown backend {other:?}"),
+            };
+            bench_backend(backend, clients, commits).await;
+        }
+    });
+}
