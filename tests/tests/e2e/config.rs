@@ -95,3 +95,42 @@ fn invalid_route_metadata_answers_500_on_that_route_only() {
     let ok = stack.exchange(&signet_e2e::payloads::exchange_body(sample_invoice()));
     crate::assert_ok(&stack, &ok);
 }
+
+/// envoy/example-existing-config.yaml (the documented way to add Signet to an existing config)
+/// is accepted by this Envoy with the real filter, which parses its plugin configuration.
+#[test]
+fn example_existing_config_validates() {
+    let dir = tempfile::tempdir().unwrap();
+    let example = binaries::workspace_root().join("envoy/example-existing-config.yaml");
+    let text = std::fs::read_to_string(&example).unwrap();
+    let wasm_path = "target/wasm32-wasip1/wasm/signet_filter.wasm";
+    assert!(text.contains(wasm_path));
+    let config = dir.path().join("example.yaml");
+    std::fs::write(
+        &config,
+        text.replace(wasm_path, &binaries::filter_wasm().display().to_string()),
+    )
+    .unwrap();
+    let output = std::process::Command::new(binaries::envoy())
+        .args([
+            "--mode",
+            "validate",
+            "--disable-hot-restart",
+            "--config-path",
+        ])
+        .arg(&config)
+        .env(
+            "SP_PRIVATE_KEY_B64",
+            "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8",
+        )
+        .env("SP_KID", "e2e-example")
+        .env("SP_FILTER_TOKEN", "e2e-filter-token-example")
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success() && String::from_utf8_lossy(&output.stdout).contains("OK"),
+        "{}\n{log}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+}
