@@ -87,7 +87,7 @@ pub mod testing {
         pub counters: BTreeMap<String, u64>,
         pub histograms: BTreeMap<String, Vec<u64>>,
         pub logs: Vec<(LogLevel, String)>,
-        random_calls: u64,
+        pub random_calls: u64,
     }
 
     impl MockHost {

@@ -16,6 +16,7 @@
 pub mod config;
 pub mod host;
 pub mod money;
+pub mod pipeline;
 pub mod policy;
 mod protobuf;
 pub mod registry;

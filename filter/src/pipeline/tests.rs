@@ -1,0 +1,1011 @@
+//! The pipeline driven through a mock host and an in-memory control plane that behaves like the
+//! internal API of docs/ARCHITECTURE.md (idempotency, chain heads, receipt verification).
+
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use serde_json::{json, Value};
+use signet_protocol::{cid, receipt, Jwks};
+
+use super::*;
+use crate::config::tests::env;
+use crate::config::Config;
+use crate::host::testing::MockHost;
+use crate::route::{RawRouteSettings, RouteSettings};
+
+const KEY: &str = "demo-key";
+const TOOL_CALL: &str = r#"{"tool_calls":[{"type":"function","function":{"name":"create_invoice","arguments":"{\"invoice_id\":\"INV-1\",\"amount\":123.45,\"currency\":\"USD\",\"customer_name\":\"Acme\",\"description\":\"Services\"}"}}]}"#;
+
+fn exchange_body(extra: Value) -> Vec<u8> {
+    let mut body = json!({
+        "payload_type": "openai.tooluse.invoice.v1",
+        "target_type": "invoice.iso20022.v1",
+        "payload": serde_json::from_str::<Value>(TOOL_CALL).unwrap(),
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    body.to_string().into_bytes()
+}
+
+// ---- an in-memory control plane ----------------------------------------------------------------
+
+enum Slot {
+    InFlight(String),
+    Done(String, Value),
+}
+
+struct FakeControlPlane {
+    jwks: Jwks,
+    tenants: HashMap<String, Value>,
+    slots: HashMap<(String, String), Slot>,
+    chains: HashMap<String, Vec<Value>>,
+    owners: HashMap<String, String>,
+    calls: Vec<Call>,
+    /// Answer every call with this (status, body) instead; `None` status = no response.
+    outage: Option<(Option<u16>, Vec<u8>)>,
+    /// Override the answer of one kind of call.
+    scripted: HashMap<&'static str, (u16, Value)>,
+    /// Before each of the next N commits another writer extends the chain.
+    racing_writers: u32,
+    signer: signet_protocol::SigningKey,
+}
+
+impl FakeControlPlane {
+    fn new(config: &Config) -> Self {
+        let signer =
+            signet_protocol::SigningKey::from_seed_b64url(crate::config::tests::SEED, "k1")
+                .unwrap();
+        Self {
+            jwks: Jwks {
+                keys: vec![config.signing_key.public_jwk()],
+            },
+            tenants: HashMap::from([(
+                cid::sha256_hex(KEY.as_bytes()),
+                json!({"tenant":"demo","allowlist":["*.example.com"],"fallback_enabled":false,"fu_monthly_limit":null}),
+            )]),
+            slots: HashMap::new(),
+            chains: HashMap::new(),
+            owners: HashMap::new(),
+            calls: Vec::new(),
+            outage: None,
+            scripted: HashMap::new(),
+            racing_writers: 0,
+            signer,
+        }
+    }
+
+    fn handle(&mut self, callout: &Callout) -> CalloutResponse {
+        self.calls.push(callout.call);
+        let header = |n: &str| {
+            callout
+                .headers
+                .iter()
+                .find(|(k, _)| k == n)
+                .map(|(_, v)| v.clone())
+        };
+        assert_eq!(header("x-signet-filter-token").as_deref(), Some("tok"));
+        assert_eq!(header(":authority").as_deref(), Some("control-plane"));
+        assert_eq!(callout.cluster, "signet_cp");
+        if let Some((status, body)) = &self.outage {
+            return CalloutResponse {
+                status: *status,
+                body: body.clone(),
+            };
+        }
+        if let Some((status, body)) = self.scripted.get(callout.call.name()) {
+            return reply(*status, body.clone());
+        }
+        let body: Value = callout
+            .body
+            .as_ref()
+            .map(|b| serde_json::from_slice(b).unwrap())
+            .unwrap_or(Value::Null);
+        match callout.call {
+            Call::Tenant => match self.tenants.get(&header("x-signet-key-hash").unwrap()) {
+                Some(t) => reply(200, t.clone()),
+                None => error(401, "UNKNOWN_API_KEY", "unknown API key"),
+            },
+            Call::Begin => self.begin(&body),
+            Call::Commit => self.commit(&body),
+            Call::Release => {
+                let slot = (
+                    body["tenant"].as_str().unwrap().to_owned(),
+                    body["idempotency_key"].as_str().unwrap().to_owned(),
+                );
+                if matches!(self.slots.get(&slot), Some(Slot::InFlight(_))) {
+                    self.slots.remove(&slot);
+                }
+                CalloutResponse {
+                    status: Some(204),
+                    body: Vec::new(),
+                }
+            }
+        }
+    }
+
+    fn head(&self, trace: &str) -> Value {
+        match self.chains.get(trace).and_then(|c| c.last()) {
+            Some(r) => json!({"hop": r["hop"], "receipt_hash": r["receipt_hash"]}),
+            None => Value::Null,
+        }
+    }
+
+    fn begin(&mut self, body: &Value) -> CalloutResponse {
+        let tenant = body["tenant"].as_str().unwrap().to_owned();
+        let slot = (
+            tenant.clone(),
+            body["idempotency_key"].as_str().unwrap().to_owned(),
+        );
+        let fingerprint = body["fingerprint"].as_str().unwrap().to_owned();
+        match self.slots.get(&slot) {
+            Some(Slot::Done(fp, response)) if *fp == fingerprint => {
+                return reply(200, json!({"outcome":"replay","response":response}))
+            }
+            Some(Slot::InFlight(fp) | Slot::Done(fp, _)) if *fp != fingerprint => {
+                return error(
+                    422,
+                    "IDEMPOTENCY_KEY_REUSED",
+                    "idempotency key reused with another body",
+                )
+            }
+            Some(_) => return error(409, "IDEMPOTENCY_IN_FLIGHT", "in flight"),
+            None => {}
+        }
+        let trace = body["trace_id"].as_str().map(str::to_owned);
+        if let Some(t) = &trace {
+            if self.owners.get(t).is_some_and(|o| *o != tenant) {
+                return error(403, "TRACE_FORBIDDEN", "trace belongs to another tenant");
+            }
+        }
+        self.slots.insert(slot, Slot::InFlight(fingerprint));
+        let head = trace.map_or(Value::Null, |t| self.head(&t));
+        reply(200, json!({"outcome":"proceed","head":head}))
+    }
+
+    fn commit(&mut self, body: &Value) -> CalloutResponse {
+        let r = &body["receipt"];
+        if receipt::verify(r, Some(&self.jwks), true).is_err() {
+            return error(400, "RECEIPT_INVALID", "receipt does not verify");
+        }
+        let trace = r["trace_id"].as_str().unwrap().to_owned();
+        if self.racing_writers > 0 {
+            self.racing_writers -= 1;
+            self.append_foreign(&trace);
+        }
+        let head = self.head(&trace);
+        let expected_prev = head.get("receipt_hash").cloned().unwrap_or(Value::Null);
+        if r["prev_receipt_hash"] != expected_prev {
+            let mut e: Value =
+                serde_json::from_slice(&error(409, "CHAIN_CONFLICT", "chain conflict").body)
+                    .unwrap();
+            e["head"] = head;
+            return reply(409, e);
+        }
+        self.chains
+            .entry(trace.clone())
+            .or_default()
+            .push(r.clone());
+        self.owners
+            .entry(trace)
+            .or_insert_with(|| body["tenant"].as_str().unwrap().to_owned());
+        let slot = (
+            body["tenant"].as_str().unwrap().to_owned(),
+            body["idempotency_key"].as_str().unwrap().to_owned(),
+        );
+        self.slots.insert(
+            slot,
+            Slot::Done(
+                body["fingerprint"].as_str().unwrap().to_owned(),
+                body["response"].clone(),
+            ),
+        );
+        reply(
+            200,
+            json!({"outcome":"committed","response":body["response"]}),
+        )
+    }
+
+    /// Another filter appends to `trace` (a valid, signed receipt).
+    fn append_foreign(&mut self, trace: &str) {
+        let head = self.head(trace);
+        let draft = receipt::ReceiptDraft {
+            trace_id: trace.to_owned(),
+            hop: head.get("hop").and_then(Value::as_u64).unwrap_or(0) + 1,
+            ts: "2026-01-01T00:00:00.000Z".into(),
+            tenant: "demo".into(),
+            cid: cid::cid(b"{}"),
+            canon: Some("{}".into()),
+            prev_receipt_hash: head
+                .get("receipt_hash")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+            policy: receipt::Policy {
+                engine: "HEL".into(),
+                allowed: true,
+                reason: "no_forward".into(),
+            },
+            extensions: Default::default(),
+        };
+        let signed = receipt::sign(&draft, &self.signer).unwrap();
+        self.chains
+            .entry(trace.to_owned())
+            .or_default()
+            .push(Value::Object(signed));
+    }
+}
+
+fn reply(status: u16, body: Value) -> CalloutResponse {
+    CalloutResponse {
+        status: Some(status),
+        body: body.to_string().into_bytes(),
+    }
+}
+
+fn error(status: u16, code: &str, detail: &str) -> CalloutResponse {
+    reply(status, json!({"detail": detail, "code": code}))
+}
+
+// ---- harness -----------------------------------------------------------------------------------
+
+struct Harness {
+    host: MockHost,
+    config: Rc<Config>,
+    cp: FakeControlPlane,
+}
+
+impl Harness {
+    fn new() -> Self {
+        let plugin = br#"{"control_plane":{"cluster":"signet_cp","authority":"control-plane"},"tenant_cache_ttl_s":60,"global_allowlist":["global.example.org"]}"#;
+        let config = Rc::new(Config::load(plugin, &env).unwrap());
+        let cp = FakeControlPlane::new(&config);
+        let host = MockHost {
+            now: 1_764_090_000_000,
+            ..Default::default()
+        };
+        Self { host, config, cp }
+    }
+
+    fn route(&self, metadata: Value) -> Rc<Result<RouteSettings, String>> {
+        let raw: RawRouteSettings = serde_json::from_value(metadata).unwrap();
+        Rc::new(RouteSettings::compile(
+            "r",
+            &self.config.route_defaults,
+            &raw,
+            &self.config.registry,
+        ))
+    }
+
+    fn drive(&mut self, ex: &mut Exchange, mut action: Action) -> Action {
+        while let Action::Call(callout) = &action {
+            self.host.now += 3; // each callout takes 3 ms
+            let response = self.cp.handle(callout);
+            action = ex.on_callout_response(&mut self.host, response);
+        }
+        action
+    }
+
+    fn send_on(
+        &mut self,
+        route: Rc<Result<RouteSettings, String>>,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> (Action, Exchange) {
+        let mut ex = Exchange::new(Rc::clone(&self.config), route, self.host.now);
+        let lookup = |name: &str| {
+            headers
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.to_string())
+        };
+        let first = ex.on_request_headers(&mut self.host, &lookup, body.is_empty());
+        let action = self.drive(&mut ex, first);
+        if action != Action::Pause || body.is_empty() {
+            return (action, ex);
+        }
+        let body = body.to_vec();
+        let partial = ex.on_request_body(
+            &mut self.host,
+            body.len() / 2,
+            false,
+            &mut || unreachable!(),
+        );
+        assert_eq!(partial, Action::Pause);
+        let next = ex.on_request_body(&mut self.host, body.len(), true, &mut || body.clone());
+        (self.drive(&mut ex, next), ex)
+    }
+
+    fn exchange(&mut self, headers: &[(&str, &str)], body: &[u8]) -> Action {
+        let route = self.route(json!({"mode":"exchange"}));
+        self.send_on(route, headers, body).0
+    }
+
+    fn post(&mut self, idempotency_key: &str, body: &[u8]) -> Action {
+        self.exchange(
+            &[
+                ("x-signet-api-key", KEY),
+                ("x-signet-idempotency-key", idempotency_key),
+            ],
+            body,
+        )
+    }
+}
+
+fn respond(action: &Action) -> (u16, Value, HashMap<String, String>) {
+    let Action::Respond(r) = action else {
+        panic!("expected a local response, got {action:?}")
+    };
+    let headers = r.headers.iter().cloned().collect();
+    (r.status, serde_json::from_slice(&r.body).unwrap(), headers)
+}
+
+fn error_of(action: &Action) -> (u16, String) {
+    let (status, body, headers) = respond(action);
+    assert_eq!(
+        headers.get("content-type").map(String::as_str),
+        Some("application/json")
+    );
+    assert!(
+        body["detail"].as_str().is_some_and(|d| !d.is_empty()),
+        "{body}"
+    );
+    (status, body["code"].as_str().unwrap().to_owned())
+}
+
+// ---- the happy path ----------------------------------------------------------------------------
+
+#[test]
+fn exchange_answers_with_a_signed_committed_receipt() {
+    let mut h = Harness::new();
+    let action = h.post("k-1", &exchange_body(json!({})));
+    let (status, body, headers) = respond(&action);
+    assert_eq!(status, 200);
+    assert_eq!(
+        body["normalized"],
+        json!({"invoice_id":"INV-1","amount_minor":12345,"currency":"USD","customer":{"name":"Acme"},"description":"Services"})
+    );
+    assert_eq!(
+        body["policy"],
+        json!({"engine":"HEL","allowed":true,"reason":"no_forward"})
+    );
+    let trace = body["trace_id"].as_str().unwrap();
+    assert!(trace.starts_with("sig-") && trace.len() == 20, "{trace}");
+    let r = &body["receipt"];
+    assert_eq!(
+        (r["hop"].clone(), r["prev_receipt_hash"].clone()),
+        (json!(1), Value::Null)
+    );
+    assert_eq!(r["kid"], "k1");
+    assert_eq!(headers["x-signet-trace"], trace);
+    assert_eq!(
+        headers["x-signet-receipt-hash"],
+        r["receipt_hash"].as_str().unwrap()
+    );
+    assert_eq!(headers["x-signet-hop"], "1");
+    assert_eq!(headers["x-signet-cid"], r["cid"].as_str().unwrap());
+    assert!(!headers.contains_key("x-signet-idempotency-hit"));
+
+    // the stored receipt verifies and commits to the canonical normalized payload
+    let stored = &h.cp.chains[trace][0];
+    receipt::verify(stored, Some(&h.cp.jwks), true).unwrap();
+    let canon = stored["canon"].as_str().unwrap();
+    assert_eq!(
+        canon,
+        r#"{"amount_minor":12345,"currency":"USD","customer":{"name":"Acme"},"description":"Services","invoice_id":"INV-1"}"#
+    );
+    assert_eq!(stored["cid"], cid::cid(canon.as_bytes()));
+    assert_eq!(stored["ts"], "2025-11-25T17:00:00.006Z");
+    assert_eq!(
+        (stored["payload_type"].as_str(), stored["tenant"].as_str()),
+        (Some("openai.tooluse.invoice.v1"), Some("demo"))
+    );
+
+    assert_eq!(h.cp.calls, vec![Call::Tenant, Call::Begin, Call::Commit]);
+    assert_eq!(h.host.counter("signet.exchanges.mode.exchange"), 1);
+    assert_eq!(h.host.histograms["signet.exchange_latency_ms"], vec![9]);
+}
+
+#[test]
+fn a_second_exchange_on_the_trace_links_to_the_first() {
+    let mut h = Harness::new();
+    let first = respond(&h.post("k-1", &exchange_body(json!({"trace_id":"t-1"})))).1;
+    let (_, second, headers) = respond(&h.exchange(
+        &[
+            ("x-odin-api-key", KEY),
+            ("x-odin-idempotency-key", "k-2"),
+            ("x-signet-trace", "t-1"),
+        ],
+        &exchange_body(json!({})),
+    ));
+    assert_eq!(second["trace_id"], "t-1");
+    assert_eq!(second["receipt"]["hop"], 2);
+    assert_eq!(
+        second["receipt"]["prev_receipt_hash"],
+        first["receipt"]["receipt_hash"]
+    );
+    assert_eq!(headers["x-signet-hop"], "2");
+    // the tenant lookup was cached
+    assert_eq!(h.cp.calls.iter().filter(|c| **c == Call::Tenant).count(), 1);
+    assert_eq!(h.host.counter("signet.exchanges.mode.exchange"), 2);
+}
+
+#[test]
+fn replay_returns_the_stored_response_and_counts_nothing() {
+    let mut h = Harness::new();
+    let body = exchange_body(json!({}));
+    let (_, first, _) = respond(&h.post("k-1", &body));
+    let (status, again, headers) = respond(&h.post("k-1", &body));
+    assert_eq!((status, &again), (200, &first));
+    assert_eq!(headers["x-signet-idempotency-hit"], "1");
+    assert_eq!(
+        headers["x-signet-receipt-hash"],
+        first["receipt"]["receipt_hash"].as_str().unwrap()
+    );
+    assert_eq!(h.host.counter("signet.idempotent_hits"), 1);
+    assert_eq!(h.host.counter("signet.exchanges.mode.exchange"), 1);
+    assert_eq!(h.cp.chains.values().map(Vec::len).sum::<usize>(), 1);
+}
+
+#[test]
+fn a_replay_answered_by_commit_also_counts_nothing() {
+    let mut h = Harness::new();
+    let stored =
+        json!({"trace_id":"t","receipt":{"hop":4,"receipt_hash":"sha256:aa","cid":"sha256:bb"}});
+    h.cp.scripted.insert(
+        "commit",
+        (200, json!({"outcome":"replay","response":stored})),
+    );
+    let (status, body, headers) = respond(&h.post("k-1", &exchange_body(json!({}))));
+    assert_eq!((status, body), (200, stored));
+    assert_eq!(
+        (
+            headers["x-signet-hop"].as_str(),
+            headers["x-signet-idempotency-hit"].as_str()
+        ),
+        ("4", "1")
+    );
+    assert_eq!(h.host.counter("signet.exchanges.mode.exchange"), 0);
+}
+
+#[test]
+fn repaired_arguments_are_counted() {
+    let mut h = Harness::new();
+    let payload = json!({"tool_calls":[{"type":"function","function":{"name":"create_invoice",
+        "arguments":"```json\n{invoice_id: 'INV-9', amount: 10, currency: 'EUR', customer_name: 'Acme',}\n```"}}]});
+    let (status, body, _) = respond(&h.post("k-1", &exchange_body(json!({"payload": payload}))));
+    assert_eq!(status, 200);
+    assert_eq!(body["normalized"]["amount_minor"], 1000);
+    assert_eq!(h.host.counter("signet.repairs"), 1);
+}
+
+// ---- chain conflicts ---------------------------------------------------------------------------
+
+#[test]
+fn a_chain_conflict_is_re_signed_on_the_new_head_once() {
+    let mut h = Harness::new();
+    respond(&h.post("k-1", &exchange_body(json!({"trace_id":"t-1"}))));
+    h.cp.racing_writers = 1;
+    let (status, body, _) = respond(&h.post("k-2", &exchange_body(json!({"trace_id":"t-1"}))));
+    assert_eq!(status, 200);
+    assert_eq!(body["receipt"]["hop"], 3);
+    let chain = &h.cp.chains["t-1"];
+    assert_eq!(
+        body["receipt"]["prev_receipt_hash"],
+        chain[1]["receipt_hash"]
+    );
+    assert_eq!(h.cp.calls.iter().filter(|c| **c == Call::Commit).count(), 3);
+    signet_protocol::chain::verify(chain, Some(&h.cp.jwks), true).unwrap();
+}
+
+#[test]
+fn a_second_conflict_is_a_409_and_releases_the_key() {
+    let mut h = Harness::new();
+    h.cp.racing_writers = 2;
+    let action = h.post("k-1", &exchange_body(json!({"trace_id":"t-1"})));
+    assert_eq!(error_of(&action), (409, "CHAIN_CONFLICT".into()));
+    assert_eq!(h.cp.calls.last(), Some(&Call::Release));
+    assert!(h.cp.slots.is_empty(), "the reservation was released");
+    assert_eq!(h.host.counter("signet.errors.code.CHAIN_CONFLICT"), 1);
+    assert_eq!(h.host.counter("signet.exchanges.mode.exchange"), 0);
+}
+
+// ---- every error row of SPEC §4 --------------------------------------------------------------
+
+#[test]
+fn status_400_rows() {
+    let mut h = Harness::new();
+    assert_eq!(
+        error_of(&h.post("k-1", b"{not json")),
+        (400, "MALFORMED_JSON".into())
+    );
+    assert_eq!(
+        error_of(&h.exchange(&[("x-signet-api-key", KEY)], &exchange_body(json!({})))),
+        (400, "MISSING_IDEMPOTENCY_KEY".into())
+    );
+    assert_eq!(
+        error_of(&h.post("k-2", &exchange_body(json!({"trace_id":"bad trace"})))),
+        (400, "BAD_TRACE_ID".into())
+    );
+    assert_eq!(
+        error_of(&h.post("k-3", &exchange_body(json!({"trace_id": 7})))),
+        (400, "BAD_TRACE_ID".into())
+    );
+    let long = "t".repeat(129);
+    assert_eq!(
+        error_of(&h.exchange(
+            &[
+                ("x-signet-api-key", KEY),
+                ("x-signet-idempotency-key", "k-4"),
+                ("x-signet-trace", &long)
+            ],
+            &exchange_body(json!({})),
+        )),
+        (400, "BAD_TRACE_ID".into())
+    );
+    assert_eq!(
+        error_of(&h.post("k-5", b"")),
+        (400, "MALFORMED_JSON".into())
+    );
+    assert_eq!(h.host.counter("signet.errors.code.BAD_TRACE_ID"), 3);
+    // nothing was reserved for requests that failed before begin
+    assert!(!h.cp.calls.contains(&Call::Begin));
+}
+
+#[test]
+fn status_401_rows() {
+    let mut h = Harness::new();
+    assert_eq!(
+        error_of(&h.exchange(
+            &[("x-signet-idempotency-key", "k")],
+            &exchange_body(json!({}))
+        )),
+        (401, "MISSING_API_KEY".into())
+    );
+    assert!(h.cp.calls.is_empty());
+    assert_eq!(
+        error_of(&h.exchange(
+            &[
+                ("x-signet-api-key", "nope"),
+                ("x-signet-idempotency-key", "k")
+            ],
+            &exchange_body(json!({}))
+        )),
+        (401, "UNKNOWN_API_KEY".into())
+    );
+    assert_eq!(h.cp.calls, vec![Call::Tenant]);
+}
+
+#[test]
+fn status_403_hel_denials_and_trace_ownership() {
+    let mut h = Harness::new();
+    for (url, reason) in [
+        ("https://evil.test/x", "HEL_HOST_NOT_ALLOWED"),
+        ("http://api.example.com/x", "HEL_SCHEME_NOT_HTTPS"),
+        ("https://u:p@api.example.com/", "HEL_BAD_URL"),
+        ("::nonsense", "HEL_BAD_URL"),
+    ] {
+        let action = h.post(url, &exchange_body(json!({"forward_url": url})));
+        assert_eq!(error_of(&action), (403, reason.to_owned()), "{url}");
+        assert_eq!(h.cp.calls.last(), Some(&Call::Release));
+    }
+    assert_eq!(h.host.counter("signet.denials.reason.HEL_BAD_URL"), 2);
+    assert_eq!(h.host.counter("signet.errors.code.HEL_HOST_NOT_ALLOWED"), 1);
+
+    h.cp.owners.insert("theirs".into(), "other-tenant".into());
+    assert_eq!(
+        error_of(&h.post("k-t", &exchange_body(json!({"trace_id":"theirs"})))),
+        (403, "TRACE_FORBIDDEN".into())
+    );
+}
+
+#[test]
+fn an_allowed_forward_url_is_not_delivered_yet() {
+    let mut h = Harness::new();
+    for url in [
+        "https://api.example.com/hook",
+        "https://GLOBAL.example.org./x",
+    ] {
+        let action = h.post(url, &exchange_body(json!({"forward_url": url})));
+        assert_eq!(error_of(&action), (422, "FORWARD_UNAVAILABLE".into()));
+    }
+    assert!(h.cp.chains.is_empty());
+}
+
+#[test]
+fn status_409_in_flight() {
+    let mut h = Harness::new();
+    let body = exchange_body(json!({}));
+    h.cp.slots.insert(
+        ("demo".into(), "k-1".into()),
+        Slot::InFlight(format!("sha256:{}", cid::sha256_hex(&body))),
+    );
+    assert_eq!(
+        error_of(&h.post("k-1", &body)),
+        (409, "IDEMPOTENCY_IN_FLIGHT".into())
+    );
+    assert_eq!(
+        h.cp.calls.last(),
+        Some(&Call::Begin),
+        "no release: begin reserved nothing"
+    );
+}
+
+#[test]
+fn status_413_over_the_route_limit() {
+    let mut h = Harness::new();
+    let route = h.route(json!({"body_limit_bytes": 100}));
+    let body = exchange_body(json!({}));
+    let mut ex = Exchange::new(Rc::clone(&h.config), route, 0);
+    let headers = |n: &str| match n {
+        "x-signet-api-key" => Some(KEY.to_owned()),
+        "x-signet-idempotency-key" => Some("k".to_owned()),
+        _ => None,
+    };
+    let first = ex.on_request_headers(&mut h.host, &headers, false);
+    assert!(matches!(
+        first,
+        Action::Call(Callout {
+            call: Call::Tenant,
+            ..
+        })
+    ));
+    // the body outgrows the limit while the tenant lookup is still in flight
+    assert_eq!(
+        ex.on_request_body(&mut h.host, 60, false, &mut Vec::new),
+        Action::Pause
+    );
+    let action = ex.on_request_body(&mut h.host, body.len(), false, &mut Vec::new);
+    assert_eq!(error_of(&action), (413, "BODY_TOO_LARGE".into()));
+    // the late tenant answer is ignored
+    assert_eq!(
+        ex.on_callout_response(&mut h.host, reply(200, json!({"tenant":"demo"}))),
+        Action::Pause
+    );
+}
+
+#[test]
+fn status_422_rows() {
+    let mut h = Harness::new();
+    let bad_payload = |args: &str| {
+        exchange_body(
+            json!({"payload": {"tool_calls":[{"type":"function","function":{"name":"create_invoice","arguments":args}}]}}),
+        )
+    };
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (
+            exchange_body(json!({"payload": {"tool_calls": 3}})),
+            "SCHEMA_INVALID",
+        ),
+        (bad_payload("{{{"), "REPAIR_FAILED"),
+        (
+            bad_payload(r#"{"invoice_id":"I","amount":-1,"currency":"USD","customer_name":"A"}"#),
+            "INVARIANT_FAILED",
+        ),
+        (
+            bad_payload(
+                r#"{"invoice_id":"I","amount":1.001,"currency":"USD","customer_name":"A"}"#,
+            ),
+            "TRANSFORM_FAILED",
+        ),
+        (
+            bad_payload(&format!(
+                r#"{{"invoice_id":"{}","amount":1,"currency":"USD","customer_name":"A"}}"#,
+                "x".repeat(40)
+            )),
+            "TARGET_SCHEMA_INVALID",
+        ),
+        (
+            exchange_body(json!({"payload_type": "nope.v1"})),
+            "UNKNOWN_TYPE",
+        ),
+        (
+            exchange_body(
+                json!({"target_type": "openai.tooluse.invoice.v1", "payload_type": "invoice.iso20022.v1"}),
+            ),
+            "NO_MAPPING",
+        ),
+        (exchange_body(json!({"payload_type": 5})), "INVALID_REQUEST"),
+        (br#"[1,2]"#.to_vec(), "INVALID_REQUEST"),
+        (
+            br#"{"payload_type":"a","target_type":"b"}"#.to_vec(),
+            "INVALID_REQUEST",
+        ),
+        (
+            br#"{"payload_type":"a","target_type":"b","payload":{"n":9007199254740993}}"#.to_vec(),
+            "UNSAFE_INTEGER",
+        ),
+        (
+            br#"{"payload_type":"a","payload_type":"b"}"#.to_vec(),
+            "DUPLICATE_KEY",
+        ),
+    ];
+    for (i, (body, code)) in cases.into_iter().enumerate() {
+        let action = h.post(&format!("k-{i}"), &body);
+        assert_eq!(error_of(&action), (422, code.to_owned()), "case {i}");
+    }
+    // errors after begin released their reservation: a corrected retry with the same key works
+    assert_eq!(respond(&h.post("k-0", &exchange_body(json!({})))).0, 200);
+
+    // same key, other body
+    assert_eq!(
+        error_of(&h.post("k-0", &exchange_body(json!({"trace_id":"x"})))),
+        (422, "IDEMPOTENCY_KEY_REUSED".into())
+    );
+    assert_eq!(h.host.counter("signet.exchanges.mode.exchange"), 1);
+}
+
+#[test]
+fn status_429_and_other_control_plane_errors_pass_through() {
+    let mut h = Harness::new();
+    h.cp.scripted.insert(
+        "begin",
+        (
+            429,
+            json!({"detail":"FU quota exceeded","code":"FU_QUOTA_EXCEEDED"}),
+        ),
+    );
+    let (status, body, _) = respond(&h.post("k-1", &exchange_body(json!({}))));
+    assert_eq!(
+        (status, body),
+        (
+            429,
+            json!({"detail":"FU quota exceeded","code":"FU_QUOTA_EXCEEDED"})
+        )
+    );
+    h.cp.scripted.insert(
+        "begin",
+        (409, json!({"detail":"chain is full","code":"CHAIN_FULL"})),
+    );
+    assert_eq!(
+        error_of(&h.post("k-2", &exchange_body(json!({})))),
+        (409, "CHAIN_FULL".into())
+    );
+}
+
+#[test]
+fn control_plane_rejecting_the_filter_is_a_500() {
+    let mut h = Harness::new();
+    h.cp.jwks = Jwks { keys: vec![] }; // the control plane does not know the filter's kid
+    assert_eq!(
+        error_of(&h.post("k-1", &exchange_body(json!({})))),
+        (500, "RECEIPT_INVALID".into())
+    );
+    assert_eq!(h.cp.calls.last(), Some(&Call::Release));
+    h.cp.scripted.insert(
+        "tenant",
+        (
+            401,
+            json!({"detail":"bad token","code":"FILTER_UNAUTHORIZED"}),
+        ),
+    );
+    let mut fresh = Harness::new();
+    fresh.cp.scripted = h.cp.scripted.clone();
+    assert_eq!(
+        error_of(&fresh.post("k-1", &exchange_body(json!({})))),
+        (500, "FILTER_UNAUTHORIZED".into())
+    );
+}
+
+#[test]
+fn status_503_when_the_control_plane_is_down_or_slow() {
+    for (outage, call) in [
+        ((None, Vec::new()), "tenant"),
+        ((Some(504), b"upstream request timeout".to_vec()), "tenant"),
+        ((Some(503), Vec::new()), "tenant"),
+        ((Some(200), b"not json".to_vec()), "tenant"),
+        ((Some(404), b"no route".to_vec()), "tenant"),
+    ] {
+        let mut h = Harness::new();
+        h.cp.outage = Some(outage.clone());
+        let action = h.post("k-1", &exchange_body(json!({})));
+        assert_eq!(
+            error_of(&action),
+            (503, "CONTROL_PLANE_UNAVAILABLE".into()),
+            "{outage:?}"
+        );
+        assert_eq!(
+            h.host
+                .counter(&format!("signet.callout_failures.call.{call}")),
+            1
+        );
+        assert_eq!(h.host.counter("signet.exchanges.mode.exchange"), 0);
+    }
+}
+
+#[test]
+fn commit_failure_is_503_without_a_vex() {
+    let mut h = Harness::new();
+    h.cp.scripted.insert("commit", (500, json!({})));
+    assert_eq!(
+        error_of(&h.post("k-1", &exchange_body(json!({})))),
+        (503, "CONTROL_PLANE_UNAVAILABLE".into())
+    );
+    assert_eq!(h.host.counter("signet.callout_failures.call.commit"), 1);
+    assert_eq!(h.host.counter("signet.exchanges.mode.exchange"), 0);
+}
+
+#[test]
+fn fail_open_routes_pass_through_untouched() {
+    let mut h = Harness::new();
+    h.cp.outage = Some((None, Vec::new()));
+    let route = h.route(json!({"mode":"inline","payload_type":"openai.tooluse.invoice.v1","target_type":"invoice.iso20022.v1","fail_open":true}));
+    let (action, ex) = h.send_on(route, &[("x-signet-api-key", KEY)], TOOL_CALL.as_bytes());
+    assert_eq!(action, Action::PassThrough);
+    assert!(ex.response_headers().is_empty());
+    assert_eq!(h.host.counter("signet.callout_failures.call.tenant"), 1);
+    assert_eq!(
+        h.host
+            .counter("signet.errors.code.CONTROL_PLANE_UNAVAILABLE"),
+        0
+    );
+    // fail-open does not excuse a bad request
+    h.cp.outage = None;
+    let route = h.route(json!({"mode":"inline","payload_type":"openai.tooluse.invoice.v1","target_type":"invoice.iso20022.v1","fail_open":true}));
+    let (action, _) = h.send_on(route, &[("x-signet-api-key", KEY)], br#"{"tool_calls":[]}"#);
+    assert_eq!(error_of(&action), (422, "SCHEMA_INVALID".into()));
+}
+
+#[test]
+fn tenant_cache_expires() {
+    let mut h = Harness::new();
+    respond(&h.post("k-1", &exchange_body(json!({}))));
+    respond(&h.post("k-2", &exchange_body(json!({}))));
+    h.host.now += 61_000;
+    respond(&h.post("k-3", &exchange_body(json!({}))));
+    assert_eq!(h.cp.calls.iter().filter(|c| **c == Call::Tenant).count(), 2);
+}
+
+#[test]
+fn invalid_route_settings_are_a_500() {
+    let mut h = Harness::new();
+    let route = h.route(json!({"mode":"inline"}));
+    let (action, _) = h.send_on(route, &[("x-signet-api-key", KEY)], b"{}");
+    assert_eq!(error_of(&action), (500, "ROUTE_CONFIG_INVALID".into()));
+}
+
+// ---- inline mode -------------------------------------------------------------------------------
+
+fn inline_route(h: &Harness, extra: Value) -> Rc<Result<RouteSettings, String>> {
+    let mut m = json!({"mode":"inline","payload_type":"openai.tooluse.invoice.v1","target_type":"invoice.iso20022.v1"});
+    for (k, v) in extra.as_object().unwrap() {
+        m[k] = v.clone();
+    }
+    h.route(m)
+}
+
+#[test]
+fn inline_forwards_the_normalized_body_with_receipt_headers() {
+    let mut h = Harness::new();
+    let route = inline_route(&h, json!({}));
+    let (action, ex) = h.send_on(
+        route,
+        &[("x-signet-api-key", KEY), ("x-signet-trace", "t-9")],
+        TOOL_CALL.as_bytes(),
+    );
+    let Action::Continue(forward) = action else {
+        panic!("{action:?}")
+    };
+    let body = forward.body.unwrap();
+    let set: HashMap<_, _> = forward.set_headers.into_iter().collect();
+    assert_eq!(
+        String::from_utf8(body.clone()).unwrap(),
+        r#"{"amount_minor":12345,"currency":"USD","customer":{"name":"Acme"},"description":"Services","invoice_id":"INV-1"}"#
+    );
+    assert_eq!(set["content-length"], body.len().to_string());
+    assert_eq!(set["x-signet-trace"], "t-9");
+    assert_eq!(set["x-signet-hop"], "1");
+    assert_eq!(set["x-signet-cid"], cid::cid(&body));
+    assert_eq!(
+        forward.remove_headers,
+        vec!["x-signet-api-key", "x-odin-api-key"]
+    );
+    // the upstream's response gets the same receipt headers
+    let response: HashMap<_, _> = ex.response_headers().iter().cloned().collect();
+    assert_eq!(
+        response["x-signet-receipt-hash"],
+        set["x-signet-receipt-hash"]
+    );
+    assert_eq!(h.host.counter("signet.exchanges.mode.inline"), 1);
+    // without an idempotency key each request is its own exchange
+    let route = inline_route(&h, json!({}));
+    let (again, _) = h.send_on(
+        route,
+        &[("x-signet-api-key", KEY), ("x-signet-trace", "t-9")],
+        TOOL_CALL.as_bytes(),
+    );
+    let Action::Continue(again) = again else {
+        panic!()
+    };
+    assert!(again
+        .set_headers
+        .contains(&("x-signet-hop".into(), "2".into())));
+}
+
+#[test]
+fn inline_original_body_and_dropped_canon() {
+    let mut h = Harness::new();
+    let route = inline_route(&h, json!({"inline_body":"original","receipt_canon":"drop"}));
+    let (action, _) = h.send_on(
+        route,
+        &[("x-signet-api-key", KEY), ("x-signet-trace", "t-1")],
+        TOOL_CALL.as_bytes(),
+    );
+    let Action::Continue(forward) = action else {
+        panic!("{action:?}")
+    };
+    assert_eq!(forward.body, None);
+    assert!(!forward
+        .set_headers
+        .iter()
+        .any(|(k, _)| k == "content-length"));
+    let stored = &h.cp.chains["t-1"][0];
+    assert!(stored.get("canon").is_none());
+    receipt::verify(stored, Some(&h.cp.jwks), true).unwrap();
+    // the stored response does not keep the payload either
+    let Some(Slot::Done(_, response)) = h.cp.slots.values().next() else {
+        panic!()
+    };
+    assert!(response.get("normalized").is_none());
+}
+
+#[test]
+fn inline_replay_forwards_again_with_the_stored_receipt() {
+    let mut h = Harness::new();
+    let headers = [
+        ("x-signet-api-key", KEY),
+        ("x-signet-idempotency-key", "i-1"),
+    ];
+    let route = inline_route(&h, json!({}));
+    let (Action::Continue(first), _) = h.send_on(route.clone(), &headers, TOOL_CALL.as_bytes())
+    else {
+        panic!()
+    };
+    let (Action::Continue(again), ex) = h.send_on(route, &headers, TOOL_CALL.as_bytes()) else {
+        panic!()
+    };
+    assert_eq!(again.body, first.body);
+    assert!(again
+        .set_headers
+        .contains(&("x-signet-idempotency-hit".into(), "1".into())));
+    let hash = |f: &Forward| {
+        f.set_headers
+            .iter()
+            .find(|(k, _)| k == "x-signet-receipt-hash")
+            .cloned()
+    };
+    assert_eq!(hash(&again), hash(&first));
+    assert!(ex
+        .response_headers()
+        .contains(&("x-signet-idempotency-hit".into(), "1".into())));
+    assert_eq!(h.host.counter("signet.exchanges.mode.inline"), 1);
+}
+
+#[test]
+fn body_arriving_before_the_tenant_answer() {
+    let mut h = Harness::new();
+    let route = h.route(json!({}));
+    let mut ex = Exchange::new(Rc::clone(&h.config), route, 0);
+    let headers = |n: &str| match n {
+        "x-signet-api-key" => Some(KEY.to_owned()),
+        "x-signet-idempotency-key" => Some("k".to_owned()),
+        _ => None,
+    };
+    let Action::Call(tenant_call) = ex.on_request_headers(&mut h.host, &headers, false) else {
+        panic!()
+    };
+    let body = exchange_body(json!({}));
+    assert_eq!(
+        ex.on_request_body(&mut h.host, body.len(), true, &mut || body.clone()),
+        Action::Pause
+    );
+    let response = h.cp.handle(&tenant_call);
+    let next = ex.on_callout_response(&mut h.host, response);
+    assert!(matches!(
+        next,
+        Action::Call(Callout {
+            call: Call::Begin,
+            ..
+        })
+    ));
+    assert_eq!(respond(&h.drive(&mut ex, next)).0, 200);
+}
