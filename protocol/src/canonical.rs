@@ -148,7 +148,7 @@ pub fn parse(input: &[u8], opts: &ParseOptions) -> Result<Value, CanonError> {
 /// step; two member names that become equal under NFC are a `DUPLICATE_KEY` error.
 pub fn to_canonical(value: &Value, profile: Profile) -> Result<String, CanonError> {
     let mut out = String::with_capacity(128);
-    write_tree(Vec::new(), Some(value), profile, &mut out)?;
+    Writer::new(profile).write(Some(value), &mut out)?;
     Ok(out)
 }
 
@@ -160,12 +160,9 @@ pub(crate) fn to_canonical_subset(
     profile: Profile,
 ) -> Result<String, CanonError> {
     let mut out = String::with_capacity(256);
-    out.push('{');
-    let root = Frame::Object {
-        members: sorted_members(object, include, profile)?.into_iter(),
-        first: true,
-    };
-    write_tree(vec![root], None, profile, &mut out)?;
+    let mut writer = Writer::new(profile);
+    writer.open_object(object, include, &mut out)?;
+    writer.write(None, &mut out)?;
     Ok(out)
 }
 
@@ -224,7 +221,10 @@ pub(crate) fn normalize_object(object: &mut Map<String, Value>) -> Result<(), Ca
 
 /// NFC form of `s`, borrowed when it already is (the common case: checked without allocating).
 fn nfc(s: &str) -> Cow<'_, str> {
-    if s.is_ascii() || is_nfc_quick(s.chars()) == IsNormalized::Yes {
+    // Every character below U+0300 is a starter that composes with nothing below U+0300, so text
+    // made only of them is NFC; in UTF-8 that is text without a byte >= 0xCC. This skips the
+    // per-character lookups for ASCII and Latin-1 text.
+    if s.bytes().all(|b| b < 0xCC) || is_nfc_quick(s.chars()) == IsNormalized::Yes {
         Cow::Borrowed(s)
     } else {
         Cow::Owned(s.nfc().collect())
@@ -649,76 +649,114 @@ enum Frame<'a> {
         items: std::slice::Iter<'a, Value>,
         first: bool,
     },
-    Object {
-        members: std::vec::IntoIter<(Cow<'a, str>, &'a Value)>,
-        first: bool,
-    },
+    /// Its members wait, sorted, in `Writer::members[start..]` (above them only members of
+    /// nested objects, which are gone by the time this frame is on top again).
+    Object { start: usize, next: usize },
 }
 
-/// Writes `next` (if any) and then the rest of every container on `stack`.
-fn write_tree<'a>(
-    mut stack: Vec<Frame<'a>>,
-    mut next: Option<&'a Value>,
+/// Iterative canonical writer. All open objects share one buffer of sorted members, so writing
+/// allocates nothing per object.
+struct Writer<'a> {
     profile: Profile,
-    out: &mut String,
-) -> Result<(), CanonError> {
-    loop {
-        if let Some(value) = next.take() {
-            match value {
-                Value::Null => out.push_str("null"),
-                Value::Bool(true) => out.push_str("true"),
-                Value::Bool(false) => out.push_str("false"),
-                Value::Number(n) => write_number(n, out)?,
-                Value::String(s) => write_string(&apply_profile(s, profile), out),
-                Value::Array(items) if items.is_empty() => out.push_str("[]"),
-                Value::Object(members) if members.is_empty() => out.push_str("{}"),
-                _ if stack.len() >= MAX_DEPTH => return Err(too_deep(None)),
-                Value::Array(items) => {
-                    out.push('[');
-                    stack.push(Frame::Array {
-                        items: items.iter(),
-                        first: true,
-                    });
-                }
-                Value::Object(members) => {
-                    out.push('{');
-                    stack.push(Frame::Object {
-                        members: sorted_members(members, |_| true, profile)?.into_iter(),
-                        first: true,
-                    });
+    stack: Vec<Frame<'a>>,
+    members: Vec<(Cow<'a, str>, &'a Value)>,
+}
+
+impl<'a> Writer<'a> {
+    fn new(profile: Profile) -> Self {
+        Writer {
+            profile,
+            stack: Vec::new(),
+            members: Vec::new(),
+        }
+    }
+
+    /// Writes `{` and queues the members of `object` that pass `include`, in RFC 8785 order
+    /// (UTF-16 code units of the names, after NFC in the Signet profile).
+    fn open_object(
+        &mut self,
+        object: &'a Map<String, Value>,
+        include: impl Fn(&str) -> bool,
+        out: &mut String,
+    ) -> Result<(), CanonError> {
+        if self.stack.len() >= MAX_DEPTH {
+            return Err(too_deep(None));
+        }
+        let start = self.members.len();
+        let profile = self.profile;
+        self.members.extend(
+            object
+                .iter()
+                .filter(|(name, _)| include(name))
+                .map(|(name, value)| (apply_profile(name, profile), value)),
+        );
+        let queued = &mut self.members[start..];
+        queued.sort_unstable_by(|a, b| cmp_utf16(&a.0, &b.0));
+        // Names are unique in a Map; they can only collide after NFC.
+        if let Some(pair) = queued.windows(2).find(|pair| pair[0].0 == pair[1].0) {
+            return Err(duplicate_key(&pair[0].0, None));
+        }
+        out.push('{');
+        self.stack.push(Frame::Object { start, next: start });
+        Ok(())
+    }
+
+    /// Writes `next` (if any), then the rest of every open container.
+    fn write(&mut self, mut next: Option<&'a Value>, out: &mut String) -> Result<(), CanonError> {
+        loop {
+            if let Some(value) = next.take() {
+                match value {
+                    Value::Null => out.push_str("null"),
+                    Value::Bool(true) => out.push_str("true"),
+                    Value::Bool(false) => out.push_str("false"),
+                    Value::Number(n) => write_number(n, out)?,
+                    Value::String(s) => write_string(&apply_profile(s, self.profile), out),
+                    // Empty containers count as a level too, as in the parser.
+                    Value::Array(_) if self.stack.len() >= MAX_DEPTH => return Err(too_deep(None)),
+                    Value::Array(items) if items.is_empty() => out.push_str("[]"),
+                    Value::Array(items) => {
+                        out.push('[');
+                        self.stack.push(Frame::Array {
+                            items: items.iter(),
+                            first: true,
+                        });
+                    }
+                    Value::Object(object) => self.open_object(object, |_| true, out)?,
                 }
             }
-        }
-        let Some(frame) = stack.last_mut() else {
-            return Ok(());
-        };
-        match frame {
-            Frame::Array { items, first } => match items.next() {
-                Some(item) => {
-                    if !std::mem::take(first) {
-                        out.push(',');
+            let Some(frame) = self.stack.last_mut() else {
+                return Ok(());
+            };
+            match frame {
+                Frame::Array { items, first } => match items.next() {
+                    Some(item) => {
+                        if !std::mem::take(first) {
+                            out.push(',');
+                        }
+                        next = Some(item);
                     }
-                    next = Some(item);
-                }
-                None => {
-                    out.push(']');
-                    stack.pop();
-                }
-            },
-            Frame::Object { members, first } => match members.next() {
-                Some((name, member)) => {
-                    if !std::mem::take(first) {
-                        out.push(',');
+                    None => {
+                        out.push(']');
+                        self.stack.pop();
                     }
-                    write_string(&name, out);
-                    out.push(':');
-                    next = Some(member);
-                }
-                None => {
-                    out.push('}');
-                    stack.pop();
-                }
-            },
+                },
+                Frame::Object { start, next: at } => match self.members.get(*at) {
+                    Some((name, member)) => {
+                        if at != start {
+                            out.push(',');
+                        }
+                        *at += 1;
+                        write_string(name, out);
+                        out.push(':');
+                        next = Some(*member);
+                    }
+                    None => {
+                        out.push('}');
+                        self.members.truncate(*start);
+                        self.stack.pop();
+                    }
+                },
+            }
         }
     }
 }
@@ -730,67 +768,66 @@ fn apply_profile(s: &str, profile: Profile) -> Cow<'_, str> {
     }
 }
 
-/// Members in RFC 8785 order (UTF-16 code units of the names, after NFC in the Signet profile).
-fn sorted_members(
-    members: &Map<String, Value>,
-    include: impl Fn(&str) -> bool,
-    profile: Profile,
-) -> Result<Vec<(Cow<'_, str>, &Value)>, CanonError> {
-    let mut sorted: Vec<(Cow<'_, str>, &Value)> = members
-        .iter()
-        .filter(|(name, _)| include(name))
-        .map(|(name, value)| (apply_profile(name, profile), value))
-        .collect();
-    sorted.sort_unstable_by(|a, b| cmp_utf16(&a.0, &b.0));
-    // Names are unique in a Map; they can only collide after NFC.
-    if let Some(pair) = sorted.windows(2).find(|pair| pair[0].0 == pair[1].0) {
-        return Err(duplicate_key(&pair[0].0, None));
-    }
-    Ok(sorted)
-}
-
 /// Orders strings by their UTF-16 code units (RFC 8785 §3.2.3).
 ///
-/// UTF-8 byte order equals code point order, which differs from UTF-16 order only between a
-/// supplementary character (a surrogate pair, 0xD800..) and U+E000..U+FFFF; so compare bytes up
-/// to the first difference and decide that character in UTF-16.
+/// UTF-8 byte order is code point order. It differs from UTF-16 order only between a
+/// supplementary character (lead byte F0..F4; a surrogate pair D800.. in UTF-16) and a character
+/// in U+E000..U+FFFF (lead byte EE or EF), so the first differing byte decides, with that one
+/// case turned around. (A difference in a continuation byte means equal lead bytes, hence
+/// characters of the same kind.)
 fn cmp_utf16(a: &str, b: &str) -> Ordering {
-    match a.bytes().zip(b.bytes()).position(|(x, y)| x != y) {
-        None => a.len().cmp(&b.len()),
-        Some(mut at) => {
-            // Both strings share the bytes before `at`, so a boundary in one is one in the other.
-            while !a.is_char_boundary(at) {
-                at -= 1;
-            }
-            a[at..].encode_utf16().cmp(b[at..].encode_utf16())
-        }
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    let Some(at) = a.iter().zip(b).position(|(x, y)| x != y) else {
+        return a.len().cmp(&b.len());
+    };
+    let (x, y) = (a[at], b[at]);
+    let supplementary_vs_high_bmp = |s: u8, t: u8| s >= 0xF0 && (t == 0xEE || t == 0xEF);
+    if supplementary_vs_high_bmp(x, y) {
+        Ordering::Less
+    } else if supplementary_vs_high_bmp(y, x) {
+        Ordering::Greater
+    } else {
+        x.cmp(&y)
     }
 }
+
+/// The escape of each byte in a JSON string (RFC 8785 §3.2.2.2): 0 for none, `u` for `\u00xx`,
+/// else the character after the backslash. Bytes >= 0x80 are written raw.
+static ESCAPES: [u8; 256] = {
+    let mut table = [0u8; 256];
+    let mut b = 0;
+    while b < 0x20 {
+        table[b] = b'u';
+        b += 1;
+    }
+    table[0x08] = b'b';
+    table[0x09] = b't';
+    table[0x0a] = b'n';
+    table[0x0c] = b'f';
+    table[0x0d] = b'r';
+    table[b'"' as usize] = b'"';
+    table[b'\\' as usize] = b'\\';
+    table
+};
 
 fn write_string(s: &str, out: &mut String) {
     out.push('"');
-    let bytes = s.as_bytes();
     let mut run_start = 0;
-    for (i, &b) in bytes.iter().enumerate() {
-        let escaped = match b {
-            b'"' => "\\\"",
-            b'\\' => "\\\\",
-            b'\x08' => "\\b",
-            b'\t' => "\\t",
-            b'\n' => "\\n",
-            b'\x0c' => "\\f",
-            b'\r' => "\\r",
-            0x00..=0x1f => "",
-            _ => continue,
-        };
+    for (i, &b) in s.as_bytes().iter().enumerate() {
+        let escape = ESCAPES[usize::from(b)];
+        if escape == 0 {
+            continue;
+        }
+        // `b` is ASCII, so `i` is a char boundary.
         out.push_str(&s[run_start..i]);
-        if escaped.is_empty() {
+        out.push('\\');
+        if escape == b'u' {
             const HEX: &[u8; 16] = b"0123456789abcdef";
-            out.push_str("\\u00");
+            out.push_str("u00");
             out.push(char::from(HEX[usize::from(b >> 4)]));
             out.push(char::from(HEX[usize::from(b & 0xf)]));
         } else {
-            out.push_str(escaped);
+            out.push(char::from(escape));
         }
         run_start = i + 1;
     }
@@ -1002,6 +1039,22 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        #[test]
+        fn utf16_order_matches_encode_utf16(
+            a in "[a\u{7f}\u{80}\u{ff}\u{800}\u{d7ff}\u{e000}\u{ff61}\u{ffff}\u{10000}\u{1f600}\u{10ffff}]{0,4}",
+            b in "[a\u{7f}\u{80}\u{ff}\u{800}\u{d7ff}\u{e000}\u{ff61}\u{ffff}\u{10000}\u{1f600}\u{10ffff}]{0,4}",
+        ) {
+            proptest::prop_assert_eq!(cmp_utf16(&a, &b), a.encode_utf16().cmp(b.encode_utf16()));
+        }
+
+        #[test]
+        fn latin_fast_path_agrees_with_nfc(s in "[\u{0}-\u{2ff}]{0,8}") {
+            proptest::prop_assert_eq!(is_nfc_quick(s.chars()), IsNormalized::Yes);
+            proptest::prop_assert_eq!(nfc(&s), Cow::Borrowed(s.as_str()));
+        }
+    }
+
     #[test]
     fn nesting_limit_is_enforced_without_recursion() {
         let ok = format!("{}{}", "[".repeat(MAX_DEPTH), "]".repeat(MAX_DEPTH));
@@ -1011,17 +1064,28 @@ mod tests {
         let objects = format!("{}1{}", "{\"a\":".repeat(MAX_DEPTH), "}".repeat(MAX_DEPTH));
         assert_eq!(signet(&objects).as_deref(), Ok(objects.as_str()));
 
-        // A value built in code deeper than the limit is refused by the writer too.
-        let mut value = Value::Null;
-        for _ in 0..=MAX_DEPTH {
-            value = Value::Array(vec![value]);
+        // A value built in code deeper than the limit is refused by the writer too; an empty
+        // container counts as a level, as in the parser.
+        for innermost in [Value::Null, Value::Array(vec![]), Value::Object(Map::new())] {
+            let mut value = innermost.clone();
+            let levels = if innermost.is_null() {
+                MAX_DEPTH
+            } else {
+                MAX_DEPTH - 1
+            };
+            for _ in 0..levels {
+                value = Value::Array(vec![value]);
+            }
+            let text = to_canonical(&value, Profile::Rfc8785).unwrap();
+            assert_eq!(signet(&text).as_deref(), Ok(text.as_str()));
+            let value = Value::Array(vec![value]);
+            let result = to_canonical(&value, Profile::Rfc8785);
+            assert_eq!(
+                result.err().map(|e| e.code()),
+                Some("TOO_DEEP"),
+                "{innermost}"
+            );
         }
-        assert_eq!(
-            to_canonical(&value, Profile::Rfc8785)
-                .err()
-                .map(|e| e.code()),
-            Some("TOO_DEEP")
-        );
     }
 
     #[test]
