@@ -9,7 +9,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 ENVOY_VERSION=1.40.0
 TARGET_DIR=${CARGO_TARGET_DIR:-target}
 [[ $TARGET_DIR == /* ]] || TARGET_DIR="$ROOT/$TARGET_DIR"
-WASM="$TARGET_DIR/wasm32-wasip1/wasm/signet_filter.wasm"
+WASM=${SIGNET_FILTER_WASM:-$TARGET_DIR/wasm32-wasip1/wasm/signet_filter.wasm}
 BIN="$TARGET_DIR/release"
 
 : "${ENVOY_PORT:=10000}"
