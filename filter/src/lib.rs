@@ -25,3 +25,6 @@ pub mod route;
 pub mod sanitize;
 pub mod schema;
 pub mod transform;
+
+#[cfg(target_arch = "wasm32")]
+mod wasm;
