@@ -40,7 +40,7 @@ echo "$response" | python3 -m json.tool
 trace_id=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["trace_id"])' "$response")
 
 bundle="$SIGNET_RUN/bundle-$trace_id.json"
-curl -sS --fail-with-body "$CP/v1/receipts/export/$trace_id" -o "$bundle" ||
+curl -sS --fail-with-body -H "X-SIGNET-API-Key: demo-key" "$CP/v1/receipts/export/$trace_id" -o "$bundle" ||
     die "export of $trace_id failed: $(cat "$bundle")"
 "$BIN/signet" verify bundle "$bundle" --jwks "$CP/.well-known/jwks.json" ||
     die "the exported bundle did not verify"
@@ -61,8 +61,8 @@ The stack is up (storage: $SP_STORAGE, signing key kid: $SP_KID). Try:
   curl -s $ENVOY/passthrough -d @scripts/payloads/invoice-toolcall.json
 
   # a trace's chain and its signed bundle, verified offline
-  curl -s $CP/v1/receipts/chain/$trace_id
-  curl -s $CP/v1/receipts/export/$trace_id > bundle.json
+  curl -s -H "X-SIGNET-API-Key: demo-key" $CP/v1/receipts/chain/$trace_id
+  curl -s -H "X-SIGNET-API-Key: demo-key" $CP/v1/receipts/export/$trace_id > bundle.json
   target/release/signet verify bundle bundle.json --jwks $CP/.well-known/jwks.json
 
   # stats with Prometheus labels, control-plane metrics

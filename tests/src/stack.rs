@@ -145,14 +145,34 @@ impl Stack {
             .post(&self.envoy.url("/v1/exchange"), &all, body)
     }
 
-    /// `GET /v1/receipts/export/{trace_id}` from the control plane.
+    /// `GET /v1/receipts/export/{trace_id}` from the control plane, as the demo tenant.
     pub fn export_bundle(&self, trace_id: &str) -> Response {
         self.client.get(
             &self
                 .control_plane
                 .url(&format!("/v1/receipts/export/{trace_id}")),
-            &[],
+            &[("X-SIGNET-API-Key", DEMO_KEY)],
         )
+    }
+
+    /// The receipts of a demo-tenant trace (`GET /v1/receipts/chain/{trace_id}`).
+    pub fn chain(&self, trace_id: &str) -> Vec<Value> {
+        let response = self.client.get(
+            &self
+                .control_plane
+                .url(&format!("/v1/receipts/chain/{trace_id}")),
+            &[("X-SIGNET-API-Key", DEMO_KEY)],
+        );
+        assert_eq!(
+            response.status,
+            200,
+            "chain of {trace_id}: {}",
+            response.text()
+        );
+        match response.json() {
+            Value::Array(receipts) => receipts,
+            other => panic!("the chain of {trace_id} is not an array: {other}"),
+        }
     }
 
     /// `POST` to an Envoy route other than the exchange API.

@@ -60,13 +60,8 @@ fn replay_returns_the_stored_response_and_counts_once(storage: Storage) {
     assert_eq!(stats.value("signet_idempotent_hits", &[]), 2.0);
     // And one receipt in the trace.
     let trace_id = first.json()["trace_id"].as_str().unwrap().to_owned();
-    let chain = stack.client.get(
-        &stack
-            .control_plane
-            .url(&format!("/v1/receipts/chain/{trace_id}")),
-        &[],
-    );
-    assert_eq!(chain.json().as_array().map(Vec::len), Some(1));
+    let chain = stack.chain(&trace_id);
+    assert_eq!(chain.len(), 1);
 }
 
 #[test]

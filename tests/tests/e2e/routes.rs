@@ -46,15 +46,7 @@ fn inline_route_sends_the_normalized_invoice_upstream_with_receipt_headers() {
     );
 
     // The receipt is stored, and commits to the normalized body the upstream received.
-    let chain = stack
-        .client
-        .get(
-            &stack
-                .control_plane
-                .url(&format!("/v1/receipts/chain/{trace_id}")),
-            &[],
-        )
-        .json();
+    let chain = stack.chain(trace_id);
     assert_eq!(chain[0]["receipt_hash"], receipt_hash);
     let canon = chain[0]["canon"]
         .as_str()
