@@ -126,11 +126,16 @@ impl std::error::Error for CanonError {}
 /// `f64` (correctly rounded), so canonical output reproduces the ECMAScript number.
 pub fn parse(input: &[u8], opts: &ParseOptions) -> Result<Value, CanonError> {
     let text = std::str::from_utf8(input).map_err(|e| {
-        CanonError::new(
-            ErrorKind::InvalidUtf8,
-            "invalid UTF-8",
-            Some(e.valid_up_to()),
-        )
+        let at = e.valid_up_to();
+        // ED A0..BF starts a UTF-8-encoded surrogate (CESU-8 / WTF-8), which UTF-8 forbids.
+        match input.get(at..at + 2) {
+            Some([0xED, 0xA0..=0xBF]) => CanonError::new(
+                ErrorKind::LoneSurrogate,
+                "surrogate encoded as UTF-8",
+                Some(at),
+            ),
+            _ => CanonError::new(ErrorKind::InvalidUtf8, "invalid UTF-8", Some(at)),
+        }
     })?;
     Parser {
         text,
@@ -916,7 +921,7 @@ mod tests {
             (br#"["\ud800"]"#, "LONE_SURROGATE"),
             (br#"["\udc00\ud800"]"#, "LONE_SURROGATE"),
             (br#"["\ud800\u0041"]"#, "LONE_SURROGATE"),
-            (b"[\"\xed\xa0\x80\"]", "INVALID_UTF8"),
+            (b"[\"\xed\xa0\x80\"]", "LONE_SURROGATE"),
             (b"[\"\xff\"]", "INVALID_UTF8"),
             (b"[NaN]", "INVALID_JSON"),
             (b"[Infinity]", "INVALID_JSON"),

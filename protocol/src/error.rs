@@ -4,6 +4,8 @@ use std::fmt;
 
 use serde::Serialize;
 
+use crate::canonical::CanonError;
+
 /// An HTTP error with the SPEC §4 body `{"detail": <sentence>, "code": <UPPER_SNAKE>}`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiError {
@@ -35,6 +37,19 @@ impl ApiError {
         // Serializing two strings cannot fail; keep a valid body even if it somehow did.
         serde_json::to_string(&body)
             .unwrap_or_else(|_| String::from(r#"{"detail":"internal error","code":"INTERNAL"}"#))
+    }
+}
+
+/// A request body that is not acceptable JSON: 400 when it is not JSON at all (syntax, UTF-8),
+/// 422 when it is JSON but not I-JSON or beyond the limits (SPEC §4); `code` is the
+/// [`CanonError::code`].
+impl From<&CanonError> for ApiError {
+    fn from(err: &CanonError) -> Self {
+        let status = match err.code() {
+            "INVALID_JSON" | "INVALID_UTF8" => 400,
+            _ => 422,
+        };
+        ApiError::new(status, err.code(), err.to_string())
     }
 }
 
@@ -166,6 +181,21 @@ mod tests {
             err.to_json(),
             r#"{"detail":"chain \"conflict\"","code":"CHAIN_CONFLICT"}"#
         );
+    }
+
+    #[test]
+    fn canon_errors_map_to_400_or_422() {
+        use crate::canonical::{canonicalize, Profile};
+        let status = |input: &[u8]| {
+            let err = canonicalize(input, Profile::Signet).unwrap_err();
+            let api = ApiError::from(&err);
+            assert_eq!(api.code, err.code());
+            api.status
+        };
+        assert_eq!(status(b"{"), 400);
+        assert_eq!(status(b"\xff"), 400);
+        assert_eq!(status(br#"{"a":1,"a":1}"#), 422);
+        assert_eq!(status(b"1e400"), 422);
     }
 
     #[test]

@@ -136,14 +136,19 @@ impl Jwks {
     /// Parses a JWKS document. Keys this crate cannot use (other key types, members missing) are
     /// skipped, as RFC 7517 §5 asks, so a mixed JWKS still works.
     pub fn from_json(bytes: &[u8]) -> Result<Jwks, KeyError> {
-        #[derive(Deserialize)]
-        struct Document {
-            keys: Vec<serde_json::Value>,
-        }
-        let document: Document = serde_json::from_slice(bytes)
+        let document = serde_json::from_slice(bytes)
             .map_err(|e| KeyError(format!("not a JWKS document: {e}")))?;
-        let keys = document
-            .keys
+        Jwks::from_value(document)
+    }
+
+    fn from_value(document: serde_json::Value) -> Result<Jwks, KeyError> {
+        let serde_json::Value::Object(mut document) = document else {
+            return Err(KeyError("not a JWKS document: not an object".into()));
+        };
+        let Some(serde_json::Value::Array(keys)) = document.remove("keys") else {
+            return Err(KeyError("not a JWKS document: no \"keys\" array".into()));
+        };
+        let keys = keys
             .into_iter()
             .filter_map(|key| serde_json::from_value::<Jwk>(key).ok())
             .filter(|key| key.kty == "OKP" && key.crv == "Ed25519")
@@ -188,9 +193,8 @@ impl Jwks {
 impl<'de> Deserialize<'de> for Jwks {
     /// Same leniency as [`Jwks::from_json`].
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let value = serde_json::Value::deserialize(deserializer)?;
-        let bytes = serde_json::to_vec(&value).map_err(serde::de::Error::custom)?;
-        Jwks::from_json(&bytes).map_err(serde::de::Error::custom)
+        let document = serde_json::Value::deserialize(deserializer)?;
+        Jwks::from_value(document).map_err(serde::de::Error::custom)
     }
 }
 
@@ -277,5 +281,8 @@ mod tests {
         assert_eq!(jwks.keys.len(), 1);
         assert!(jwks.find("e").is_some());
         assert!(Jwks::from_json(b"[]").is_err());
+        assert!(Jwks::from_json(br#"{"keys":{}}"#).is_err());
+        let via_serde: Jwks = serde_json::from_str(doc).unwrap();
+        assert_eq!(via_serde, jwks);
     }
 }
