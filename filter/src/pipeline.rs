@@ -26,7 +26,7 @@ use crate::config::Config;
 use crate::host::{stats, Host, LogLevel};
 use crate::policy;
 use crate::registry::parse_options;
-use crate::route::{InlineBody, Mode, RouteSettings};
+use crate::route::{CachedRoute, InlineBody, Mode, RouteSettings};
 use crate::sanitize::sanitize;
 
 // ---- request and response headers -----------------------------------------------------------
@@ -203,7 +203,7 @@ struct Verified {
 
 pub struct Exchange {
     config: Rc<Config>,
-    route: Rc<Result<RouteSettings, String>>,
+    route: CachedRoute,
     started_ms: u64,
     key_hash: String,
     idempotency_key: String,
@@ -224,7 +224,7 @@ pub struct Exchange {
 }
 
 impl Exchange {
-    pub fn new(config: Rc<Config>, route: Rc<Result<RouteSettings, String>>, now_ms: u64) -> Self {
+    pub fn new(config: Rc<Config>, route: CachedRoute, now_ms: u64) -> Self {
         Self {
             config,
             route,

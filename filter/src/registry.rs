@@ -233,7 +233,7 @@ impl Registry {
         for (name, ty) in &raw.types {
             let field = |f: &str| format!("types.{name}.{f}");
             let schema = schemas
-                .compile(&format!("{name}"), ty.schema.clone())
+                .compile(name, ty.schema.clone())
                 .map_err(|e| format!("{}: {e}", field("schema")))?;
             let decoded_schema = match &ty.decoded_schema {
                 Some(s) => Some(

@@ -156,10 +156,13 @@ impl RouteSettings {
     }
 }
 
+/// A route's settings, or why its metadata is invalid; shared by the requests of the route.
+pub type CachedRoute = Rc<Result<RouteSettings, String>>;
+
 /// Parsed settings per route name, with the metadata bytes they came from.
 #[derive(Default)]
 pub struct RouteCache {
-    entries: HashMap<String, (Vec<u8>, Rc<Result<RouteSettings, String>>)>,
+    entries: HashMap<String, (Vec<u8>, CachedRoute)>,
 }
 
 impl RouteCache {
@@ -168,7 +171,7 @@ impl RouteCache {
         name: &str,
         metadata: &[u8],
         parse: impl FnOnce() -> Result<RouteSettings, String>,
-    ) -> Rc<Result<RouteSettings, String>> {
+    ) -> CachedRoute {
         if let Some((bytes, settings)) = self.entries.get(name) {
             if bytes.as_slice() == metadata {
                 return Rc::clone(settings);

@@ -16,7 +16,7 @@ use proxy_wasm::types::{self, BufferType, ContextType, MapType, MetricType};
 use crate::config::Config;
 use crate::host::{Host, LogLevel};
 use crate::pipeline::{Action as PipelineAction, CalloutResponse, Exchange, Forward};
-use crate::route::{RouteCache, RouteSettings};
+use crate::route::{CachedRoute, RouteCache, RouteSettings};
 
 proxy_wasm::main! {{
     // also installs a panic hook that logs the panic before the VM aborts
@@ -196,7 +196,7 @@ fn property(path: &[&str]) -> Vec<u8> {
 }
 
 impl SignetHttp {
-    fn route(&self, config: &Config) -> Rc<Result<RouteSettings, String>> {
+    fn route(&self, config: &Config) -> CachedRoute {
         let name = String::from_utf8(property(&["xds", "route_name"])).unwrap_or_default();
         let metadata = property(&["xds", "route_metadata"]);
         self.routes.borrow_mut().get_or_parse(&name, &metadata, || {

@@ -11,7 +11,7 @@ use super::*;
 use crate::config::tests::env;
 use crate::config::Config;
 use crate::host::testing::MockHost;
-use crate::route::{RawRouteSettings, RouteSettings};
+use crate::route::{CachedRoute, RawRouteSettings, RouteSettings};
 
 const KEY: &str = "demo-key";
 const TOOL_CALL: &str = r#"{"tool_calls":[{"type":"function","function":{"name":"create_invoice","arguments":"{\"invoice_id\":\"INV-1\",\"amount\":123.45,\"currency\":\"USD\",\"customer_name\":\"Acme\",\"description\":\"Services\"}"}}]}"#;
@@ -266,7 +266,7 @@ impl Harness {
         Self { host, config, cp }
     }
 
-    fn route(&self, metadata: Value) -> Rc<Result<RouteSettings, String>> {
+    fn route(&self, metadata: Value) -> CachedRoute {
         let raw: RawRouteSettings = serde_json::from_value(metadata).unwrap();
         Rc::new(RouteSettings::compile(
             "r",
@@ -287,7 +287,7 @@ impl Harness {
 
     fn send_on(
         &mut self,
-        route: Rc<Result<RouteSettings, String>>,
+        route: CachedRoute,
         headers: &[(&str, &str)],
         body: &[u8],
     ) -> (Action, Exchange) {
@@ -865,7 +865,7 @@ fn invalid_route_settings_are_a_500() {
 
 // ---- inline mode -------------------------------------------------------------------------------
 
-fn inline_route(h: &Harness, extra: Value) -> Rc<Result<RouteSettings, String>> {
+fn inline_route(h: &Harness, extra: Value) -> CachedRoute {
     let mut m = json!({"mode":"inline","payload_type":"openai.tooluse.invoice.v1","target_type":"invoice.iso20022.v1"});
     for (k, v) in extra.as_object().unwrap() {
         m[k] = v.clone();
