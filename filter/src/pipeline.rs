@@ -899,10 +899,15 @@ fn bad_trace_id() -> ApiError {
     )
 }
 
-/// Control-plane errors that blame the filter, not the client, become 500s.
+/// Control-plane errors that blame the filter (its token, key or request shape), not the
+/// client, become 500s.
 fn control_plane_error(host: &mut dyn Host, error: ApiError) -> ApiError {
     match error.code.as_str() {
-        "FILTER_UNAUTHORIZED" | "RECEIPT_INVALID" => {
+        "FILTER_UNAUTHORIZED"
+        | "RECEIPT_INVALID"
+        | "BAD_REQUEST"
+        | "FINGERPRINT_INVALID"
+        | "TRACE_ID_INVALID" => {
             host.log(
                 LogLevel::Error,
                 &format!("signet: control plane rejected the filter: {error}"),
