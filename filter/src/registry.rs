@@ -199,6 +199,36 @@ fn escape_token(key: &str) -> String {
     key.replace('~', "~0").replace('/', "~1")
 }
 
+/// Deepest nesting a payload may have (decoded embedded JSON included). The parser allows 1024,
+/// but schema validation and JMESPath recurse over the value, and the Wasm stack is 1 MiB;
+/// business payloads nest a handful of levels.
+pub const MAX_PAYLOAD_DEPTH: usize = 64;
+
+/// Nesting depth of a value (a scalar is 0), computed without recursion.
+pub fn nesting_depth(value: &Value) -> usize {
+    let mut deepest = 0;
+    let mut stack = vec![(value, 0usize)];
+    while let Some((node, depth)) = stack.pop() {
+        deepest = deepest.max(depth);
+        match node {
+            Value::Array(items) => stack.extend(items.iter().map(|v| (v, depth + 1))),
+            Value::Object(members) => stack.extend(members.values().map(|v| (v, depth + 1))),
+            _ => {}
+        }
+    }
+    deepest
+}
+
+fn check_depth(value: &Value) -> Result<(), ApiError> {
+    if nesting_depth(value) > MAX_PAYLOAD_DEPTH {
+        return Err(unprocessable(
+            "TOO_DEEP",
+            format!("payload nests deeper than {MAX_PAYLOAD_DEPTH} levels"),
+        ));
+    }
+    Ok(())
+}
+
 /// The outcome of [`Registry::normalize`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct Normalized {
@@ -337,6 +367,7 @@ impl Registry {
             }
         };
 
+        check_depth(&payload)?;
         self.schemas
             .validate(source.schema, &payload)
             .map_err(|e| {
@@ -347,6 +378,7 @@ impl Registry {
             })?;
         let mut decoded = payload;
         let repairs = decode_embedded_json(&source.embedded_json, &mut decoded)?;
+        check_depth(&decoded)?;
         if let Some(schema) = source.decoded_schema {
             self.schemas.validate(schema, &decoded).map_err(|e| {
                 unprocessable(
@@ -551,6 +583,24 @@ mod tests {
             r.normalize(INVOICE, OPENAI, json!({})).unwrap_err().code,
             "NO_MAPPING"
         );
+    }
+
+    #[test]
+    fn deep_payloads_are_refused_before_recursive_stages() {
+        let r = builtin();
+        let mut deep = json!(1);
+        for _ in 0..MAX_PAYLOAD_DEPTH + 1 {
+            deep = json!([deep]);
+        }
+        assert_eq!(nesting_depth(&deep), MAX_PAYLOAD_DEPTH + 1);
+        let err = r.normalize(INVOICE, INVOICE, deep.clone()).unwrap_err();
+        assert_eq!(err.code, "TOO_DEEP");
+        // also when the depth hides in an embedded JSON string
+        let args = format!(
+            r#"{{"invoice_id":"I","amount":1,"currency":"USD","customer_name":"A","x":{deep}}}"#
+        );
+        let err = r.normalize(OPENAI, INVOICE, tool_call(&args)).unwrap_err();
+        assert_eq!(err.code, "TOO_DEEP", "{err}");
     }
 
     #[test]
