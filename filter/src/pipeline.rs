@@ -38,6 +38,13 @@ const RECEIPT_HASH_HEADER: &str = "x-signet-receipt-hash";
 const HOP_HEADER: &str = "x-signet-hop";
 const CID_HEADER: &str = "x-signet-cid";
 const IDEMPOTENCY_HIT_HEADER: &str = "x-signet-idempotency-hit";
+/// Receipt headers only the filter may set on the upstream request.
+const FORGEABLE_HEADERS: [&str; 4] = [
+    RECEIPT_HASH_HEADER,
+    HOP_HEADER,
+    CID_HEADER,
+    IDEMPOTENCY_HIT_HEADER,
+];
 const FILTER_TOKEN_HEADER: &str = "x-signet-filter-token";
 const KEY_HASH_HEADER: &str = "x-signet-key-hash";
 
@@ -94,7 +101,8 @@ pub struct Response {
     pub body: Vec<u8>,
 }
 
-/// Changes to the request before it continues upstream (inline mode).
+/// Changes to the request before it continues upstream (inline mode): removals first, then
+/// `set_headers`, then the body.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Forward {
     pub set_headers: Vec<(String, String)>,
@@ -113,7 +121,7 @@ pub enum Action {
     Respond(Response),
     /// Continue upstream with these changes.
     Continue(Forward),
-    /// Continue upstream untouched (fail-open).
+    /// Continue upstream untouched (nothing left to do for this request).
     PassThrough,
 }
 
@@ -729,11 +737,16 @@ impl Exchange {
                     set_headers.push(("content-length".into(), b.len().to_string()));
                     set_headers.push(("content-type".into(), "application/json".into()));
                 }
+                // set_headers are applied after the removals
+                let remove_headers = API_KEY_HEADERS
+                    .into_iter()
+                    .chain(FORGEABLE_HEADERS)
+                    .collect();
                 self.finish(
                     host,
                     Action::Continue(Forward {
                         set_headers,
-                        remove_headers: API_KEY_HEADERS.to_vec(),
+                        remove_headers,
                         body,
                     }),
                 )
@@ -825,14 +838,19 @@ impl Exchange {
     }
 
     /// The control plane cannot be used: 503, or on a fail-open route, the request continues
-    /// untouched (no receipt, no receipt headers, nothing counted).
+    /// as it came (no receipt, nothing counted), only without receipt headers a client may have
+    /// forged: the upstream must never see receipt headers on a request that has no receipt.
     fn unavailable(&mut self, host: &mut dyn Host) -> Action {
         if self.settings().is_some_and(|s| s.fail_open) {
             host.log(
                 LogLevel::Warn,
                 "signet: control plane unavailable, failing open",
             );
-            return self.finish(host, Action::PassThrough);
+            let forward = Forward {
+                remove_headers: FORGEABLE_HEADERS.to_vec(),
+                ..Forward::default()
+            };
+            return self.finish(host, Action::Continue(forward));
         }
         self.fail(
             host,

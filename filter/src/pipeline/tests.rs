@@ -830,7 +830,19 @@ fn fail_open_routes_pass_through_untouched() {
     h.cp.outage = Some((None, Vec::new()));
     let route = h.route(json!({"mode":"inline","payload_type":"openai.tooluse.invoice.v1","target_type":"invoice.iso20022.v1","fail_open":true}));
     let (action, ex) = h.send_on(route, &[("x-signet-api-key", KEY)], TOOL_CALL.as_bytes());
-    assert_eq!(action, Action::PassThrough);
+    assert_eq!(
+        action,
+        Action::Continue(Forward {
+            set_headers: vec![],
+            remove_headers: vec![
+                "x-signet-receipt-hash",
+                "x-signet-hop",
+                "x-signet-cid",
+                "x-signet-idempotency-hit"
+            ],
+            body: None,
+        })
+    );
     assert!(ex.response_headers().is_empty());
     assert_eq!(h.host.counter("signet.callout_failures.call.tenant"), 1);
     assert_eq!(
@@ -897,7 +909,14 @@ fn inline_forwards_the_normalized_body_with_receipt_headers() {
     assert_eq!(set["x-signet-cid"], cid::cid(&body));
     assert_eq!(
         forward.remove_headers,
-        vec!["x-signet-api-key", "x-odin-api-key"]
+        vec![
+            "x-signet-api-key",
+            "x-odin-api-key",
+            "x-signet-receipt-hash",
+            "x-signet-hop",
+            "x-signet-cid",
+            "x-signet-idempotency-hit"
+        ]
     );
     // the upstream's response gets the same receipt headers
     let response: HashMap<_, _> = ex.response_headers().iter().cloned().collect();
