@@ -64,8 +64,14 @@ impl Repairer {
                 }
                 '}' | ']' => {
                     self.drop_comma();
-                    if self.open.last() == Some(&matching_open(c)) {
-                        self.open.pop();
+                    // `{"a": [1}`: close the containers left open inside the one this closes
+                    if self.open.contains(&matching_open(c)) {
+                        while let Some(open) = self.open.pop() {
+                            if open == matching_open(c) {
+                                break;
+                            }
+                            self.out.push(matching_close(open));
+                        }
                     }
                     self.out.push(c);
                 }
@@ -163,7 +169,7 @@ impl Repairer {
         let trailing_ws = self.out.len() - self.out.trim_end().len();
         let ws = self.out.split_off(self.out.len() - trailing_ws);
         while let Some(open) = self.open.pop() {
-            self.out.push(if open == '{' { '}' } else { ']' });
+            self.out.push(matching_close(open));
         }
         self.out.push_str(&ws);
     }
@@ -174,6 +180,14 @@ fn matching_open(close: char) -> char {
         '{'
     } else {
         '['
+    }
+}
+
+fn matching_close(open: char) -> char {
+    if open == '{' {
+        '}'
+    } else {
+        ']'
     }
 }
 
@@ -240,6 +254,10 @@ mod tests {
         assert_eq!(fixed(r#"{"a": [1, {"b": 2"#), r#"{"a": [1, {"b": 2}]}"#);
         assert_eq!(fixed(r#"{"a": "unterminated"#), r#"{"a": "unterminated"}"#);
         assert_eq!(fixed("{\"a\": 1,\n"), "{\"a\": 1}\n");
+        assert_eq!(fixed(r#"{"a": [1, 2}"#), r#"{"a": [1, 2]}"#);
+        assert_eq!(fixed(r#"[{"a": 1]"#), r#"[{"a": 1}]"#);
+        // a closer with nothing to close is left for the parser to reject
+        assert_eq!(fixed(r#"{"a": 1}}"#), r#"{"a": 1}}"#);
     }
 
     #[test]
@@ -249,6 +267,23 @@ mod tests {
             parses(&out),
             serde_json::json!({"a": "line1\nline2\ttab\u{1}"})
         );
+    }
+
+    #[test]
+    fn valid_json_is_never_touched() {
+        let samples = [
+            serde_json::json!({"s": "it's, } ] // 'x' True None ```json", "k:": [1, -2.5e3, null]}),
+            serde_json::json!(["\u{1}\n\t", {"": {}}, [], "\\\"", "é😀"]),
+            serde_json::json!({"nested": {"a": [{"b": [true, false]}]}}),
+        ];
+        for value in samples {
+            for text in [
+                value.to_string(),
+                serde_json::to_string_pretty(&value).unwrap(),
+            ] {
+                assert_eq!(repair(&text), None, "{text}");
+            }
+        }
     }
 
     #[test]
