@@ -1,11 +1,11 @@
 //! Canonical JSON (SPEC §1): RFC 8785 (JCS), and the `signet-jcs` profile that also puts every
 //! string into Unicode NFC.
 //!
-//! The parser is hand-written rather than `serde_json::from_slice` because serde_json's parser
-//! recurses (with a fixed limit of 128 levels) and is not strict I-JSON: it accepts duplicate
-//! member names, lone surrogate escapes (as U+FFFD in lossy paths) and has no NFC step. Both the
-//! parser and the writer here use an explicit stack, so nesting up to [`MAX_DEPTH`] never grows the
-//! native stack, natively or in the Envoy Wasm VM.
+//! The parser is hand-written rather than serde_json's: that one recurses (with a fixed limit of
+//! 128 levels), keeps the last of duplicate member names, has no NFC step and, without its
+//! `float_roundtrip` feature, does not always round decimals to the nearest double. Both the
+//! parser and the writer here use an explicit stack, so nesting up to [`MAX_DEPTH`] never grows
+//! the native stack, natively or in the Envoy Wasm VM.
 //!
 //! Nothing here relies on serde_json's optional features (`preserve_order`,
 //! `arbitrary_precision` may be switched on by other crates in the build): numbers are read with
@@ -183,10 +183,12 @@ pub fn canonicalize(input: &[u8], profile: Profile) -> Result<String, CanonError
     to_canonical(&value, profile)
 }
 
-/// Rewrites every string of `value` (names and values) in NFC, so that the Signet profile and plain
-/// RFC 8785 produce the same bytes for it. Fails when two names of one object collide after NFC.
-pub(crate) fn normalize_in_place(value: &mut Value) -> Result<(), CanonError> {
-    let mut pending: Vec<&mut Value> = vec![value];
+/// Rewrites every string of `object` (names and values, at any depth) in NFC, so that the Signet
+/// profile and plain RFC 8785 produce the same bytes for it. Fails when two names of one object
+/// collide after NFC.
+pub(crate) fn normalize_object(object: &mut Map<String, Value>) -> Result<(), CanonError> {
+    normalize_names(object)?;
+    let mut pending: Vec<&mut Value> = object.values_mut().collect();
     while let Some(value) = pending.pop() {
         match value {
             Value::String(s) => {
@@ -195,18 +197,9 @@ pub(crate) fn normalize_in_place(value: &mut Value) -> Result<(), CanonError> {
                 }
             }
             Value::Array(items) => pending.extend(items.iter_mut()),
-            Value::Object(map) => {
-                if map.keys().any(|k| matches!(nfc(k), Cow::Owned(_))) {
-                    let members = std::mem::take(map);
-                    for (key, member) in members {
-                        let key = nfc(&key).into_owned();
-                        if map.contains_key(&key) {
-                            return Err(duplicate_key(&key, None));
-                        }
-                        map.insert(key, member);
-                    }
-                }
-                pending.extend(map.values_mut());
+            Value::Object(members) => {
+                normalize_names(members)?;
+                pending.extend(members.values_mut());
             }
             Value::Null | Value::Bool(_) | Value::Number(_) => {}
         }
@@ -214,14 +207,22 @@ pub(crate) fn normalize_in_place(value: &mut Value) -> Result<(), CanonError> {
     Ok(())
 }
 
-/// [`normalize_in_place`] for an object held as a `Map`.
-pub(crate) fn normalize_object(object: &mut Map<String, Value>) -> Result<(), CanonError> {
-    let mut value = Value::Object(std::mem::take(object));
-    let result = normalize_in_place(&mut value);
-    if let Value::Object(normalized) = value {
-        *object = normalized;
+/// Puts the member names of `object` in NFC (rebuilding it only when one is not).
+fn normalize_names(object: &mut Map<String, Value>) -> Result<(), CanonError> {
+    if object
+        .keys()
+        .all(|name| matches!(nfc(name), Cow::Borrowed(_)))
+    {
+        return Ok(());
     }
-    result
+    for (name, member) in std::mem::take(object) {
+        let name = nfc(&name).into_owned();
+        if object.contains_key(&name) {
+            return Err(duplicate_key(&name, None));
+        }
+        object.insert(name, member);
+    }
+    Ok(())
 }
 
 /// NFC form of `s`, borrowed when it already is (the common case: checked without allocating).
@@ -888,6 +889,7 @@ fn itoa_i64(i: i64, buf: &mut [u8; 20]) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn signet(input: &str) -> Result<String, CanonError> {
         canonicalize(input.as_bytes(), Profile::Signet)
@@ -1104,9 +1106,9 @@ mod tests {
     }
 
     #[test]
-    fn normalize_in_place_matches_signet_profile() {
+    fn normalize_object_matches_signet_profile() {
         let mut value = parse(
-            "{\"e\u{301}\":[\"A\u{30a}\",{\"x\":\"o\u{308}\"}]}".as_bytes(),
+            "{\"e\u{301}\":[\"A\u{30a}\",{\"x\u{308}\":\"o\u{308}\"}]}".as_bytes(),
             &ParseOptions {
                 profile: Profile::Rfc8785,
                 reject_unsafe_integers: false,
@@ -1114,7 +1116,15 @@ mod tests {
         )
         .unwrap();
         let signet = to_canonical(&value, Profile::Signet).unwrap();
-        normalize_in_place(&mut value).unwrap();
+        assert_ne!(to_canonical(&value, Profile::Rfc8785).unwrap(), signet);
+        normalize_object(value.as_object_mut().unwrap()).unwrap();
         assert_eq!(to_canonical(&value, Profile::Rfc8785).unwrap(), signet);
+
+        let mut colliding = Map::new();
+        colliding.insert("n".into(), json!({"\u{e9}": 1, "e\u{301}": 2}));
+        assert_eq!(
+            normalize_object(&mut colliding).err().map(|e| e.code()),
+            Some("DUPLICATE_KEY")
+        );
     }
 }
