@@ -13,14 +13,16 @@
 //! # Deviations
 //!
 //! Additions to the API in `docs/ARCHITECTURE.md` (nothing documented was changed):
-//! - `VerifyError` lives in [`error`] (re-exported at the crate root) with a public [`error::Rule`]
-//!   naming the failed check; `CanonError` also has `offset()` and `message()`.
+//! - `VerifyError` lives in [`error`] (re-exported at the crate root) with public fields and an
+//!   [`error::Rule`] naming the failed check (`code()` gives its UPPER_SNAKE name).
+//! - `CanonError` also has `offset()` and `message()`; `code()` can also be `INVALID_UTF8`
+//!   (input not UTF-8) and `RESERVED_MEMBER` (a receipt extension named like a core member).
+//!   `ApiError: From<&CanonError>` maps it to 400 (not JSON) or 422 (not I-JSON, limits).
 //! - `KeyError` lives in [`keys`]; `Jwks` has `from_json`/`to_json` (lenient: unusable keys are
-//!   skipped) and `Jwks: FromIterator<Jwk>`.
-//! - `CanonError::code()` can also be `INVALID_UTF8` (invalid UTF-8 input) and `RESERVED_MEMBER`
-//!   (a receipt extension named like a core member).
-//! - Verification accepts receipts and bundles hashed with plain RFC 8785 (no NFC) when their
-//!   hash matches that form, for interop with implementations without the NFC step.
+//!   skipped, per RFC 7517 §5) and implements `FromIterator<Jwk>`.
+//! - Verification also accepts receipts and bundles hashed with plain RFC 8785 (no NFC step) when
+//!   their hash matches that form, for interop with implementations without the NFC step.
+//!   Receipts built by [`receipt::sign`] store every string in NFC, so both forms agree on them.
 
 #![cfg_attr(
     not(test),

@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::canonical::{self, CanonError, Profile};
-use crate::cid::{self, cid};
+use crate::cid::cid;
 use crate::error::{Rule, VerifyError};
 use crate::keys::{Jwks, SigningKey};
 use crate::trace::is_valid_trace_id;
@@ -170,7 +170,7 @@ fn verify_fields(
         let canon = canon
             .as_str()
             .ok_or_else(|| malformed("canon is not a string"))?;
-        if cid::cid(canon.as_bytes()) != claimed_cid {
+        if cid(canon.as_bytes()) != claimed_cid {
             return Err(VerifyError::new(Rule::Cid, "cid is not the CID of canon"));
         }
     }
