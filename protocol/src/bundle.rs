@@ -15,6 +15,9 @@ const SIGNED_MEMBERS: [&str; 3] = ["trace_id", "chain", "exported_at"];
 /// `{"trace_id","chain","exported_at","bundle_cid","signature","kid"}`: `bundle_cid` is the CID of
 /// the canonical `{"trace_id","chain","exported_at"}`, `signature` the standard base64 Ed25519
 /// signature of the `bundle_cid` string's UTF-8 bytes.
+///
+/// `bundle_cid` is computed in `signet-jcs`; receipts made by [`crate::receipt::sign`] hold only
+/// NFC strings, so a plain RFC 8785 verifier computes the same CID.
 pub fn export(
     trace_id: &str,
     chain: Vec<Value>,
