@@ -565,6 +565,27 @@ impl Exchange {
         let payload = envelope
             .remove("payload")
             .ok_or_else(|| invalid_request("payload is required"))?;
+        // Unknown types fail the same way after begin; checking first spares two callouts.
+        let registry = &self.config.registry;
+        for (field, ty) in [
+            ("payload_type", &payload_type),
+            ("target_type", &target_type),
+        ] {
+            if !registry.has_type(ty) {
+                return Err(ApiError::new(
+                    422,
+                    "UNKNOWN_TYPE",
+                    format!("unknown {field} {ty:?}"),
+                ));
+            }
+        }
+        if !registry.can_map(&payload_type, &target_type) {
+            return Err(ApiError::new(
+                422,
+                "NO_MAPPING",
+                format!("no mapping from {payload_type} to {target_type}"),
+            ));
+        }
         Ok(Request {
             payload_type,
             target_type,

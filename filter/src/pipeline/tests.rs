@@ -723,6 +723,12 @@ fn status_422_rows() {
         let action = h.post(&format!("k-{i}"), &body);
         assert_eq!(error_of(&action), (422, code.to_owned()), "case {i}");
     }
+    // requests refused before begin reserved nothing; those after begin were released
+    assert_eq!(h.cp.calls.iter().filter(|c| **c == Call::Begin).count(), 5);
+    assert_eq!(
+        h.cp.calls.iter().filter(|c| **c == Call::Release).count(),
+        5
+    );
     // errors after begin released their reservation: a corrected retry with the same key works
     assert_eq!(respond(&h.post("k-0", &exchange_body(json!({})))).0, 200);
 
