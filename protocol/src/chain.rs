@@ -49,7 +49,8 @@ fn check_link(previous: Option<&Value>, receipt: &Value, index: usize) -> Result
     };
     let before = index - 1;
     let previous_hop = previous.get("hop").and_then(Value::as_u64);
-    if hop != previous_hop.map(|h| h + 1) {
+    let expected_hop = previous_hop.and_then(|h| h.checked_add(1));
+    if expected_hop.is_none() || hop != expected_hop {
         return Err(VerifyError::new(
             Rule::HopSequence,
             format!("hop does not follow receipt {before}'s hop"),
