@@ -31,7 +31,10 @@ fuzz_target!(|data: &[u8]| {
         };
         let again = canonicalize(canonical.as_bytes(), profile)
             .unwrap_or_else(|err| panic!("canonical output rejected ({profile:?}): {err}"));
-        assert_eq!(again, canonical, "canonical form is not a fixed point ({profile:?})");
+        assert_eq!(
+            again, canonical,
+            "canonical form is not a fixed point ({profile:?})"
+        );
 
         if let Err(err) = serde_json::from_slice::<serde_json::Value>(data) {
             assert!(
