@@ -1,0 +1,147 @@
+//! CPU cost of one verified exchange inside the filter (natively; V8 runs the .wasm slower),
+//! next to a baseline measured in the same run: parsing and re-serializing the same request
+//! body with serde_json, the least any JSON-aware filter does.
+//!
+//! `cargo bench -p signet-filter --bench pipeline`
+
+use std::collections::HashMap;
+use std::hint::black_box;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use signet_filter::config::Config;
+use signet_filter::host::{Host, LogLevel};
+use signet_filter::pipeline::{Action, CalloutResponse, Exchange};
+use signet_filter::registry::{RawRegistry, Registry};
+use signet_filter::route::{CachedRoute, RawRouteSettings, RouteSettings};
+
+const BODY: &str = r#"{"payload_type":"openai.tooluse.invoice.v1","target_type":"invoice.iso20022.v1","payload":{"tool_calls":[{"type":"function","function":{"name":"create_invoice","arguments":"{invoice_id: 'INV-1', amount: 123.45, currency: 'USD', customer_name: 'Acme', description: 'Services',}"}}]}}"#;
+
+#[derive(Default)]
+struct BenchHost {
+    shared: HashMap<String, Vec<u8>>,
+    n: u64,
+}
+
+impl Host for BenchHost {
+    fn now_millis(&self) -> u64 {
+        1_764_090_000_000
+    }
+    fn shared_get(&self, key: &str) -> Option<Vec<u8>> {
+        self.shared.get(key).cloned()
+    }
+    fn shared_set(&mut self, key: &str, value: &[u8]) {
+        self.shared.insert(key.to_owned(), value.to_vec());
+    }
+    fn random_hex(&mut self, bytes: usize) -> String {
+        self.n += 1;
+        format!("{:0width$x}", self.n, width = bytes * 2)
+    }
+    fn count(&mut self, _stat: &str) {}
+    fn record(&mut self, _stat: &str, _value: u64) {}
+    fn log(&mut self, _level: LogLevel, _message: &str) {}
+}
+
+fn ok(body: Value) -> CalloutResponse {
+    CalloutResponse {
+        status: Some(200),
+        body: body.to_string().into_bytes(),
+    }
+}
+
+/// One exchange with an answering control plane; returns the response size.
+fn exchange(config: &Rc<Config>, route: &CachedRoute, host: &mut BenchHost) -> usize {
+    let mut ex = Exchange::new(Rc::clone(config), Rc::clone(route), 0);
+    let headers = |name: &str| match name {
+        "x-signet-api-key" => Some("demo-key".to_owned()),
+        "x-signet-idempotency-key" => Some("k".to_owned()),
+        _ => None,
+    };
+    let mut action = ex.on_request_headers(host, &headers, false);
+    if let Action::Call(_) = action {
+        action = ex.on_callout_response(host, ok(json!({"tenant":"demo","allowlist":[]})));
+    }
+    assert_eq!(action, Action::Pause);
+    let mut action = ex.on_request_body(host, BODY.len(), true, &mut || BODY.as_bytes().to_vec());
+    loop {
+        action = match action {
+            Action::Call(call) if call.headers.iter().any(|(_, v)| v == "/v1/internal/begin") => {
+                ex.on_callout_response(host, ok(json!({"outcome":"proceed","head":null})))
+            }
+            Action::Call(call) => {
+                // the control plane echoes the response it stores
+                let body: Value =
+                    serde_json::from_slice(call.body.as_deref().unwrap_or_default()).unwrap();
+                ex.on_callout_response(
+                    host,
+                    ok(json!({"outcome":"committed","response":body["response"]})),
+                )
+            }
+            Action::Respond(r) => {
+                assert_eq!(r.status, 200);
+                return r.body.len();
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+fn measure(name: &str, mut f: impl FnMut() -> usize) -> Duration {
+    for _ in 0..200 {
+        black_box(f());
+    }
+    let rounds = 3000;
+    let start = Instant::now();
+    for _ in 0..rounds {
+        black_box(f());
+    }
+    let per = start.elapsed() / rounds;
+    println!("{name:<48} {:>9.1} µs/op", per.as_secs_f64() * 1e6);
+    per
+}
+
+fn main() {
+    let env = |name: &str| match name {
+        "SP_PRIVATE_KEY_B64" => Some("nWGxne_9WmC6hEr0kuwsxERJxWl7MmkZcDusAxyuf2A".to_owned()),
+        "SP_KID" => Some("bench".to_owned()),
+        "SP_FILTER_TOKEN" => Some("token".to_owned()),
+        _ => None,
+    };
+    let config = Rc::new(Config::load(br#"{"control_plane":{"cluster":"cp"}}"#, &env).unwrap());
+    let route: CachedRoute = Rc::new(RouteSettings::compile(
+        "bench",
+        &RawRouteSettings::default(),
+        &RawRouteSettings::default(),
+        &config.registry,
+    ));
+    let registry = Registry::compile(&RawRegistry::builtin().unwrap()).unwrap();
+    let payload: Value = serde_json::from_str::<Value>(BODY).unwrap()["payload"].clone();
+    let mut host = BenchHost::default();
+
+    println!(
+        "one exchange of the seed invoice ({} bytes, arguments needing repair)",
+        BODY.len()
+    );
+    let baseline = measure("baseline: serde_json parse + serialize", || {
+        let v: Value = serde_json::from_slice(BODY.as_bytes()).unwrap();
+        serde_json::to_vec(&v).unwrap().len()
+    });
+    measure("registry.normalize (validate/repair/map/validate)", || {
+        registry
+            .normalize(
+                "openai.tooluse.invoice.v1",
+                "invoice.iso20022.v1",
+                payload.clone(),
+            )
+            .map(|n| n.repairs as usize)
+            .unwrap()
+    });
+    let full = measure("whole pipeline incl. Ed25519 signing", || {
+        exchange(&config, &route, &mut host)
+    });
+    println!(
+        "whole pipeline / baseline: {:.1}x",
+        full.as_secs_f64() / baseline.as_secs_f64()
+    );
+}
