@@ -221,8 +221,6 @@ pub struct Exchange {
     awaiting: Option<Call>,
     request: Option<Request>,
     verified: Option<Verified>,
-    /// The receipt and 200 body sent with the last commit.
-    pending_commit: Option<Value>,
     conflict_retried: bool,
     /// The reservation taken by begin must be released before answering an error.
     begun: bool,
@@ -245,7 +243,6 @@ impl Exchange {
             awaiting: None,
             request: None,
             verified: None,
-            pending_commit: None,
             conflict_retried: false,
             begun: false,
             error_after_release: None,
@@ -269,8 +266,8 @@ impl Exchange {
         header: &dyn Fn(&str) -> Option<String>,
         end_of_stream: bool,
     ) -> Action {
-        let settings = match self.route.as_ref() {
-            Ok(s) => s.clone(),
+        let mode = match self.route.as_ref() {
+            Ok(s) => s.mode,
             Err(e) => {
                 host.log(
                     LogLevel::Error,
@@ -298,7 +295,7 @@ impl Exchange {
             );
         };
         self.key_hash = cid::sha256_hex(api_key.trim().as_bytes());
-        self.idempotency_key = match (first(&IDEMPOTENCY_KEY_HEADERS), settings.mode) {
+        self.idempotency_key = match (first(&IDEMPOTENCY_KEY_HEADERS), mode) {
             (Some(key), _) => key.trim().to_owned(),
             (None, Mode::Exchange) => {
                 return self.fail(
@@ -654,7 +651,7 @@ impl Exchange {
         }
     }
 
-    fn sign(&mut self, host: &mut dyn Host, head: Option<Head>) -> Result<Value, ApiError> {
+    fn sign(&self, host: &mut dyn Host, head: Option<Head>) -> Result<Value, ApiError> {
         let internal = |what: String| ApiError::new(500, "INTERNAL", what);
         let (Some(settings), Some(request), Some(verified)) = (
             self.settings(),
@@ -715,7 +712,6 @@ impl Exchange {
             "response": response,
             "fu_tokens": 0,
         });
-        self.pending_commit = Some(body.clone());
         Ok(body)
     }
 
