@@ -316,6 +316,11 @@ impl Exchange {
             }
             self.header_trace = Some(t);
         }
+        // a declared length over the limit is refused before anything is buffered or called
+        let declared = header("content-length").and_then(|n| n.trim().parse::<usize>().ok());
+        if let Some(error) = declared.and_then(|n| self.over_limit(n)) {
+            return self.fail(host, error);
+        }
         if end_of_stream {
             self.body = Some(Vec::new());
         }
@@ -341,22 +346,25 @@ impl Exchange {
         if self.finished {
             return Action::PassThrough;
         }
-        let limit = self.settings().map_or(usize::MAX, |s| s.body_limit);
-        if buffered_size > limit {
-            return self.fail(
-                host,
-                ApiError::new(
-                    413,
-                    "BODY_TOO_LARGE",
-                    format!("request body exceeds {limit} bytes"),
-                ),
-            );
+        if let Some(error) = self.over_limit(buffered_size) {
+            return self.fail(host, error);
         }
         if !end_of_stream {
             return Action::Pause;
         }
         self.body = Some(read_body());
         self.advance(host)
+    }
+
+    fn over_limit(&self, size: usize) -> Option<ApiError> {
+        let limit = self.settings().map_or(usize::MAX, |s| s.body_limit);
+        (size > limit).then(|| {
+            ApiError::new(
+                413,
+                "BODY_TOO_LARGE",
+                format!("request body exceeds {limit} bytes"),
+            )
+        })
     }
 
     pub fn on_callout_response(

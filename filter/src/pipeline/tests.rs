@@ -664,6 +664,25 @@ fn status_413_over_the_route_limit() {
 }
 
 #[test]
+fn status_413_from_the_declared_length() {
+    let mut h = Harness::new();
+    let route = h.route(json!({"body_limit_bytes": 100}));
+    let action = h
+        .send_on(
+            route,
+            &[
+                ("x-signet-api-key", KEY),
+                ("x-signet-idempotency-key", "k"),
+                ("content-length", "101"),
+            ],
+            b"",
+        )
+        .0;
+    assert_eq!(error_of(&action), (413, "BODY_TOO_LARGE".into()));
+    assert!(h.cp.calls.is_empty());
+}
+
+#[test]
 fn status_422_rows() {
     let mut h = Harness::new();
     let bad_payload = |args: &str| {
