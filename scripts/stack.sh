@@ -74,12 +74,13 @@ json_field() {
     python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$1" "$2"
 }
 
-# start NAME LOG CMD...: runs CMD in the background in its own process group (job control), so
-# that stack_stop can end it with everything it spawned.
+# start NAME LOG CMD...: runs CMD in the background as the leader of its own session and process
+# group (setsid), so that stack_stop ends it with everything it spawned, whether or not this
+# shell has a terminal. Ctrl-C reaches only this script, whose trap calls stack_stop.
 start() {
     local name=$1 logfile=$2
     shift 2
-    "$@" >>"$logfile" 2>&1 &
+    setsid "$@" >>"$logfile" 2>&1 </dev/null &
     STACK_PIDS+=("$!")
     log "started $name (pid $!, log $logfile)"
 }
@@ -95,7 +96,6 @@ wait_http() {
 
 stack_start() {
     mkdir -p "$SIGNET_RUN"
-    set -m # each background job in its own process group
     local port
     for port in "$ENVOY_PORT" "$ENVOY_ADMIN_PORT" "$CONTROL_PLANE_PORT" "$UPSTREAM_PORT"; do
         if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
@@ -119,7 +119,6 @@ stack_start() {
         "$ENVOY_BIN" --config-path "$SIGNET_RUN/envoy.yaml" --disable-hot-restart \
         ${ENVOY_CONCURRENCY:+--concurrency "$ENVOY_CONCURRENCY"} --log-level info
     wait_http envoy "http://127.0.0.1:$ENVOY_ADMIN_PORT/ready"
-    set +m
 }
 
 # Stops every process group stack_start created.

@@ -51,19 +51,19 @@ cat <<EOF
 The stack is up (storage: $SP_STORAGE, signing key kid: $SP_KID). Try:
 
   # an exchange (SVX-1); send it again with the same idempotency key for a replay
-  curl -si $ENVOY/v1/exchange -H 'X-SIGNET-API-Key: demo-key' -H 'X-SIGNET-Idempotency-Key: k-1' \
+  curl -si $ENVOY/v1/exchange -H 'X-SIGNET-API-Key: demo-key' -H 'X-SIGNET-Idempotency-Key: k-1' \\
        -H 'content-type: application/json' --data-binary @$exchange_file
 
   # inline: the body is the invoice itself; the upstream echoes what it got (normalized + receipt headers)
-  curl -si $ENVOY/invoices -H 'X-SIGNET-API-Key: demo-key' -d @scripts/payloads/invoice-toolcall.json
+  curl -si $ENVOY/invoices -H 'X-SIGNET-API-Key: demo-key' --data-binary @scripts/payloads/invoice-toolcall.json
 
   # the same upstream without Signet
-  curl -s $ENVOY/passthrough -d @scripts/payloads/invoice-toolcall.json
+  curl -s $ENVOY/passthrough --data-binary @scripts/payloads/invoice-toolcall.json
 
   # a trace's chain and its signed bundle, verified offline
   curl -s -H "X-SIGNET-API-Key: demo-key" $CP/v1/receipts/chain/$trace_id
   curl -s -H "X-SIGNET-API-Key: demo-key" $CP/v1/receipts/export/$trace_id > bundle.json
-  target/release/signet verify bundle bundle.json --jwks $CP/.well-known/jwks.json
+  $BIN/signet verify bundle bundle.json --jwks $CP/.well-known/jwks.json
 
   # stats with Prometheus labels, control-plane metrics
   curl -s http://127.0.0.1:$ENVOY_ADMIN_PORT/stats/prometheus | grep '^signet_'
