@@ -137,6 +137,26 @@ fn main() {
             .map(|n| n.repairs as usize)
             .unwrap()
     });
+    let draft = signet_protocol::receipt::ReceiptDraft {
+        trace_id: "t".into(),
+        hop: 1,
+        ts: "2026-01-01T00:00:00.000Z".into(),
+        tenant: "demo".into(),
+        cid: signet_protocol::cid::cid(b"{}"),
+        canon: Some("{}".into()),
+        prev_receipt_hash: None,
+        policy: signet_protocol::receipt::Policy {
+            engine: "HEL".into(),
+            allowed: true,
+            reason: "no_forward".into(),
+        },
+        extensions: Default::default(),
+    };
+    measure("receipt::sign (protocol crate, Ed25519)", || {
+        signet_protocol::receipt::sign(&draft, &config.signing_key)
+            .unwrap()
+            .len()
+    });
     let full = measure("whole pipeline incl. Ed25519 signing", || {
         exchange(&config, &route, &mut host)
     });
