@@ -157,6 +157,7 @@ fn main() {
             .unwrap()
             .len()
     });
+    // includes the stand-in control plane parsing the commit body and echoing the response
     let full = measure("whole pipeline incl. Ed25519 signing", || {
         exchange(&config, &route, &mut host)
     });
