@@ -82,11 +82,26 @@ run_wrk() { # run_wrk DURATION PATH BODY MODE
         --script "$ROOT/scripts/bench/request.lua" "$ENVOY$2" -- "$BENCH_DIR/$3" "$4"
 }
 
+# CPU seconds a process has used (user + system), to split each route's cost between processes.
+cpu_seconds() {
+    awk -v hz="$(getconf CLK_TCK)" '{ printf "%.2f", ($14 + $15) / hz }' "/proc/$1/stat"
+}
+# STACK_PIDS from stack_start: control plane, demo upstream, Envoy.
+PROCESSES=("control_plane ${STACK_PIDS[0]}" "upstream ${STACK_PIDS[1]}" "envoy ${STACK_PIDS[2]}")
+
 log "wrk: $BENCH_THREADS thread(s), $BENCH_CONNECTIONS connections, $BENCH_DURATION per route (after $BENCH_WARMUP warm-up); Envoy concurrency $ENVOY_CONCURRENCY; storage $SP_STORAGE"
 for route in "${ROUTES[@]}"; do
     read -r name path body mode <<<"$route"
     run_wrk "$BENCH_WARMUP" "$path" "$body" "$mode" >/dev/null
+    for process in "${PROCESSES[@]}"; do
+        read -r label pid <<<"$process"
+        echo "$label $(cpu_seconds "$pid")" >>"$BENCH_DIR/cpu-before-$name.txt"
+    done
     run_wrk "$BENCH_DURATION" "$path" "$body" "$mode" >"$BENCH_DIR/wrk-$name.txt"
+    for process in "${PROCESSES[@]}"; do
+        read -r label pid <<<"$process"
+        echo "$label $(cpu_seconds "$pid")" >>"$BENCH_DIR/cpu-after-$name.txt"
+    done
     log "$name done"
 done
 
@@ -107,13 +122,22 @@ def parse(name):
     return {"rps": rps, "p50": latency(50), "p99": latency(99), "total": total,
             "non2xx": int(bad.group(1)) if bad else 0, "socket_errors": errors.group(1) if errors else ""}
 
+def cpu_ms_per_request(name, total):
+    read = lambda when: dict(line.split() for line in open(f"{bench_dir}/cpu-{when}-{name}.txt"))
+    before, after = read("before"), read("after")
+    return {p: (float(after[p]) - float(before[p])) * 1000 / total for p in before}
+
 results = {name: parse(name) for name in ("passthrough", "exchange", "inline")}
 base = results["passthrough"]
 print()
-print(f"{'route':<12} {'req/s':>10} {'p50 ms':>9} {'p99 ms':>9} {'vs passthrough':>15}   requests, non-2xx")
+print(f"{'route':<12} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'vs passthrough':>15}"
+      f" | CPU ms per request: {'envoy':>6} {'control plane':>13} {'upstream':>8} | requests, non-2xx")
 for name, r in results.items():
     ratio = r["rps"] / base["rps"]
-    print(f"{name:<12} {r['rps']:>10.0f} {r['p50']:>9.2f} {r['p99']:>9.2f} {ratio:>14.2f}x   {r['total']}, {r['non2xx']}"
+    cpu = cpu_ms_per_request(name, r["total"])
+    print(f"{name:<12} {r['rps']:>8.0f} {r['p50']:>8.2f} {r['p99']:>8.2f} {ratio:>14.2f}x"
+          f" | {'':19} {cpu['envoy']:>6.3f} {cpu['control_plane']:>13.3f} {cpu['upstream']:>8.3f}"
+          f" | {r['total']}, {r['non2xx']}"
           + (f"  socket errors: {r['socket_errors']}" if r["socket_errors"] else ""))
 print()
 print(f"signet_filter.wasm: {os.path.getsize(wasm)} bytes ({os.path.getsize(wasm) / 1024:.0f} KiB)")
