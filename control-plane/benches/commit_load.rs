@@ -1,8 +1,8 @@
 //! Commit throughput over HTTP on loopback, per backend.
 //!
 //! `cargo bench -p signet-control-plane --bench commit_load`
-//! Environment: `BENCH_CLIENTS` (default 32 concurrent clients), `BENCH_COMMITS` (default
-//! 20000 per backend), `BENCH_BACKENDS` (default `sqlite,postgres`).
+//! Environment: `BENCH_CLIENTS` (concurrent clients, a comma-separated list, default `32,128`),
+//! `BENCH_COMMITS` (default 20000 per run), `BENCH_BACKENDS` (default `sqlite,postgres`).
 //!
 //! Each client owns a trace and commits its pre-signed receipts hop after hop with fresh
 //! idempotency keys, as the filter does after `begin`. The baseline in the same run is the
@@ -25,7 +25,25 @@ fn env_or(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
+/// CPU time (user + system) this process has used so far, from /proc (Linux).
+fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields
+        .get(11..13)
+        .map_or(0, |f| f.iter().filter_map(|v| v.parse::<u64>().ok()).sum());
+    Duration::from_millis(ticks * 10) // USER_HZ = 100
+}
+
 struct Figures {
+    /// CPU time of the whole process (server and clients) per request.
+    cpu_per_request: Duration,
     per_second: f64,
     p50: Duration,
     p99: Duration,
@@ -35,10 +53,11 @@ impl std::fmt::Display for Figures {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{:>8.0}/s  p50 {:>7.2} ms  p99 {:>7.2} ms",
+            "{:>8.0}/s  p50 {:>7.2} ms  p99 {:>7.2} ms  cpu {:>4} µs/req",
             self.per_second,
             self.p50.as_secs_f64() * 1e3,
-            self.p99.as_secs_f64() * 1e3
+            self.p99.as_secs_f64() * 1e3,
+            self.cpu_per_request.as_micros()
         )
     }
 }
@@ -47,6 +66,7 @@ impl std::fmt::Display for Figures {
 async fn drive(http: reqwest::Client, url: String, work: Vec<Vec<Option<Vec<u8>>>>) -> Figures {
     let total: usize = work.iter().map(Vec::len).sum();
     let url = Arc::new(url);
+    let cpu_start = cpu_time();
     let start = Instant::now();
     let tasks: Vec<_> = work
         .into_iter()
@@ -79,9 +99,11 @@ async fn drive(http: reqwest::Client, url: String, work: Vec<Vec<Option<Vec<u8>>
         latencies.extend(t.await.unwrap());
     }
     let elapsed = start.elapsed();
+    let cpu_per_request = (cpu_time() - cpu_start) / total as u32;
     latencies.sort();
     let at = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
     Figures {
+        cpu_per_request,
         per_second: total as f64 / elapsed.as_secs_f64(),
         p50: at(0.5),
         p99: at(0.99),
@@ -113,7 +135,8 @@ fn commit_bodies(prefix: &str, clients: usize, per_client: usize) -> Vec<Vec<Opt
 }
 
 async fn bench_backend(backend: Backend, clients: usize, commits: usize) {
-    let db = TestDb::new(backend).await;
+    let mut db = TestDb::new(backend).await;
+    db.set("SP_CHAIN_MAX", "1000000");
     let server = Server::start(&db).await;
     let per_client = commits.div_ceil(clients);
     let http = reqwest::Client::builder()
@@ -158,6 +181,12 @@ async fn bench_backend(backend: Backend, clients: usize, commits: usize) {
 }
 
 fn main() {
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    println!(
+        "{cores} cores, load average before the run: {}",
+        load.trim()
+    );
     // `cargo bench` passes `--bench`; a filter argument that does not match skips the run.
     if std::env::args()
         .skip(1)
@@ -165,7 +194,15 @@ fn main() {
     {
         return;
     }
-    let clients = env_or("BENCH_CLIENTS", 32);
+    let client_counts: Vec<usize> = std::env::var("BENCH_CLIENTS")
+        .unwrap_or_else(|_| "32,128".into())
+        .split(',')
+        .map(|n| {
+            n.trim()
+                .parse()
+                .expect("BENCH_CLIENTS: numbers separated by commas")
+        })
+        .collect();
     let commits = env_or("BENCH_COMMITS", 20_000);
     let backends = std::env::var("BENCH_BACKENDS").unwrap_or_else(|_| "sqlite,postgres".into());
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -179,7 +216,9 @@ fn main() {
                 "postgres" => Backend::Postgres,
                 other => panic!("BENCH_BACKENDS: unknown backend {other:?}"),
             };
-            bench_backend(backend, clients, commits).await;
+            for &clients in &client_counts {
+                bench_backend(backend, clients, commits).await;
+            }
         }
     });
 }

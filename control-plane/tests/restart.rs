@@ -28,14 +28,16 @@ impl Drop for Process {
 }
 
 async fn spawn(db: &TestDb, port: u16) -> (Process, Client) {
-    let child = Command::new(env!("CARGO_BIN_EXE_signet-control-plane"))
-        .env_clear()
-        .envs(&db.env)
-        .env("PORT", port.to_string())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let process = Process(
+        Command::new(env!("CARGO_BIN_EXE_signet-control-plane"))
+            .env_clear()
+            .envs(&db.env)
+            .env("PORT", port.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let client = Client::new(format!("http://127.0.0.1:{port}"));
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -46,7 +48,7 @@ async fn spawn(db: &TestDb, port: u16) -> (Process, Client) {
             .await
         {
             if r.status().is_success() {
-                return (Process(child), client);
+                return (process, client);
             }
         }
         assert!(

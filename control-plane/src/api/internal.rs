@@ -227,6 +227,7 @@ async fn commit_inner(
             receipt_hash,
             prev_receipt_hash,
             receipt: req.receipt.to_string(),
+            response_json: req.response.to_string(),
             response: req.response,
             fu_tokens,
             month,

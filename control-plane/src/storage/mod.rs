@@ -49,8 +49,10 @@ pub struct CommitRequest {
     pub prev_receipt_hash: Option<String>,
     /// The receipt as JSON text.
     pub receipt: String,
-    /// The exchange's 200 body, stored for replays.
+    /// The exchange's 200 body, returned on success.
     pub response: Value,
+    /// The same as JSON text, stored for replays.
+    pub response_json: String,
     pub fu_tokens: u64,
     /// UTC calendar month of the usage, `YYYY-MM`.
     pub month: String,
