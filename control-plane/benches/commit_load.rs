@@ -4,10 +4,14 @@
 //! Environment: `BENCH_CLIENTS` (concurrent clients, a comma-separated list, default `32,128`),
 //! `BENCH_COMMITS` (default 20000 per run), `BENCH_BACKENDS` (default `sqlite,postgres`).
 //!
-//! Each client owns a trace and commits its pre-signed receipts hop after hop with fresh
-//! idempotency keys, as the filter does after `begin`. The baseline in the same run is the
-//! HTTP stack alone (`GET /.well-known/jwks.json`, no storage), so the figures can be read
-//! against what this machine does without a database.
+//! Each client owns a trace and appends its pre-signed receipts hop after hop with fresh
+//! idempotency keys. Three figures per backend and client count, all in the same run:
+//! - `baseline`: the HTTP stack alone (`GET /.well-known/jwks.json`, no storage);
+//! - `commit`: `POST /v1/internal/commit` only (the target figure);
+//! - `exchange`: what the filter does per exchange, `begin` then `commit`.
+//!
+//! The clients run in this process, so the CPU figure (user + system time of the whole process
+//! per request) includes them; PostgreSQL's own CPU is not in it.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -41,53 +45,61 @@ fn cpu_time() -> Duration {
     Duration::from_millis(ticks * 10) // USER_HZ = 100
 }
 
+/// One HTTP request: a path and, for a POST to the internal API, its body.
+type Step = (&'static str, Option<Vec<u8>>);
+/// What one client sends: items in order, each item one or more steps, timed as a whole.
+type Work = Vec<Vec<Step>>;
+
 struct Figures {
-    /// CPU time of the whole process (server and clients) per request.
-    cpu_per_request: Duration,
     per_second: f64,
     p50: Duration,
     p99: Duration,
+    /// CPU time of the whole process (server and clients) per item.
+    cpu: Duration,
 }
 
 impl std::fmt::Display for Figures {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{:>8.0}/s  p50 {:>7.2} ms  p99 {:>7.2} ms  cpu {:>4} µs/req",
+            "{:>7.0}/s  p50 {:>6.2} ms  p99 {:>6.2} ms  cpu {:>4} µs",
             self.per_second,
             self.p50.as_secs_f64() * 1e3,
             self.p99.as_secs_f64() * 1e3,
-            self.cpu_per_request.as_micros()
+            self.cpu.as_micros()
         )
     }
 }
 
-/// Runs `clients` tasks, each sending its requests in order; returns throughput and latencies.
-async fn drive(http: reqwest::Client, url: String, work: Vec<Vec<Option<Vec<u8>>>>) -> Figures {
+/// Runs one task per client, each sending its items in order.
+async fn drive(http: &reqwest::Client, base: &str, work: Vec<Work>) -> Figures {
     let total: usize = work.iter().map(Vec::len).sum();
-    let url = Arc::new(url);
+    let base = Arc::new(base.to_owned());
     let cpu_start = cpu_time();
     let start = Instant::now();
     let tasks: Vec<_> = work
         .into_iter()
-        .map(|bodies| {
-            let (http, url) = (http.clone(), url.clone());
+        .map(|items| {
+            let (http, base) = (http.clone(), base.clone());
             tokio::spawn(async move {
-                let mut latencies = Vec::with_capacity(bodies.len());
-                for body in bodies {
+                let mut latencies = Vec::with_capacity(items.len());
+                for steps in items {
                     let t = Instant::now();
-                    let req = match body {
-                        Some(b) => http
-                            .post(url.as_str())
-                            .header("X-SIGNET-Filter-Token", FILTER_TOKEN)
-                            .header("content-type", "application/json")
-                            .body(b),
-                        None => http.get(url.as_str()),
-                    };
-                    let resp = req.send().await.expect("request");
-                    let status = resp.status();
-                    let text = resp.text().await.expect("body");
-                    assert!(status.is_success(), "{status}: {text}");
+                    for (path, body) in steps {
+                        let url = format!("{base}{path}");
+                        let req = match body {
+                            Some(b) => http
+                                .post(url)
+                                .header("X-SIGNET-Filter-Token", FILTER_TOKEN)
+                                .header("content-type", "application/json")
+                                .body(b),
+                            None => http.get(url),
+                        };
+                        let resp = req.send().await.expect("request");
+                        let status = resp.status();
+                        let text = resp.text().await.expect("body");
+                        assert!(status.is_success(), "{status}: {text}");
+                    }
                     latencies.push(t.elapsed());
                 }
                 latencies
@@ -99,19 +111,20 @@ async fn drive(http: reqwest::Client, url: String, work: Vec<Vec<Option<Vec<u8>>
         latencies.extend(t.await.unwrap());
     }
     let elapsed = start.elapsed();
-    let cpu_per_request = (cpu_time() - cpu_start) / total as u32;
+    let cpu = (cpu_time() - cpu_start) / total as u32;
     latencies.sort();
     let at = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
     Figures {
-        cpu_per_request,
         per_second: total as f64 / elapsed.as_secs_f64(),
         p50: at(0.5),
         p99: at(0.99),
+        cpu,
     }
 }
 
-/// Pre-signed commit bodies: client `c` appends hops 1..=n to trace `{prefix}-c`.
-fn commit_bodies(prefix: &str, clients: usize, per_client: usize) -> Vec<Vec<Option<Vec<u8>>>> {
+/// Client `c` appends hops 1..=n to trace `{prefix}-c`, each item a commit, preceded by its
+/// `begin` when `with_begin`.
+fn chains(prefix: &str, clients: usize, per_client: usize, with_begin: bool) -> Vec<Work> {
     let key = signing_key();
     (0..clients)
         .map(|c| {
@@ -122,12 +135,19 @@ fn commit_bodies(prefix: &str, clients: usize, per_client: usize) -> Vec<Vec<Opt
                     let receipt = sign_receipt(&key, &trace_id, hop, prev.as_deref(), "demo");
                     prev = receipt["receipt_hash"].as_str().map(String::from);
                     let idem = format!("{trace_id}-{hop}");
-                    let body = json!({
-                        "tenant": "demo", "idempotency_key": idem,
-                        "fingerprint": fingerprint(idem.as_bytes()),
+                    let fp = fingerprint(idem.as_bytes());
+                    let commit = json!({
+                        "tenant": "demo", "idempotency_key": idem, "fingerprint": fp,
                         "receipt": receipt, "response": response_for(&receipt), "fu_tokens": 0,
                     });
-                    Some(serde_json::to_vec(&body).unwrap())
+                    let mut steps = Vec::new();
+                    if with_begin {
+                        let begin = json!({"tenant": "demo", "idempotency_key": idem,
+                                           "fingerprint": fp, "trace_id": trace_id});
+                        steps.push(("/v1/internal/begin", Some(begin.to_string().into_bytes())));
+                    }
+                    steps.push(("/v1/internal/commit", Some(commit.to_string().into_bytes())));
+                    steps
                 })
                 .collect()
         })
@@ -145,48 +165,44 @@ async fn bench_backend(backend: Backend, clients: usize, commits: usize) {
         .unwrap();
 
     // Warm-up: connections, prepared statements, page cache.
-    let warm = commit_bodies("warm", clients, 2);
-    drive(
-        http.clone(),
-        format!("{}/v1/internal/commit", server.base),
-        warm,
+    drive(&http, &server.base, chains("warm", clients, 2, false)).await;
+    let baseline_work = vec![vec![vec![("/.well-known/jwks.json", None)]; per_client]; clients];
+    let baseline = drive(&http, &server.base, baseline_work).await;
+    let commit = drive(
+        &http,
+        &server.base,
+        chains("commit", clients, per_client, false),
     )
     .await;
-    let baseline_work = vec![vec![None; per_client]; clients];
-    let baseline = drive(
-        http.clone(),
-        format!("{}/.well-known/jwks.json", server.base),
-        baseline_work,
+    let exchange = drive(
+        &http,
+        &server.base,
+        chains("exch", clients, per_client / 2, true),
     )
     .await;
 
-    let work = commit_bodies("bench", clients, per_client);
-    let commits_fig = drive(http, format!("{}/v1/internal/commit", server.base), work).await;
+    let expected = clients * (2 + per_client + per_client / 2);
     let usage = server.usage("demo").await;
     assert_eq!(
         usage["vex"].as_u64(),
-        Some(((per_client + 2) * clients) as u64),
+        Some(expected as u64),
         "every commit counted once"
     );
 
     let name = format!("{backend:?}").to_lowercase();
-    println!("{name:<9} baseline GET jwks    {baseline}");
+    let label = |what: &str| format!("{name:<8} {clients:>3} clients  {what:<20}");
+    println!("{} {baseline}", label("baseline GET jwks"));
     println!(
-        "{name:<9} commit ({clients} clients) {commits_fig}   ({:.0}% of baseline, {} commits)",
-        100.0 * commits_fig.per_second / baseline.per_second,
-        per_client * clients
+        "{} {commit}  ({:.0}% of baseline)",
+        label("commit"),
+        100.0 * commit.per_second / baseline.per_second
     );
+    println!("{} {exchange}", label("exchange (begin+commit)"));
     server.stop().await;
     db.cleanup().await;
 }
 
 fn main() {
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    println!(
-        "{cores} cores, load average before the run: {}",
-        load.trim()
-    );
     // `cargo bench` passes `--bench`; a filter argument that does not match skips the run.
     if std::env::args()
         .skip(1)
@@ -194,6 +210,12 @@ fn main() {
     {
         return;
     }
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    println!(
+        "{cores} cores, load average before the run: {}",
+        load.trim()
+    );
     let client_counts: Vec<usize> = std::env::var("BENCH_CLIENTS")
         .unwrap_or_else(|_| "32,128".into())
         .split(',')
