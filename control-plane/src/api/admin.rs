@@ -1,13 +1,12 @@
 //! Admin endpoints, authenticated with `X-SIGNET-Admin-Key` (`SP_ADMIN_KEY`).
 
-use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{json_response, parse_body, HttpError};
+use super::{json_response, parse_body, HttpError, RawBody};
 use crate::tenants::TenantDirectory;
 use crate::{now_ms, ControlPlane};
 
@@ -42,7 +41,7 @@ struct ReloadBody {
 /// `POST /v1/admin/reload`: replaces the whole tenant configuration (API keys and reserved
 /// capacity) with the body's, validated like the environment at start. On any error nothing
 /// changes. The global allowlist stays `SP_HEL_ALLOWLIST`.
-pub async fn reload(State(cp): AppState, headers: HeaderMap, body: Bytes) -> Response {
+pub async fn reload(State(cp): AppState, headers: HeaderMap, body: RawBody) -> Response {
     let result = (|| {
         authorize(&cp, &headers)?;
         let body: ReloadBody = parse_body(&body)?;

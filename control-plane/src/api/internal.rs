@@ -1,7 +1,6 @@
 //! `/v1/internal/*`: the filter's callouts (docs/ARCHITECTURE.md, internal API). Every call
 //! presents `X-SIGNET-Filter-Token`.
 
-use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -10,7 +9,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use signet_protocol::{receipt, time, trace};
 
-use super::{header, parse_body, HttpError};
+use super::{header, parse_body, HttpError, RawBody};
 use crate::storage::{BeginOutcome, BeginRequest, CommitOutcome, CommitRequest};
 use crate::{now_ms, ControlPlane};
 
@@ -95,7 +94,7 @@ struct BeginBody {
     trace_id: Option<String>,
 }
 
-pub async fn begin(State(cp): AppState, headers: HeaderMap, body: Bytes) -> Response {
+pub async fn begin(State(cp): AppState, headers: HeaderMap, body: RawBody) -> Response {
     match begin_inner(&cp, &headers, &body).await {
         Ok(r) => r,
         Err(e) => fail(&cp, e),
@@ -105,7 +104,7 @@ pub async fn begin(State(cp): AppState, headers: HeaderMap, body: Bytes) -> Resp
 async fn begin_inner(
     cp: &ControlPlane,
     headers: &HeaderMap,
-    body: &[u8],
+    body: &RawBody,
 ) -> Result<Response, HttpError> {
     authorize(cp, headers)?;
     let req: BeginBody = parse_body(body)?;
@@ -157,7 +156,7 @@ struct CommitBody {
     fu_tokens: u64,
 }
 
-pub async fn commit(State(cp): AppState, headers: HeaderMap, body: Bytes) -> Response {
+pub async fn commit(State(cp): AppState, headers: HeaderMap, body: RawBody) -> Response {
     match commit_inner(&cp, &headers, &body).await {
         Ok(r) => r,
         Err(e) => fail(&cp, e),
@@ -171,7 +170,7 @@ fn receipt_invalid(detail: impl std::fmt::Display) -> HttpError {
 async fn commit_inner(
     cp: &ControlPlane,
     headers: &HeaderMap,
-    body: &[u8],
+    body: &RawBody,
 ) -> Result<Response, HttpError> {
     authorize(cp, headers)?;
     let req: CommitBody = parse_body(body)?;
@@ -255,7 +254,7 @@ async fn commit_inner(
     }
 }
 
-pub async fn release(State(cp): AppState, headers: HeaderMap, body: Bytes) -> Response {
+pub async fn release(State(cp): AppState, headers: HeaderMap, body: RawBody) -> Response {
     let result = async {
         authorize(&cp, &headers)?;
         let req: KeyRef = parse_body(&body)?;

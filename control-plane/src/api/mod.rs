@@ -3,6 +3,9 @@
 
 use std::sync::Arc;
 
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::DefaultBodyLimit;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -35,6 +38,7 @@ pub fn router(state: Arc<ControlPlane>) -> Router {
         .route("/v1/admin/reload", post(admin::reload))
         .route("/v1/admin/usage/{tenant}", get(admin::usage))
         .fallback(|| async { HttpError::new(404, "NOT_FOUND", "no such endpoint") })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }
 
@@ -133,9 +137,26 @@ pub fn json_response(status: StatusCode, body: String) -> Response {
         .into_response()
 }
 
-/// Parses a JSON request body, answering 400 `BAD_REQUEST` with the reason.
-pub fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, HttpError> {
-    serde_json::from_slice(body)
+/// A request body as extracted, so that an oversized or unreadable one still gets a SPEC §4
+/// error body.
+pub type RawBody = Result<Bytes, BytesRejection>;
+
+/// The largest request body accepted: a receipt and a response, each holding a normalized
+/// payload that the filter's route already limited.
+pub const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
+
+/// Parses a JSON request body: 400 `BAD_REQUEST` with the reason, or 413 `BODY_TOO_LARGE`.
+pub fn parse_body<T: DeserializeOwned>(body: &RawBody) -> Result<T, HttpError> {
+    let bytes = body.as_ref().map_err(|rejection| {
+        let status = rejection.status().as_u16();
+        let code = if status == 413 {
+            "BODY_TOO_LARGE"
+        } else {
+            "BAD_REQUEST"
+        };
+        HttpError::new(status, code, rejection.body_text())
+    })?;
+    serde_json::from_slice(bytes)
         .map_err(|e| HttpError::bad_request("BAD_REQUEST", format!("invalid request body: {e}")))
 }
 
