@@ -1,5 +1,5 @@
-//! PostgreSQL backend: a deadpool of `tokio-postgres` connections, one transaction per
-//! operation, row locks where requests meet.
+//! PostgreSQL backend: a deadpool of `tokio-postgres` connections for single operations, a
+//! dedicated connection for batched commits, row locks where requests meet.
 //!
 //! A commit locks, in this order, its idempotency row, its trace row and the tenant's
 //! month-to-date row, so concurrent commits serialize exactly where they must and never
@@ -12,9 +12,8 @@
 //! If the batch fails (e.g. another instance created the same trace meanwhile), every commit of
 //! it is redone in its own transaction with row locks (`commit_one`), which decides exactly.
 
-use std::str::FromStr;
-
 use std::collections::HashMap;
+use std::str::FromStr;
 
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
