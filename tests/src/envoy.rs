@@ -101,6 +101,10 @@ impl Envoy {
             // One worker, one Wasm VM: the tests run many stacks on two cores.
             .args(["--concurrency", "1"])
             .args(["--log-level", "info", "--component-log-level", "wasm:debug"])
+            // Exactly the filter's variables given here, never ones inherited from the shell.
+            .env_remove("SP_PRIVATE_KEY_B64")
+            .env_remove("SP_KID")
+            .env_remove("SP_FILTER_TOKEN")
             .envs(env.iter().map(|(k, v)| (k, v)));
         let service = Service::spawn("envoy", command, &dir.join("envoy.log"));
         Envoy {

@@ -31,6 +31,9 @@ pub struct StackOptions {
     pub control_plane_env: Vec<(String, String)>,
     /// Text replacements in the Envoy template (see [`EnvoySettings::template_edits`]).
     pub envoy_template_edits: Vec<(String, String)>,
+    /// Overrides of the filter's variables in Envoy's environment (`SP_KID`, …), e.g. a key or
+    /// token the control plane does not know.
+    pub envoy_env: Vec<(String, String)>,
 }
 
 impl Default for StackOptions {
@@ -40,6 +43,7 @@ impl Default for StackOptions {
             plugin_config: None,
             control_plane_env: Vec::new(),
             envoy_template_edits: Vec::new(),
+            envoy_env: Vec::new(),
         }
     }
 }
@@ -110,7 +114,12 @@ impl Stack {
             wasm: binaries::filter_wasm(),
             template_edits: options.envoy_template_edits.clone(),
         };
-        let envoy = Envoy::start(dir.path(), &settings, &envoy_env(&key, &filter_token));
+        let mut env = envoy_env(&key, &filter_token);
+        for (name, value) in &options.envoy_env {
+            env.retain(|(n, _)| n != name);
+            env.push((name.clone(), value.clone()));
+        }
+        let envoy = Envoy::start(dir.path(), &settings, &env);
 
         Stack {
             envoy,

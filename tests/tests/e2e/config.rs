@@ -1,5 +1,6 @@
 //! Configuration mistakes are refused loudly: Envoy does not start with an invalid plugin
-//! configuration, and a route with invalid metadata answers 500 instead of guessing.
+//! configuration or without the signing key, a route with invalid metadata answers 500 instead
+//! of guessing, and a filter with the wrong key or token stores nothing.
 
 use std::time::Duration;
 
@@ -11,8 +12,29 @@ use signet_e2e::{binaries, Stack, StackOptions, Storage};
 
 use crate::assert_error;
 
-/// Starts Envoy alone with `plugin_config` and expects it to exit, naming `field` in its log.
-fn assert_envoy_refuses(plugin_config: serde_json::Value, field: &str) {
+const TEST_SEED: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8";
+
+/// The filter's variables in Envoy's environment, for an Envoy started alone.
+fn filter_env() -> Vec<(String, String)> {
+    [
+        ("SP_PRIVATE_KEY_B64", TEST_SEED),
+        ("SP_KID", "e2e-config"),
+        ("SP_FILTER_TOKEN", "e2e-filter-token-config"),
+    ]
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .to_vec()
+}
+
+/// Starts Envoy alone with `plugin_config` and expects it to exit, naming `needle` in its log.
+fn assert_envoy_refuses(plugin_config: serde_json::Value, needle: &str) {
+    assert_envoy_refuses_with_env(plugin_config, &filter_env(), needle);
+}
+
+fn assert_envoy_refuses_with_env(
+    plugin_config: serde_json::Value,
+    env: &[(String, String)],
+    needle: &str,
+) {
     let dir = tempfile::tempdir().unwrap();
     let settings = EnvoySettings {
         // Nothing listens there: the configuration is refused before any callout.
@@ -22,32 +44,27 @@ fn assert_envoy_refuses(plugin_config: serde_json::Value, field: &str) {
         wasm: binaries::filter_wasm(),
         template_edits: Vec::new(),
     };
-    let env = [
-        (
-            "SP_PRIVATE_KEY_B64",
-            "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8",
-        ),
-        ("SP_KID", "e2e-config"),
-        ("SP_FILTER_TOKEN", "e2e-filter-token-config"),
-    ]
-    .map(|(k, v)| (k.to_owned(), v.to_owned()));
-    let mut envoy = Envoy::spawn(dir.path(), &settings, &env);
+    let mut envoy = Envoy::spawn(dir.path(), &settings, env);
     let status = envoy.service.wait_exit(Duration::from_secs(20));
-    let log = envoy.service.log();
     assert!(
         status.is_some_and(|s| !s.success()),
-        "Envoy accepted the plugin configuration {plugin_config} ({status:?}):\n{}",
+        "Envoy started with {plugin_config} ({status:?}):\n{}",
         envoy.service.log_tail()
     );
+    let log = envoy.service.log();
     assert!(
-        log.contains("invalid plugin configuration") && log.contains(field),
-        "Envoy's log does not name {field:?}:\n{}",
+        log.lines()
+            .any(|line| line.contains("signet") && line.contains(needle)),
+        "no filter log line names {needle:?}:\n{}",
         envoy.service.log_tail()
     );
 }
 
 #[test]
 fn unknown_plugin_config_field_stops_envoy() {
+    let plugin_config =
+        json!({"control_plane": {"cluster": "signet_control_plane"}, "tenant_cache_ttl": 5});
+    assert_envoy_refuses(plugin_config, "invalid plugin configuration");
     assert_envoy_refuses(
         json!({"control_plane": {"cluster": "signet_control_plane"}, "tenant_cache_ttl": 5}),
         "tenant_cache_ttl",
@@ -119,10 +136,7 @@ fn example_existing_config_validates() {
             "--config-path",
         ])
         .arg(&config)
-        .env(
-            "SP_PRIVATE_KEY_B64",
-            "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8",
-        )
+        .env("SP_PRIVATE_KEY_B64", TEST_SEED)
         .env("SP_KID", "e2e-example")
         .env("SP_FILTER_TOKEN", "e2e-filter-token-example")
         .output()
@@ -133,4 +147,64 @@ fn example_existing_config_validates() {
         "{}\n{log}",
         String::from_utf8_lossy(&output.stdout)
     );
+}
+
+/// The signing key reaches the filter only through Envoy's environment: without it, or with a
+/// seed that is not 32 bytes of base64url, the filter refuses to start.
+#[test]
+fn filter_without_a_valid_signing_key_stops_envoy() {
+    let plugin_config = signet_e2e::envoy::default_plugin_config();
+    let without_key: Vec<_> = filter_env()
+        .into_iter()
+        .filter(|(name, _)| name != "SP_PRIVATE_KEY_B64")
+        .collect();
+    assert_envoy_refuses_with_env(plugin_config.clone(), &without_key, "SP_PRIVATE_KEY_B64");
+    let mut bad_seed = without_key;
+    bad_seed.push(("SP_PRIVATE_KEY_B64".into(), "not-a-seed".into()));
+    assert_envoy_refuses_with_env(plugin_config, &bad_seed, "SP_PRIVATE_KEY_B64");
+}
+
+/// A filter signing with a key the control plane does not publish gets its receipt refused:
+/// the client gets a 500 (a deployment error, not the client's) and nothing is stored or counted.
+#[test]
+fn receipt_signed_with_an_unknown_key_is_not_stored() {
+    let rogue = signet_e2e::stack::TestKey::generate();
+    let stack = Stack::with_options(StackOptions {
+        envoy_env: vec![
+            ("SP_PRIVATE_KEY_B64".into(), rogue.seed_b64url.clone()),
+            ("SP_KID".into(), rogue.kid.clone()),
+        ],
+        ..StackOptions::default()
+    });
+    let r = stack.exchange(&signet_e2e::payloads::exchange_body(sample_invoice()));
+    assert_error(&stack, &r, 500, "RECEIPT_INVALID");
+    assert!(
+        r.header("X-SIGNET-Receipt-Hash").is_none(),
+        "{:?}",
+        r.headers
+    );
+    assert_eq!(stack.vex_count(signet_e2e::stack::DEMO_TENANT), 0);
+}
+
+/// The internal API only answers the filter's token.
+#[test]
+fn filter_with_the_wrong_token_is_refused() {
+    let stack = Stack::with_options(StackOptions {
+        envoy_env: vec![("SP_FILTER_TOKEN".into(), "not-the-filter-token-0123".into())],
+        ..StackOptions::default()
+    });
+    let r = stack.exchange(&signet_e2e::payloads::exchange_body(sample_invoice()));
+    assert_error(&stack, &r, 500, "FILTER_UNAUTHORIZED");
+    // Logged at error level for the operator.
+    assert!(
+        stack
+            .envoy
+            .service
+            .log()
+            .lines()
+            .any(|l| l.contains("[error]") && l.contains("FILTER_UNAUTHORIZED")),
+        "{}",
+        stack.envoy.service.log_tail()
+    );
+    assert_eq!(stack.vex_count(signet_e2e::stack::DEMO_TENANT), 0);
 }
