@@ -23,19 +23,48 @@ pub fn default_plugin_config() -> serde_json::Value {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-/// Replaces every `${NAME}` of the template; a placeholder left over is a bug in the caller.
-pub fn render(template: &str, vars: &[(&str, String)]) -> String {
-    let mut text = template.to_owned();
-    for (name, value) in vars {
-        text = text.replace(&format!("${{{name}}}"), value);
+/// Renders the template with scripts/render-envoy-config.sh — the renderer of `make up`,
+/// `make bench` and Dockerfile.envoy, so the tests exercise it too — into `dir/envoy.yaml`.
+fn render(dir: &Path, settings: &EnvoySettings, port: u16, admin_port: u16) -> PathBuf {
+    let mut template = template();
+    for (from, to) in &settings.template_edits {
+        assert!(
+            template.contains(from.as_str()),
+            "template edit: {from:?} not in the template"
+        );
+        template = template.replace(from.as_str(), to);
     }
-    // Placeholders are only substituted outside comments; a `${` in a comment is documentation.
-    let unfilled: Vec<&str> = text
-        .lines()
-        .filter(|line| !line.trim_start().starts_with('#') && line.contains("${"))
-        .collect();
-    assert!(unfilled.is_empty(), "unfilled placeholders: {unfilled:#?}");
-    text
+    let template_path = dir.join("envoy.yaml.tmpl");
+    std::fs::write(&template_path, template).expect("write the template");
+    let plugin_path = dir.join("signet-plugin.json");
+    std::fs::write(&plugin_path, settings.plugin_config.to_string()).expect("write plugin config");
+
+    let script = binaries::workspace_root().join("scripts/render-envoy-config.sh");
+    let output = Command::new("sh")
+        .arg(&script)
+        .env("SIGNET_ENVOY_TEMPLATE", &template_path)
+        .env("SIGNET_PLUGIN_CONFIG_FILE", &plugin_path)
+        .env("BIND_ADDRESS", "127.0.0.1")
+        .env("CONTROL_PLANE_HOST", "127.0.0.1")
+        .env("UPSTREAM_HOST", "127.0.0.1")
+        .env("ENVOY_PORT", port.to_string())
+        .env("ENVOY_ADMIN_PORT", admin_port.to_string())
+        .env(
+            "CONTROL_PLANE_PORT",
+            settings.control_plane_port.to_string(),
+        )
+        .env("UPSTREAM_PORT", settings.upstream_port.to_string())
+        .env("SIGNET_FILTER_WASM", &settings.wasm)
+        .output()
+        .expect("run scripts/render-envoy-config.sh");
+    assert!(
+        output.status.success(),
+        "render-envoy-config.sh failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let config_path = dir.join("envoy.yaml");
+    std::fs::write(&config_path, output.stdout).expect("write envoy.yaml");
+    config_path
 }
 
 /// What differs between the Envoys of the tests.
@@ -62,35 +91,7 @@ impl Envoy {
     pub fn spawn(dir: &Path, settings: &EnvoySettings, env: &[(String, String)]) -> Envoy {
         let port = crate::ports::free_port();
         let admin_port = crate::ports::free_port();
-        let plugin_config = serde_json::to_string(&settings.plugin_config).expect("json");
-        let mut template = template();
-        for (from, to) in &settings.template_edits {
-            assert!(
-                template.contains(from.as_str()),
-                "template edit: {from:?} not in the template"
-            );
-            template = template.replace(from.as_str(), to);
-        }
-        let yaml = render(
-            &template,
-            &[
-                ("BIND_ADDRESS", "127.0.0.1".to_owned()),
-                ("CONTROL_PLANE_HOST", "127.0.0.1".to_owned()),
-                ("UPSTREAM_HOST", "127.0.0.1".to_owned()),
-                ("ENVOY_PORT", port.to_string()),
-                ("ENVOY_ADMIN_PORT", admin_port.to_string()),
-                (
-                    "CONTROL_PLANE_PORT",
-                    settings.control_plane_port.to_string(),
-                ),
-                ("UPSTREAM_PORT", settings.upstream_port.to_string()),
-                ("SIGNET_FILTER_WASM", settings.wasm.display().to_string()),
-                // The template quotes it in a YAML single-quoted scalar.
-                ("SIGNET_PLUGIN_CONFIG", plugin_config.replace('\'', "''")),
-            ],
-        );
-        let config_path = dir.join("envoy.yaml");
-        std::fs::write(&config_path, yaml).expect("write envoy.yaml");
+        let config_path = render(dir, settings, port, admin_port);
 
         let mut command = Command::new(binaries::envoy());
         command
@@ -164,5 +165,39 @@ impl Envoy {
         let response = Client::new().get(&self.admin_url("/stats/prometheus"), &[]);
         assert_eq!(response.status, 200, "{}", response.text());
         Metrics::parse(&response.text())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The plugin configuration survives the renderer: YAML single quotes doubled, sed's
+    /// special characters (| & \) kept literally.
+    #[test]
+    fn renderer_keeps_the_plugin_configuration_verbatim() {
+        let dir = tempfile::tempdir().unwrap();
+        let plugin_config = serde_json::json!({
+            "control_plane": {"cluster": "signet_control_plane"},
+            "registry": {"types": {"x.v1": {"schema": {"pattern": "^a|b&c\\d'e$"}}}}
+        });
+        let settings = EnvoySettings {
+            control_plane_port: 1,
+            upstream_port: 2,
+            plugin_config: plugin_config.clone(),
+            wasm: PathBuf::from("/nonexistent/signet_filter.wasm"),
+            template_edits: Vec::new(),
+        };
+        let yaml = std::fs::read_to_string(render(dir.path(), &settings, 3, 4)).unwrap();
+        let line = yaml
+            .lines()
+            .map(str::trim)
+            .find(|l| l.starts_with("value: '"))
+            .expect("the configuration line");
+        let scalar = &line["value: '".len()..line.len() - 1];
+        let decoded: serde_json::Value = serde_json::from_str(&scalar.replace("''", "'")).unwrap();
+        assert_eq!(decoded, plugin_config);
+        assert!(yaml.contains("port_value: 3") && yaml.contains("port_value: 4"));
+        assert!(yaml.contains("filename: /nonexistent/signet_filter.wasm"));
     }
 }
