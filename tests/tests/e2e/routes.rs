@@ -110,3 +110,60 @@ fn passthrough_route_is_untouched() {
             .collect::<Vec<_>>()
     );
 }
+
+/// Inline replay: the same idempotency key and body go upstream again with the stored receipt's
+/// headers and `X-SIGNET-Idempotency-Hit: 1`; nothing new is signed or counted.
+#[test]
+fn inline_replay_resends_with_the_stored_receipt() {
+    let stack = Stack::start(Storage::Sqlite);
+    let key = signet_e2e::stack::new_idempotency_key();
+    let headers = [
+        ("X-SIGNET-API-Key", DEMO_KEY),
+        ("X-SIGNET-Idempotency-Key", key.as_str()),
+        ("content-type", "application/json"),
+    ];
+    let body = sample_invoice().to_string();
+    let first = assert_ok(&stack, &stack.post("/invoices", &headers, body.as_bytes()));
+    let replay = assert_ok(&stack, &stack.post("/invoices", &headers, body.as_bytes()));
+    let (first_headers, replay_headers) = (&first["signet_headers"], &replay["signet_headers"]);
+    assert_eq!(replay_headers["x-signet-idempotency-hit"], "1");
+    assert_eq!(
+        replay_headers["x-signet-receipt-hash"],
+        first_headers["x-signet-receipt-hash"]
+    );
+    assert_eq!(replay["body"], first["body"]);
+    assert_eq!(stack.vex_count(signet_e2e::stack::DEMO_TENANT), 1);
+}
+
+/// `receipt_canon: drop`: the receipt leaves out the canonical payload (its CID still commits to
+/// it) and still verifies offline.
+#[test]
+fn receipt_without_canon_still_verifies() {
+    let stack = Stack::with_options(signet_e2e::StackOptions {
+        envoy_template_edits: vec![("receipt_canon: keep".into(), "receipt_canon: drop".into())],
+        ..Default::default()
+    });
+    let response = stack.post(
+        "/invoices",
+        &[
+            ("X-SIGNET-API-Key", DEMO_KEY),
+            ("content-type", "application/json"),
+        ],
+        sample_invoice().to_string().as_bytes(),
+    );
+    let echo = assert_ok(&stack, &response);
+    let trace_id = response.header("X-SIGNET-Trace").expect("trace").to_owned();
+    let chain = stack.chain(&trace_id);
+    assert!(chain[0].get("canon").is_none(), "{}", chain[0]);
+    assert_eq!(
+        chain[0]["cid"].as_str(),
+        echo["signet_headers"]["x-signet-cid"].as_str()
+    );
+    let export = stack.export_bundle(&trace_id);
+    let verified = stack.verify_bundle_with_cli(&export.body);
+    assert!(
+        verified.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verified.stderr)
+    );
+}
