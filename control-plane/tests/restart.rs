@@ -27,36 +27,44 @@ impl Drop for Process {
     }
 }
 
-async fn spawn(db: &TestDb, port: u16) -> (Process, Client) {
-    let process = Process(
-        Command::new(env!("CARGO_BIN_EXE_signet-control-plane"))
-            .env_clear()
-            .envs(&db.env)
-            .env("PORT", port.to_string())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let client = Client::new(format!("http://127.0.0.1:{port}"));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok(r) = client
-            .http
-            .get(format!("{}/healthz", client.base))
-            .send()
-            .await
-        {
-            if r.status().is_success() {
-                return (process, client);
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the control plane did not come up"
+/// Starts the binary on a free port and waits until it serves. Another test may grab the same
+/// port between our probe and the bind; then the process exits and we try another port.
+async fn spawn(db: &TestDb) -> (Process, Client) {
+    let storage = db.env["SP_STORAGE"].clone();
+    for _ in 0..5 {
+        let port = free_port();
+        let mut process = Process(
+            Command::new(env!("CARGO_BIN_EXE_signet-control-plane"))
+                .env_clear()
+                .envs(&db.env)
+                .env("PORT", port.to_string())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
         );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        let client = Client::new(format!("http://127.0.0.1:{port}"));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if process.0.try_wait().unwrap().is_some() {
+                break; // did not start (port taken): next port
+            }
+            let health = client
+                .http
+                .get(format!("{}/healthz", client.base))
+                .send()
+                .await;
+            if let Ok(health) = health {
+                let body: serde_json::Value = health.json().await.unwrap_or_default();
+                // The storage kind tells our instance from another test's on a reused port.
+                if body["storage"] == storage.as_str() && body["status"] == "ok" {
+                    return (process, client);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
+    panic!("the control plane did not come up");
 }
 
 /// Stops the process the way an orchestrator does (SIGTERM) and waits for it.
@@ -69,8 +77,7 @@ fn terminate(mut p: Process) {
 
 async fn committed_receipts_survive_a_restart(backend: Backend) {
     let db = TestDb::new(backend).await;
-    let port = free_port();
-    let (process, client) = spawn(&db, port).await;
+    let (process, client) = spawn(&db).await;
     for i in 0..5 {
         let r = client
             .exchange("demo", &format!("k{i}"), "t-durable", 3)
@@ -84,7 +91,7 @@ async fn committed_receipts_survive_a_restart(backend: Backend) {
         .body;
     terminate(process);
 
-    let (_process, client) = spawn(&db, port).await;
+    let (_process, client) = spawn(&db).await;
     let after = client
         .get("/v1/receipts/chain/t-durable", &owner)
         .await

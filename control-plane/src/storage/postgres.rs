@@ -30,7 +30,8 @@ use crate::idempotency::{begin_step, commit_step, BeginStep, CommitStep, Record,
 /// Any constant shared by every instance: serializes migrations of concurrent starts.
 const MIGRATION_LOCK: i64 = 0x5349_474e_4554; // "SIGNET"
 
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE traces (
     trace_id   TEXT PRIMARY KEY,
     tenant     TEXT NOT NULL,
@@ -103,7 +104,21 @@ CREATE TABLE signing_keys (
     jwk           TEXT NOT NULL,
     first_seen_ms BIGINT NOT NULL
 );
-"#];
+"#,
+    r#"
+-- A batch statement that must write exactly `expected` rows aborts its transaction otherwise
+-- (then every request of the batch is redone alone).
+CREATE FUNCTION signet_expect_rows(expected BIGINT, actual BIGINT, what TEXT) RETURNS BIGINT
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF expected <> actual THEN
+        RAISE EXCEPTION 'batch wrote % % rows, expected %', actual, what, expected
+            USING ERRCODE = 'serialization_failure';
+    END IF;
+    RETURN actual;
+END $$;
+"#,
+];
 
 /// Locks (creating if absent) the idempotency row. A conflicting row is returned unchanged
 /// (the no-op update only takes the lock); `inserted` tells a fresh row.
@@ -148,13 +163,94 @@ FROM unnest($10::text[], $11::int[], $12::bigint[], $13::text[], $14::text[], $1
 
 pub struct PostgresStorage {
     pool: Pool,
-    /// Commits go through one batcher task (see `commit_batches`).
-    commits: mpsc::UnboundedSender<CommitJob>,
+    /// Begins and commits go through one batcher (see `run_batches`).
+    jobs: mpsc::UnboundedSender<Job>,
 }
 
-struct CommitJob {
-    req: CommitRequest,
-    reply: oneshot::Sender<Result<CommitOutcome, StoreError>>,
+/// A write queued for the batcher.
+enum Job {
+    Begin(
+        BeginRequest,
+        oneshot::Sender<Result<BeginOutcome, StoreError>>,
+    ),
+    Commit(
+        CommitRequest,
+        oneshot::Sender<Result<CommitOutcome, StoreError>>,
+    ),
+}
+
+/// A request of a batch.
+enum Request<'a> {
+    Begin(&'a BeginRequest),
+    Commit(&'a CommitRequest),
+}
+
+enum Outcome {
+    Begin(BeginOutcome),
+    Commit(CommitOutcome),
+}
+
+impl Request<'_> {
+    fn tenant(&self) -> &str {
+        match self {
+            Request::Begin(r) => &r.tenant,
+            Request::Commit(r) => &r.tenant,
+        }
+    }
+
+    fn idempotency_key(&self) -> &str {
+        match self {
+            Request::Begin(r) => &r.idempotency_key,
+            Request::Commit(r) => &r.idempotency_key,
+        }
+    }
+
+    fn trace_id(&self) -> Option<&str> {
+        match self {
+            Request::Begin(r) => r.trace_id.as_deref(),
+            Request::Commit(r) => Some(&r.trace_id),
+        }
+    }
+
+    fn now_ms(&self) -> i64 {
+        match self {
+            Request::Begin(r) => r.now_ms,
+            Request::Commit(r) => r.now_ms,
+        }
+    }
+}
+
+impl Job {
+    fn request(&self) -> Request<'_> {
+        match self {
+            Job::Begin(req, _) => Request::Begin(req),
+            Job::Commit(req, _) => Request::Commit(req),
+        }
+    }
+
+    fn answer(self, outcome: Outcome) {
+        // The caller may have gone away; what was decided is stored anyway.
+        match (self, outcome) {
+            (Job::Begin(_, reply), Outcome::Begin(o)) => drop(reply.send(Ok(o))),
+            (Job::Commit(_, reply), Outcome::Commit(o)) => drop(reply.send(Ok(o))),
+            (job, _) => job.fail(StoreError::Database("batch outcome of another kind".into())),
+        }
+    }
+
+    fn fail(self, e: StoreError) {
+        match self {
+            Job::Begin(_, reply) => drop(reply.send(Err(e))),
+            Job::Commit(_, reply) => drop(reply.send(Err(e))),
+        }
+    }
+
+    /// The exact path, in a transaction of its own with row locks.
+    async fn run_alone(self, pool: &Pool) {
+        match self {
+            Job::Begin(req, reply) => drop(reply.send(begin_one(pool, req).await)),
+            Job::Commit(req, reply) => drop(reply.send(commit_one(pool, req).await)),
+        }
+    }
 }
 
 impl PostgresStorage {
@@ -174,16 +270,16 @@ impl PostgresStorage {
             .max_size(pool_size)
             .build()
             .map_err(|e| StoreError::Database(e.to_string()))?;
-        let (commits, queue) = mpsc::unbounded_channel();
+        let (jobs, queue) = mpsc::unbounded_channel();
         let storage = Self {
             pool: pool.clone(),
-            commits,
+            jobs,
         };
         storage.migrate().await?;
         let main = tokio::runtime::Handle::current();
         std::thread::Builder::new()
             .name("signet-pg-committer".into())
-            .spawn(move || commit_batches(pg_config, pool, main, queue))
+            .spawn(move || run_batches(pg_config, pool, main, queue))
             .map_err(|e| StoreError::Database(format!("cannot start the commit batcher: {e}")))?;
         Ok(storage)
     }
@@ -265,6 +361,59 @@ fn trace_of(row: &Row) -> Option<TraceState> {
             receipt_hash: row.get("head_hash"),
         },
     })
+}
+
+/// One begin in its own transaction: the exact path when a batch fails.
+async fn begin_one(pool: &Pool, req: BeginRequest) -> Result<BeginOutcome, StoreError> {
+    let mut client = pool
+        .get()
+        .await
+        .map_err(|e| StoreError::Database(e.to_string()))?;
+    let tx = client.transaction().await.map_err(db)?;
+    let lease_until = req.now_ms.saturating_add(req.lease_ms);
+    let lock_stmt = tx.prepare_cached(LOCK_IDEMPOTENCY).await.map_err(db)?;
+    let trace_stmt = tx.prepare_cached(READ_TRACE).await.map_err(db)?;
+    let lock_params: [&(dyn ToSql + Sync); 5] = [
+        &req.tenant,
+        &req.idempotency_key,
+        &req.fingerprint,
+        &lease_until,
+        &req.now_ms,
+    ];
+    let lock = tx.query_one(&lock_stmt, &lock_params);
+    let read_trace = async {
+        match &req.trace_id {
+            None => Ok(None),
+            Some(t) => tx.query_opt(&trace_stmt, &[t]).await,
+        }
+    };
+    let (row, trace_row) = tokio::try_join!(lock, read_trace).map_err(db)?;
+    let step = begin_step(record_of(&row)?.as_ref(), &req.fingerprint, req.now_ms);
+    let outcome = match step {
+        BeginStep::Replay(response) => BeginOutcome::Replay { response },
+        BeginStep::Reject(r) => BeginOutcome::Rejected(r),
+        BeginStep::Reserve | BeginStep::Renew => {
+            let trace = trace_row.as_ref().and_then(trace_of);
+            match check_begin(trace.as_ref(), &req.tenant, req.chain_max) {
+                Err(r) => BeginOutcome::Rejected(r),
+                Ok(head) => {
+                    if step == BeginStep::Renew {
+                        tx.execute(
+                            "UPDATE idempotency SET lease_until_ms = $3, updated_ms = $4
+                                 WHERE tenant = $1 AND key = $2",
+                            &[&req.tenant, &req.idempotency_key, &lease_until, &req.now_ms],
+                        )
+                        .await
+                        .map_err(db)?;
+                    }
+                    tx.commit().await.map_err(db)?;
+                    return Ok(BeginOutcome::Proceed { head });
+                }
+            }
+        }
+    };
+    tx.rollback().await.map_err(db)?;
+    Ok(outcome)
 }
 
 /// One commit in its own transaction, locking row by row: the exact path when a batch fails.
@@ -392,62 +541,23 @@ impl Storage for PostgresStorage {
     }
 
     async fn begin(&self, req: BeginRequest) -> Result<BeginOutcome, StoreError> {
-        let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(db)?;
-        let lease_until = req.now_ms.saturating_add(req.lease_ms);
-        let lock_stmt = tx.prepare_cached(LOCK_IDEMPOTENCY).await.map_err(db)?;
-        let trace_stmt = tx.prepare_cached(READ_TRACE).await.map_err(db)?;
-        let lock_params: [&(dyn ToSql + Sync); 5] = [
-            &req.tenant,
-            &req.idempotency_key,
-            &req.fingerprint,
-            &lease_until,
-            &req.now_ms,
-        ];
-        let lock = tx.query_one(&lock_stmt, &lock_params);
-        let read_trace = async {
-            match &req.trace_id {
-                None => Ok(None),
-                Some(t) => tx.query_opt(&trace_stmt, &[t]).await,
-            }
-        };
-        let (row, trace_row) = tokio::try_join!(lock, read_trace).map_err(db)?;
-        let step = begin_step(record_of(&row)?.as_ref(), &req.fingerprint, req.now_ms);
-        let outcome = match step {
-            BeginStep::Replay(response) => BeginOutcome::Replay { response },
-            BeginStep::Reject(r) => BeginOutcome::Rejected(r),
-            BeginStep::Reserve | BeginStep::Renew => {
-                let trace = trace_row.as_ref().and_then(trace_of);
-                match check_begin(trace.as_ref(), &req.tenant, req.chain_max) {
-                    Err(r) => BeginOutcome::Rejected(r),
-                    Ok(head) => {
-                        if step == BeginStep::Renew {
-                            tx.execute(
-                                "UPDATE idempotency SET lease_until_ms = $3, updated_ms = $4
-                                 WHERE tenant = $1 AND key = $2",
-                                &[&req.tenant, &req.idempotency_key, &lease_until, &req.now_ms],
-                            )
-                            .await
-                            .map_err(db)?;
-                        }
-                        tx.commit().await.map_err(db)?;
-                        return Ok(BeginOutcome::Proceed { head });
-                    }
-                }
-            }
-        };
-        tx.rollback().await.map_err(db)?;
-        Ok(outcome)
+        let (reply, answer) = oneshot::channel();
+        self.jobs
+            .send(Job::Begin(req, reply))
+            .map_err(|_| StoreError::Database("the batcher stopped".into()))?;
+        answer
+            .await
+            .map_err(|_| StoreError::Database("the batcher stopped".into()))?
     }
 
     async fn commit(&self, req: CommitRequest) -> Result<CommitOutcome, StoreError> {
         let (reply, answer) = oneshot::channel();
-        self.commits
-            .send(CommitJob { req, reply })
-            .map_err(|_| StoreError::Database("the commit batcher stopped".into()))?;
+        self.jobs
+            .send(Job::Commit(req, reply))
+            .map_err(|_| StoreError::Database("the batcher stopped".into()))?;
         answer
             .await
-            .map_err(|_| StoreError::Database("the commit batcher stopped".into()))?
+            .map_err(|_| StoreError::Database("the batcher stopped".into()))?
     }
 
     async fn release(
@@ -590,11 +700,11 @@ const MAX_BATCH: usize = 256;
 /// It runs on a thread of its own with its own connection, so that its round trips are not
 /// queued behind request handlers on the main runtime (which would stretch every batch and
 /// the time the tenant's month row stays locked).
-fn commit_batches(
+fn run_batches(
     pg_config: tokio_postgres::Config,
     pool: Pool,
     main: tokio::runtime::Handle,
-    mut queue: mpsc::UnboundedReceiver<CommitJob>,
+    mut queue: mpsc::UnboundedReceiver<Job>,
 ) {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -627,23 +737,23 @@ fn commit_batches(
             }
             let result = match connection.as_ref() {
                 Some((client, statements)) => {
-                    let requests: Vec<&CommitRequest> = jobs.iter().map(|j| &j.req).collect();
-                    commit_batch(client, statements, &requests).await
+                    let requests: Vec<Request> = jobs.iter().map(Job::request).collect();
+                    run_batch(client, statements, &requests).await
                 }
                 None => Err(StoreError::Database("no connection".into())),
             };
             match result {
                 Ok(outcomes) => {
                     for (job, outcome) in jobs.into_iter().zip(outcomes) {
-                        let _ = job.reply.send(Ok(outcome));
+                        job.answer(outcome);
                     }
                 }
                 Err(e) => {
-                    tracing::debug!("commit batch of {} failed ({e}); one by one", jobs.len());
+                    tracing::debug!("batch of {} failed ({e}); one by one", jobs.len());
                     let pool = pool.clone();
                     main.spawn(async move {
                         for job in jobs {
-                            let _ = job.reply.send(commit_one(&pool, job.req).await);
+                            job.run_alone(&pool).await;
                         }
                     });
                 }
@@ -699,12 +809,32 @@ INSERT INTO billing_queue (tenant, month, meter, band, units, stripe_item, price
 SELECT b.*, $10 FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::bigint[], $6::text[],
                             $7::text[], $8::text[], $9::text[]) AS b";
 
+// The idempotency rows the batch decided on were locked if they existed. One that did not
+// exist may have been created meanwhile by another instance: the conflict update then only
+// applies to a pending row of the same request, and any other row aborts the batch.
+const BATCH_KEYS_PENDING: &str = "
+WITH written AS (
+    INSERT INTO idempotency (tenant, key, fingerprint, state, response, lease_until_ms, updated_ms)
+    SELECT k.tenant, k.key, k.fingerprint, 'pending', NULL, k.lease, $5
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[]) AS k (tenant, key, fingerprint, lease)
+    ON CONFLICT (tenant, key) DO UPDATE SET lease_until_ms = EXCLUDED.lease_until_ms,
+        updated_ms = EXCLUDED.updated_ms
+    WHERE idempotency.state = 'pending' AND idempotency.fingerprint = EXCLUDED.fingerprint
+    RETURNING 1
+)
+SELECT signet_expect_rows(cardinality($2::text[]), count(*), 'reservation') FROM written";
+
 const BATCH_KEYS_DONE: &str = "
-INSERT INTO idempotency (tenant, key, fingerprint, state, response, lease_until_ms, updated_ms)
-SELECT k.tenant, k.key, k.fingerprint, 'done', k.response, 0, $5
-FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS k (tenant, key, fingerprint, response)
-ON CONFLICT (tenant, key) DO UPDATE SET state = 'done', fingerprint = EXCLUDED.fingerprint,
-    response = EXCLUDED.response, updated_ms = EXCLUDED.updated_ms";
+WITH written AS (
+    INSERT INTO idempotency (tenant, key, fingerprint, state, response, lease_until_ms, updated_ms)
+    SELECT k.tenant, k.key, k.fingerprint, 'done', k.response, 0, $5
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS k (tenant, key, fingerprint, response)
+    ON CONFLICT (tenant, key) DO UPDATE SET state = 'done', response = EXCLUDED.response,
+        updated_ms = EXCLUDED.updated_ms
+    WHERE idempotency.state = 'pending' AND idempotency.fingerprint = EXCLUDED.fingerprint
+    RETURNING 1
+)
+SELECT signet_expect_rows(cardinality($2::text[]), count(*), 'idempotency') FROM written";
 
 /// Columns of the rows a batch writes, one vector per column (bound as arrays for `unnest`).
 #[derive(Default)]
@@ -730,6 +860,10 @@ struct BatchRows<'a> {
     k_key: Vec<&'a str>,
     k_fingerprint: Vec<&'a str>,
     k_response: Vec<&'a str>,
+    p_tenant: Vec<&'a str>,
+    p_key: Vec<&'a str>,
+    p_fingerprint: Vec<&'a str>,
+    p_lease: Vec<i64>,
 }
 
 /// The batch statements, prepared once per connection.
@@ -744,6 +878,7 @@ struct BatchStatements {
     ledger: Statement,
     billing: Statement,
     keys_done: Statement,
+    keys_pending: Statement,
 }
 
 impl BatchStatements {
@@ -755,12 +890,13 @@ impl BatchStatements {
             c.prepare(BATCH_LOCK_MONTHS),
             c.prepare(BATCH_RECEIPTS),
         )?;
-        let (heads, months, ledger, billing, keys_done) = tokio::try_join!(
+        let (heads, months, ledger, billing, keys_done, keys_pending) = tokio::try_join!(
             c.prepare(BATCH_HEADS),
             c.prepare(BATCH_MONTHS),
             c.prepare(BATCH_LEDGER),
             c.prepare(BATCH_BILLING),
             c.prepare(BATCH_KEYS_DONE),
+            c.prepare(BATCH_KEYS_PENDING),
         )?;
         Ok(BatchStatements {
             lock_keys,
@@ -773,6 +909,7 @@ impl BatchStatements {
             ledger,
             billing,
             keys_done,
+            keys_pending,
         })
     }
 }
@@ -793,11 +930,11 @@ async fn connect_batcher(
 
 /// Runs one batch in one transaction, in two round trips: BEGIN with the locking reads, then
 /// the writes with COMMIT (a failed write turns that COMMIT into a rollback).
-async fn commit_batch(
+async fn run_batch(
     client: &tokio_postgres::Client,
     st: &BatchStatements,
-    requests: &[&CommitRequest],
-) -> Result<Vec<CommitOutcome>, StoreError> {
+    requests: &[Request<'_>],
+) -> Result<Vec<Outcome>, StoreError> {
     let result = decide_and_write(client, st, requests).await;
     if result.is_err() {
         // Whatever state the transaction is in, end it before the next batch.
@@ -809,18 +946,22 @@ async fn commit_batch(
 async fn decide_and_write(
     tx: &tokio_postgres::Client,
     st: &BatchStatements,
-    requests: &[&CommitRequest],
-) -> Result<Vec<CommitOutcome>, StoreError> {
-    let now_ms = requests.iter().map(|r| r.now_ms).max().unwrap_or(0);
+    requests: &[Request<'_>],
+) -> Result<Vec<Outcome>, StoreError> {
+    let now_ms = requests.iter().map(Request::now_ms).max().unwrap_or(0);
+    let commits: Vec<&CommitRequest> = requests
+        .iter()
+        .filter_map(|r| match r {
+            Request::Commit(c) => Some(*c),
+            Request::Begin(_) => None,
+        })
+        .collect();
 
     // Lock what the batch touches: idempotency rows, trace heads, month-to-date rows.
-    let key_tenants: Vec<&str> = requests.iter().map(|r| r.tenant.as_str()).collect();
-    let key_names: Vec<&str> = requests
-        .iter()
-        .map(|r| r.idempotency_key.as_str())
-        .collect();
-    let trace_ids: Vec<&str> = requests.iter().map(|r| r.trace_id.as_str()).collect();
-    let mut month_keys: Vec<(&str, &str)> = requests
+    let key_tenants: Vec<&str> = requests.iter().map(Request::tenant).collect();
+    let key_names: Vec<&str> = requests.iter().map(Request::idempotency_key).collect();
+    let trace_ids: Vec<&str> = requests.iter().filter_map(Request::trace_id).collect();
+    let mut month_keys: Vec<(&str, &str)> = commits
         .iter()
         .map(|r| (r.tenant.as_str(), r.month.as_str()))
         .collect();
@@ -868,19 +1009,54 @@ async fn decide_and_write(
         );
     }
 
-    // Decide in order, as if the commits ran one after the other.
+    // Decide in order, as if the requests ran one after the other.
     let mut outcomes = Vec::with_capacity(requests.len());
     let mut rows = BatchRows::default();
     let mut touched_traces: Vec<&str> = Vec::new();
-    for req in requests {
+    for request in requests {
+        let req = match request {
+            Request::Commit(req) => *req,
+            Request::Begin(req) => {
+                let key = (req.tenant.clone(), req.idempotency_key.clone());
+                let outcome = match begin_step(records.get(&key), &req.fingerprint, req.now_ms) {
+                    BeginStep::Replay(response) => BeginOutcome::Replay { response },
+                    BeginStep::Reject(r) => BeginOutcome::Rejected(r),
+                    BeginStep::Reserve | BeginStep::Renew => {
+                        let trace = req.trace_id.as_ref().and_then(|t| traces.get(t));
+                        match check_begin(trace, &req.tenant, req.chain_max) {
+                            Err(r) => BeginOutcome::Rejected(r),
+                            Ok(head) => {
+                                let lease_until = req.now_ms.saturating_add(req.lease_ms);
+                                rows.p_tenant.push(&req.tenant);
+                                rows.p_key.push(&req.idempotency_key);
+                                rows.p_fingerprint.push(&req.fingerprint);
+                                rows.p_lease.push(lease_until);
+                                records.insert(
+                                    key,
+                                    Record {
+                                        fingerprint: req.fingerprint.clone(),
+                                        state: RecordState::Pending {
+                                            lease_until_ms: lease_until,
+                                        },
+                                    },
+                                );
+                                BeginOutcome::Proceed { head }
+                            }
+                        }
+                    }
+                };
+                outcomes.push(Outcome::Begin(outcome));
+                continue;
+            }
+        };
         let key = (req.tenant.clone(), req.idempotency_key.clone());
         match commit_step(records.get(&key), &req.fingerprint) {
             CommitStep::Replay(response) => {
-                outcomes.push(CommitOutcome::Replay { response });
+                outcomes.push(Outcome::Commit(CommitOutcome::Replay { response }));
                 continue;
             }
             CommitStep::Reject(r) => {
-                outcomes.push(CommitOutcome::Rejected(r));
+                outcomes.push(Outcome::Commit(CommitOutcome::Rejected(r)));
                 continue;
             }
             CommitStep::Proceed => {}
@@ -893,7 +1069,7 @@ async fn decide_and_write(
             req.prev_receipt_hash.as_deref(),
             req.chain_max,
         ) {
-            outcomes.push(CommitOutcome::Rejected(r));
+            outcomes.push(Outcome::Commit(CommitOutcome::Rejected(r)));
             continue;
         }
         let counters = months
@@ -947,12 +1123,12 @@ async fn decide_and_write(
                 },
             },
         );
-        outcomes.push(CommitOutcome::Committed {
+        outcomes.push(Outcome::Commit(CommitOutcome::Committed {
             response: req.response.clone(),
-        });
+        }));
     }
 
-    if rows.r_trace.is_empty() {
+    if rows.r_trace.is_empty() && rows.p_key.is_empty() {
         tx.batch_execute("ROLLBACK").await.map_err(db)?;
         return Ok(outcomes);
     }
@@ -1024,23 +1200,40 @@ async fn decide_and_write(
         &rows.k_response,
         &now_ms,
     ];
-    let billing = async {
-        if rows.b_key.is_empty() {
-            Ok(0)
-        } else {
-            tx.execute(w_billing, &p_billing).await
-        }
-    };
-    // Pipelined: the six writes and COMMIT are sent before the first answer is awaited.
+    let p_keys_pending: [&(dyn ToSql + Sync); 5] = [
+        &rows.p_tenant,
+        &rows.p_key,
+        &rows.p_fingerprint,
+        &rows.p_lease,
+        &now_ms,
+    ];
+    let no_commits = rows.r_trace.is_empty();
+    // Pipelined: the writes and COMMIT are sent before the first answer is awaited. The
+    // reservations go first: a key reserved and then committed in this batch ends up done.
     tokio::try_join!(
-        tx.execute(w_receipts, &p_receipts),
-        tx.execute(w_heads, &p_heads),
-        tx.execute(w_months, &p_month_values),
-        tx.execute(w_ledger, &p_ledger),
-        billing,
-        tx.execute(w_keys, &p_keys_done),
+        execute_unless(tx, rows.p_key.is_empty(), &st.keys_pending, &p_keys_pending),
+        execute_unless(tx, no_commits, w_receipts, &p_receipts),
+        execute_unless(tx, no_commits, w_heads, &p_heads),
+        execute_unless(tx, no_commits, w_months, &p_month_values),
+        execute_unless(tx, no_commits, w_ledger, &p_ledger),
+        execute_unless(tx, rows.b_key.is_empty(), w_billing, &p_billing),
+        execute_unless(tx, no_commits, w_keys, &p_keys_done),
         tx.batch_execute("COMMIT"),
     )
     .map_err(db)?;
     Ok(outcomes)
+}
+
+/// Executes `statement` unless it has nothing to write.
+async fn execute_unless(
+    tx: &tokio_postgres::Client,
+    nothing_to_write: bool,
+    statement: &Statement,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<u64, tokio_postgres::Error> {
+    if nothing_to_write {
+        Ok(0)
+    } else {
+        tx.execute(statement, params).await
+    }
 }
