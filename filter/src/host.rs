@@ -17,6 +17,10 @@ pub trait Host {
     /// VM-wide shared data (all workers of one plugin).
     fn shared_get(&self, key: &str) -> Option<Vec<u8>>;
     fn shared_set(&mut self, key: &str, value: &[u8]);
+    /// The entry and its compare-and-swap token (0 when absent).
+    fn shared_get_cas(&self, key: &str) -> (Option<Vec<u8>>, u32);
+    /// Writes only if the entry's token is still `cas`; false when another worker wrote first.
+    fn shared_set_cas(&mut self, key: &str, value: &[u8], cas: u32) -> bool;
     /// Cryptographically random bytes, as lowercase hex.
     fn random_hex(&mut self, bytes: usize) -> String;
     /// Adds one to a counter (defined on first use).
@@ -88,6 +92,11 @@ pub mod testing {
         pub histograms: BTreeMap<String, Vec<u64>>,
         pub logs: Vec<(LogLevel, String)>,
         pub random_calls: u64,
+        /// Compare-and-swap tokens of `shared`, bumped on every write.
+        pub cas: HashMap<String, u32>,
+        /// Written to the next `shared_set_cas` key just before it compares: another worker
+        /// winning the race.
+        pub cas_interference: Option<Vec<u8>>,
     }
 
     impl MockHost {
@@ -105,6 +114,23 @@ pub mod testing {
         }
         fn shared_set(&mut self, key: &str, value: &[u8]) {
             self.shared.insert(key.to_owned(), value.to_vec());
+            *self.cas.entry(key.to_owned()).or_default() += 1;
+        }
+        fn shared_get_cas(&self, key: &str) -> (Option<Vec<u8>>, u32) {
+            (
+                self.shared.get(key).cloned(),
+                self.cas.get(key).copied().unwrap_or(0),
+            )
+        }
+        fn shared_set_cas(&mut self, key: &str, value: &[u8], cas: u32) -> bool {
+            if let Some(other) = self.cas_interference.take() {
+                self.shared_set(key, &other);
+            }
+            if self.cas.get(key).copied().unwrap_or(0) != cas {
+                return false;
+            }
+            self.shared_set(key, value);
+            true
         }
         fn random_hex(&mut self, bytes: usize) -> String {
             self.random_calls += 1;

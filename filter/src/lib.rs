@@ -19,6 +19,7 @@ pub mod money;
 pub mod pipeline;
 pub mod policy;
 mod protobuf;
+pub mod rate_limit;
 pub mod registry;
 pub mod repair;
 pub mod route;

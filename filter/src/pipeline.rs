@@ -25,6 +25,7 @@ use signet_protocol::{cid, time, trace, ApiError};
 use crate::config::Config;
 use crate::host::{stats, Host, LogLevel};
 use crate::policy;
+use crate::rate_limit;
 use crate::registry::parse_options;
 use crate::route::{CachedRoute, InlineBody, Mode, RouteSettings};
 use crate::sanitize::sanitize;
@@ -222,6 +223,8 @@ pub struct Exchange {
     request: Option<Request>,
     verified: Option<Verified>,
     conflict_retried: bool,
+    /// The route's per-tenant rate was checked (once, as soon as the tenant is known).
+    rate_checked: bool,
     /// The reservation taken by begin must be released before answering an error.
     begun: bool,
     error_after_release: Option<ApiError>,
@@ -244,6 +247,7 @@ impl Exchange {
             request: None,
             verified: None,
             conflict_retried: false,
+            rate_checked: false,
             begun: false,
             error_after_release: None,
             response_headers: Vec::new(),
@@ -356,6 +360,23 @@ impl Exchange {
         self.advance(host)
     }
 
+    /// 429 when the tenant has spent this second's budget on the route (before any callout).
+    fn over_rate(&self, host: &mut dyn Host) -> Option<ApiError> {
+        let settings = self.settings()?;
+        let per_second = settings.tenant_requests_per_second?;
+        let tenant = self.tenant_name();
+        (!rate_limit::admit(host, &settings.name, &tenant, per_second)).then(|| {
+            ApiError::new(
+                429,
+                "RATE_LIMITED",
+                format!(
+                    "tenant {tenant} exceeded {per_second} requests per second on route {}",
+                    settings.name
+                ),
+            )
+        })
+    }
+
     fn over_limit(&self, size: usize) -> Option<ApiError> {
         let limit = self.settings().map_or(usize::MAX, |s| s.body_limit);
         (size > limit).then(|| {
@@ -405,6 +426,12 @@ impl Exchange {
         }
         if self.awaiting.is_some() || self.tenant.is_none() || self.request.is_some() {
             return Action::Pause;
+        }
+        if !self.rate_checked {
+            self.rate_checked = true;
+            if let Some(error) = self.over_rate(host) {
+                return self.fail(host, error);
+            }
         }
         let Some(body) = self.body.take() else {
             return Action::Pause;

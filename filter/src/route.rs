@@ -59,6 +59,7 @@ pub struct RawRouteSettings {
     pub body_limit_bytes: Option<u64>,
     pub fail_open: Option<bool>,
     pub receipt_canon: Option<ReceiptCanon>,
+    pub tenant_requests_per_second: Option<u32>,
 }
 
 impl RawRouteSettings {
@@ -78,6 +79,9 @@ impl RawRouteSettings {
             body_limit_bytes: over.body_limit_bytes.or(self.body_limit_bytes),
             fail_open: over.fail_open.or(self.fail_open),
             receipt_canon: over.receipt_canon.or(self.receipt_canon),
+            tenant_requests_per_second: over
+                .tenant_requests_per_second
+                .or(self.tenant_requests_per_second),
         }
     }
 }
@@ -93,6 +97,8 @@ pub struct RouteSettings {
     pub body_limit: usize,
     pub fail_open: bool,
     pub keep_canon: bool,
+    /// Requests per second a tenant may make on this route (per Envoy instance); `None`: no limit.
+    pub tenant_requests_per_second: Option<u32>,
 }
 
 impl RouteSettings {
@@ -129,6 +135,11 @@ impl RouteSettings {
             }
             (Mode::Exchange, _) => None,
         };
+        if raw.tenant_requests_per_second == Some(0) {
+            return Err(
+                "tenant_requests_per_second: must be at least 1 (omit it for no limit)".into(),
+            );
+        }
         Ok(Self {
             name: name.to_owned(),
             mode,
@@ -137,6 +148,7 @@ impl RouteSettings {
             body_limit: usize::try_from(body_limit).map_err(|_| "body_limit_bytes: too large")?,
             fail_open: raw.fail_open.unwrap_or(false),
             keep_canon: raw.receipt_canon.unwrap_or(ReceiptCanon::Keep) == ReceiptCanon::Keep,
+            tenant_requests_per_second: raw.tenant_requests_per_second,
         })
     }
 
@@ -249,6 +261,9 @@ mod tests {
             .starts_with("target_type: no mapping"));
         assert!(err(json!({"mode":"proxy"})).starts_with("mode:"));
         assert!(err(json!({"body_limit_bytes":0})).starts_with("body_limit_bytes:"));
+        assert!(
+            err(json!({"tenant_requests_per_second":0})).starts_with("tenant_requests_per_second:")
+        );
         assert!(err(json!({"fail_opn":true})).contains("fail_opn"));
     }
 

@@ -68,6 +68,15 @@ impl Host for WasmHost {
         }
     }
 
+    fn shared_get_cas(&self, key: &str) -> (Option<Vec<u8>>, u32) {
+        hostcalls::get_shared_data(key).map_or((None, 0), |(value, cas)| (value, cas.unwrap_or(0)))
+    }
+
+    fn shared_set_cas(&mut self, key: &str, value: &[u8], cas: u32) -> bool {
+        // a token of 0 means "absent": the host then writes unconditionally
+        hostcalls::set_shared_data(key, Some(value), (cas != 0).then_some(cas)).is_ok()
+    }
+
     fn random_hex(&mut self, bytes: usize) -> String {
         let mut buf = vec![0u8; bytes];
         if getrandom::fill(&mut buf).is_err() {

@@ -788,6 +788,26 @@ fn status_429_and_other_control_plane_errors_pass_through() {
 }
 
 #[test]
+fn status_429_when_a_tenant_exceeds_the_route_rate() {
+    let mut h = Harness::new();
+    let route = h.route(json!({"mode":"exchange","tenant_requests_per_second":2}));
+    let send = |h: &mut Harness, key: &str| {
+        let headers = [("x-signet-api-key", KEY), ("x-signet-idempotency-key", key)];
+        h.send_on(Rc::clone(&route), &headers, &exchange_body(json!({})))
+            .0
+    };
+    assert_eq!(respond(&send(&mut h, "k-1")).0, 200);
+    assert_eq!(respond(&send(&mut h, "k-2")).0, 200);
+    let calls_before = h.cp.calls.len();
+    assert_eq!(error_of(&send(&mut h, "k-3")), (429, "RATE_LIMITED".into()));
+    // refused before any reservation: nothing to release, nothing counted
+    assert_eq!(h.cp.calls.len(), calls_before);
+    assert_eq!(h.host.counter("signet.errors.code.RATE_LIMITED"), 1);
+    h.host.now += 1_000;
+    assert_eq!(respond(&send(&mut h, "k-3")).0, 200);
+}
+
+#[test]
 fn control_plane_rejecting_the_filter_is_a_500() {
     let mut h = Harness::new();
     h.cp.jwks = Jwks { keys: vec![] }; // the control plane does not know the filter's kid
