@@ -391,18 +391,7 @@ impl HttpContext for SignetHttp {
     /// Trailers end the request: the body is complete (a body followed by trailers never
     /// arrives with `end_of_stream`).
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> types::Action {
-        let body_size = self.body_size;
-        let Some(exchange) = self.exchange.as_mut() else {
-            return types::Action::Continue;
-        };
-        let mut read_body = || {
-            hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size)
-                .ok()
-                .flatten()
-                .unwrap_or_default()
-        };
-        let action = exchange.on_request_body(&mut WasmHost, body_size, true, &mut read_body);
-        self.apply(action, Phase::Callback)
+        self.on_http_request_body(self.body_size, true)
     }
 
     fn on_http_response_headers(
