@@ -272,3 +272,52 @@ fn fail_open_route_passes_through_when_the_control_plane_is_down() {
     );
     assert!(r.header("X-SIGNET-Receipt-Hash").is_none());
 }
+
+/// 429 RATE_LIMITED: the exchange route caps each tenant at 2 requests per second
+/// (`tenant_requests_per_second` in the route metadata); a refused request reserves and counts
+/// nothing, and the other tenant keeps its own budget.
+#[test]
+fn tenant_over_the_route_rate_is_429() {
+    let stack = Stack::with_options(StackOptions {
+        envoy_template_edits: vec![(
+            "signet: { mode: exchange }".into(),
+            "signet: { mode: exchange, tenant_requests_per_second: 2 }".into(),
+        )],
+        ..StackOptions::default()
+    });
+    let second = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+    };
+    let mut admitted_total = 0;
+    // A burst of 4 inside one wall-clock second (Envoy's windows are whole seconds); a burst
+    // that straddles a boundary is counted and sent again.
+    for attempt in 0.. {
+        assert!(
+            attempt < 5,
+            "no burst fitted in one second\n{}",
+            stack.logs()
+        );
+        let started = second();
+        let responses: Vec<_> = (0..4)
+            .map(|_| stack.exchange_with(&headers(DEMO_KEY, &new_idempotency_key()), &valid_body()))
+            .collect();
+        let admitted = responses.iter().filter(|r| r.status == 200).count();
+        admitted_total += admitted;
+        if second() != started {
+            continue;
+        }
+        assert_eq!(admitted, 2, "{}", stack.logs());
+        for r in &responses[2..] {
+            assert_error(&stack, r, 429, "RATE_LIMITED");
+        }
+        break;
+    }
+    assert_eq!(stack.vex_count(DEMO_TENANT) as usize, admitted_total);
+    // the other tenant is not limited by the demo tenant's burst
+    let other = stack.exchange_with(&headers(OTHER_KEY, &new_idempotency_key()), &valid_body());
+    assert_ok(&stack, &other);
+    let stats = stack.envoy.stats();
+    assert!(stats.value("signet_errors", &[("signet_code", "RATE_LIMITED")]) >= 2.0);
+}
