@@ -36,8 +36,9 @@ pub const MAX_DEPTH: usize = 1024;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ParseOptions {
     pub profile: Profile,
-    /// Reject integer literals (no fraction, no exponent) whose magnitude exceeds 2^53: as a
-    /// double they would silently change (SPEC §1, a 422 in the exchange pipeline).
+    /// Reject numbers that denote an integer beyond 2^53 which a double cannot hold exactly, in
+    /// any notation (`9007199254740993`, `9007199254740993.0`, `9.007199254740993e15`): it would
+    /// silently change (SPEC §1, a 422 in the exchange pipeline).
     pub reject_unsafe_integers: bool,
 }
 
@@ -604,16 +605,14 @@ impl Parser<'_> {
         }
         let literal = &self.text[start..self.pos];
 
+        if self.opts.reject_unsafe_integers && alters_integer(literal) {
+            return Err(CanonError::new(
+                ErrorKind::UnsafeInteger,
+                format!("integer {literal} exceeds 2^53 and would lose precision"),
+                Some(start),
+            ));
+        }
         if is_integer {
-            let magnitude = literal.trim_start_matches('-').parse::<u64>().ok();
-            let safe = magnitude.is_some_and(|m| m <= MAX_SAFE_MAGNITUDE);
-            if self.opts.reject_unsafe_integers && !safe {
-                return Err(CanonError::new(
-                    ErrorKind::UnsafeInteger,
-                    format!("integer {literal} exceeds 2^53 and would lose precision"),
-                    Some(start),
-                ));
-            }
             if let Ok(i) = literal.parse::<i64>() {
                 return Ok(Number::from(i));
             }
@@ -637,6 +636,52 @@ impl Parser<'_> {
             self.pos += 1;
         }
     }
+}
+
+/// Whether a number literal (RFC 8259 grammar, already checked) denotes an integer beyond 2^53
+/// in magnitude that no double holds exactly, in any notation: `9007199254740993`,
+/// `9007199254740993.0` and `9.007199254740993e15` alike (while `1e21` is exact and passes).
+/// Decided on the decimal digits against the double's exact value, so the verdict is exact.
+fn alters_integer(literal: &str) -> bool {
+    let unsigned = literal.trim_start_matches('-');
+    let (mantissa, exponent) = match unsigned.find(['e', 'E']) {
+        Some(at) => (
+            &unsigned[..at],
+            unsigned[at + 1..].parse::<i64>().unwrap_or(i64::MAX),
+        ),
+        None => (unsigned, 0),
+    };
+    let (whole, fraction) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    let fraction = fraction.trim_end_matches('0');
+    let digits = format!("{whole}{fraction}");
+    let digits = digits.trim_start_matches('0');
+    if digits.is_empty() {
+        return false; // zero
+    }
+    // value = significant × 10^scale
+    let significant = digits.trim_end_matches('0');
+    let scale = exponent
+        .saturating_sub(fraction.len() as i64)
+        .saturating_add((digits.len() - significant.len()) as i64);
+    if scale < 0 {
+        return false; // not an integer
+    }
+    const LIMIT: &str = "9007199254740992"; // 2^53
+    let length = (significant.len() as i64).saturating_add(scale);
+    if length < LIMIT.len() as i64 {
+        return false;
+    }
+    if length > 400 {
+        return true; // beyond any double
+    }
+    let integer = format!("{significant}{}", "0".repeat(scale as usize));
+    if integer.len() == LIMIT.len() && integer.as_str() <= LIMIT {
+        return false;
+    }
+    // `{:.0}` prints a double's exact decimal value
+    unsigned
+        .parse::<f64>()
+        .map_or(true, |double| format!("{double:.0}") != integer)
 }
 
 /// The container on top of the stack was just matched by kind; reaching this is a bug.
@@ -1015,11 +1060,22 @@ mod tests {
         };
         assert!(parse(b"9007199254740992", &strict).is_ok());
         assert!(parse(b"-9007199254740992", &strict).is_ok());
-        assert!(parse(b"9007199254740993.5", &strict).is_ok());
+        assert!(parse(b"9007199254740992.0", &strict).is_ok());
+        assert!(parse(b"9007199254740993.5", &strict).is_ok()); // not an integer
+        assert!(parse(b"90071992547409920e-1", &strict).is_ok());
+        assert!(parse(b"1e15", &strict).is_ok());
+        assert!(parse(b"1e21", &strict).is_ok()); // exactly a double
+        assert!(parse(b"-18014398509481984", &strict).is_ok()); // 2^54, exact
+        assert!(parse(b"0.0e400", &strict).is_ok());
         for input in [
             "9007199254740993",
             "-9007199254740993",
             "1000000000000000000000000",
+            // the same integers in other notations are altered just the same
+            "9007199254740993.0",
+            "9.007199254740993e15",
+            "90071992547409930e-1",
+            "6.02e23",
         ] {
             let err = parse(input.as_bytes(), &strict).err();
             assert_eq!(err.map(|e| e.code()), Some("UNSAFE_INTEGER"), "{input}");

@@ -89,9 +89,19 @@ pub struct Jwk {
     /// base64url (no padding) of the 32-byte public key.
     pub x: String,
     pub kid: String,
-    #[serde(rename = "use")]
+    /// `use` and `alg` are optional in RFC 7517: a key published without them still verifies.
+    #[serde(rename = "use", default = "default_use")]
     pub use_: String,
+    #[serde(default = "default_alg")]
     pub alg: String,
+}
+
+fn default_use() -> String {
+    "sig".into()
+}
+
+fn default_alg() -> String {
+    "EdDSA".into()
 }
 
 impl Jwk {
@@ -284,5 +294,16 @@ mod tests {
         assert!(Jwks::from_json(br#"{"keys":{}}"#).is_err());
         let via_serde: Jwks = serde_json::from_str(doc).unwrap();
         assert_eq!(via_serde, jwks);
+    }
+
+    #[test]
+    fn jwks_accepts_keys_without_the_optional_use_and_alg() {
+        let key = rfc8032_key();
+        let minimal = serde_json::json!({"keys":[{"kty":"OKP","crv":"Ed25519",
+            "x": key.public_jwk().x, "kid": key.kid()}]});
+        let jwks = Jwks::from_json(minimal.to_string().as_bytes()).unwrap();
+        assert_eq!(jwks.keys, vec![key.public_jwk()]);
+        let sig = key.sign(b"m");
+        assert!(jwks.verify(key.kid(), b"m", &sig).is_ok());
     }
 }
