@@ -155,9 +155,25 @@ impl Config {
         let previous_keys = match get("SP_PREVIOUS_JWKS") {
             None => Vec::new(),
             Some(v) => {
-                Jwks::from_json(v.as_bytes())
+                let keys = Jwks::from_json(v.as_bytes())
                     .map_err(|e| invalid("SP_PREVIOUS_JWKS", e.to_string()))?
-                    .keys
+                    .keys;
+                // a JWKS reader skips keys it cannot use; here a skipped key would silently
+                // orphan every receipt it signed
+                let listed = serde_json::from_str::<serde_json::Value>(&v)
+                    .ok()
+                    .and_then(|doc| doc["keys"].as_array().map(Vec::len))
+                    .unwrap_or(0);
+                if keys.len() != listed {
+                    return Err(invalid(
+                        "SP_PREVIOUS_JWKS",
+                        format!(
+                            "{} of its {listed} keys are not Ed25519 public keys (kty OKP, crv Ed25519, x, kid)",
+                            listed.saturating_sub(keys.len())
+                        ),
+                    ));
+                }
+                keys
             }
         };
 
@@ -307,6 +323,13 @@ mod tests {
             (&[("SP_RESERVED_CONFIG", "{\"t\":1}")], "SP_RESERVED_CONFIG"),
             (&[("SP_HEL_ALLOWLIST", "https://x.com")], "SP_HEL_ALLOWLIST"),
             (&[("SP_PREVIOUS_JWKS", "{}")], "SP_PREVIOUS_JWKS"),
+            (
+                &[(
+                    "SP_PREVIOUS_JWKS",
+                    r#"{"keys":[{"kty":"OKP","crv":"Ed25519","kid":"old"}]}"#,
+                )],
+                "SP_PREVIOUS_JWKS",
+            ),
         ];
         for (vars, variable) in cases {
             match config(vars) {
