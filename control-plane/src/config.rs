@@ -322,6 +322,10 @@ mod tests {
             (&[("SP_API_KEYS", "[]")], "SP_API_KEYS"),
             (&[("SP_RESERVED_CONFIG", "{\"t\":1}")], "SP_RESERVED_CONFIG"),
             (&[("SP_HEL_ALLOWLIST", "https://x.com")], "SP_HEL_ALLOWLIST"),
+            (
+                &[("SP_HEL_ALLOWLIST", "my_host.example.com")],
+                "SP_HEL_ALLOWLIST",
+            ),
             (&[("SP_PREVIOUS_JWKS", "{}")], "SP_PREVIOUS_JWKS"),
             (
                 &[(

@@ -262,7 +262,9 @@ pub fn normalize_host_pattern(pattern: &str) -> Result<String, String> {
                 && label.len() <= 63
                 && label
                     .chars()
-                    .all(|c| c.is_alphanumeric() || c == '-' || c == '_')
+                    // no `_`: the filter matches hosts after strict UTS 46, which refuses it,
+                    // so such an entry could never match
+                    .all(|c| c.is_alphanumeric() || c == '-')
         });
     if valid {
         Ok(p)
