@@ -34,6 +34,13 @@ impl Host for BenchHost {
     fn shared_set(&mut self, key: &str, value: &[u8]) {
         self.shared.insert(key.to_owned(), value.to_vec());
     }
+    fn shared_get_cas(&self, key: &str) -> (Option<Vec<u8>>, u32) {
+        (self.shared_get(key), 0)
+    }
+    fn shared_set_cas(&mut self, key: &str, value: &[u8], _cas: u32) -> bool {
+        self.shared_set(key, value);
+        true
+    }
     fn random_hex(&mut self, bytes: usize) -> String {
         self.n += 1;
         format!("{:0width$x}", self.n, width = bytes * 2)
@@ -156,6 +163,9 @@ fn main() {
         signet_protocol::receipt::sign(&draft, &config.signing_key)
             .unwrap()
             .len()
+    });
+    measure("Ed25519 signature alone (ed25519-compact)", || {
+        config.signing_key.sign(BODY.as_bytes()).len()
     });
     // includes the stand-in control plane parsing the commit body and echoing the response
     let full = measure("whole pipeline incl. Ed25519 signing", || {
