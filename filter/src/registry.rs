@@ -16,6 +16,7 @@ use signet_protocol::ApiError;
 
 use crate::money::CurrencyTable;
 use crate::repair::repair;
+use crate::sanitize::sanitize;
 use crate::schema::{SchemaId, SchemaSet};
 use crate::transform::{Engine, Expression};
 
@@ -462,6 +463,9 @@ fn decode_embedded_json(pointers: &[Pointer], payload: &mut Value) -> Result<u32
                     v
                 }
             };
+            // its strings are string values of the payload too (SPEC §4 sanitize)
+            let mut decoded = decoded;
+            sanitize(&mut decoded);
             *value = decoded;
             Ok(())
         })?;
@@ -511,6 +515,16 @@ mod tests {
             out.value,
             json!({"invoice_id":"INV-1","amount_minor":12345,"currency":"USD","customer":{"name":"Acme"},"description":"Services"})
         );
+    }
+
+    #[test]
+    fn strings_inside_embedded_json_are_sanitized_too() {
+        let args = r#"{"invoice_id":"INV-1","amount":1,"currency":"USD","customer_name":"Ac\u0001me","description":"line 1\r\nline 2\rline 3"}"#;
+        let out = builtin()
+            .normalize(OPENAI, INVOICE, tool_call(args))
+            .unwrap();
+        assert_eq!(out.value["customer"]["name"], "Acme");
+        assert_eq!(out.value["description"], "line 1\nline 2\nline 3");
     }
 
     #[test]
