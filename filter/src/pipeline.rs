@@ -299,18 +299,10 @@ impl Exchange {
             );
         };
         self.key_hash = cid::sha256_hex(api_key.trim().as_bytes());
+        // an empty key means "missing": answered once the API key is known (auth comes first)
         self.idempotency_key = match (first(&IDEMPOTENCY_KEY_HEADERS), mode) {
             (Some(key), _) => key.trim().to_owned(),
-            (None, Mode::Exchange) => {
-                return self.fail(
-                    host,
-                    ApiError::new(
-                        400,
-                        "MISSING_IDEMPOTENCY_KEY",
-                        "X-SIGNET-Idempotency-Key is required",
-                    ),
-                )
-            }
+            (None, Mode::Exchange) => String::new(),
             // inline callers are ordinary API clients: without a key every request is new
             (None, Mode::Inline) => format!("auto-{}", host.random_hex(16)),
         };
@@ -426,6 +418,16 @@ impl Exchange {
         }
         if self.awaiting.is_some() || self.tenant.is_none() || self.request.is_some() {
             return Action::Pause;
+        }
+        if self.idempotency_key.is_empty() {
+            return self.fail(
+                host,
+                ApiError::new(
+                    400,
+                    "MISSING_IDEMPOTENCY_KEY",
+                    "X-SIGNET-Idempotency-Key is required",
+                ),
+            );
         }
         if !self.rate_checked {
             self.rate_checked = true;

@@ -573,6 +573,11 @@ fn status_401_rows() {
         (401, "UNKNOWN_API_KEY".into())
     );
     assert_eq!(h.cp.calls, vec![Call::Tenant]);
+    // auth comes before idempotency: an unknown key without an idempotency key is still 401
+    assert_eq!(
+        error_of(&h.exchange(&[("x-signet-api-key", "nope")], &exchange_body(json!({})))),
+        (401, "UNKNOWN_API_KEY".into())
+    );
 }
 
 #[test]
