@@ -134,6 +134,18 @@ impl Stack {
         }
     }
 
+    /// The sample invoice to the `inline` route (`/invoices`) with the demo tenant's key.
+    pub fn post_invoice(&self) -> Response {
+        self.post(
+            "/invoices",
+            &[
+                ("X-SIGNET-API-Key", DEMO_KEY),
+                ("content-type", "application/json"),
+            ],
+            crate::payloads::sample_invoice().to_string().as_bytes(),
+        )
+    }
+
     /// `POST /v1/exchange` with the demo tenant's key and a fresh idempotency key.
     pub fn exchange(&self, body: &Value) -> Response {
         let idempotency_key = new_idempotency_key();

@@ -7,7 +7,6 @@ use std::time::Duration;
 use serde_json::json;
 use signet_e2e::envoy::{Envoy, EnvoySettings};
 use signet_e2e::payloads::sample_invoice;
-use signet_e2e::stack::DEMO_KEY;
 use signet_e2e::{binaries, Stack, StackOptions, Storage};
 
 use crate::assert_error;
@@ -94,14 +93,7 @@ fn invalid_route_metadata_answers_500_on_that_route_only() {
         )],
         ..StackOptions::default()
     });
-    let r = stack.post(
-        "/invoices",
-        &[
-            ("X-SIGNET-API-Key", DEMO_KEY),
-            ("content-type", "application/json"),
-        ],
-        sample_invoice().to_string().as_bytes(),
-    );
+    let r = stack.post_invoice();
     assert_error(&stack, &r, 500, "ROUTE_CONFIG_INVALID");
     assert!(
         stack.envoy.service.log().contains("inline_body"),

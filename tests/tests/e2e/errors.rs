@@ -207,14 +207,7 @@ fn control_plane_down_is_503_and_counts_nothing() {
     assert_error(&stack, &r, 503, "CONTROL_PLANE_UNAVAILABLE");
     assert!(r.header("X-SIGNET-Receipt-Hash").is_none());
     // The inline route does not reach its upstream either.
-    let r = stack.post(
-        "/invoices",
-        &[
-            ("X-SIGNET-API-Key", DEMO_KEY),
-            ("content-type", "application/json"),
-        ],
-        sample_invoice().to_string().as_bytes(),
-    );
+    let r = stack.post_invoice();
     assert_error(&stack, &r, 503, "CONTROL_PLANE_UNAVAILABLE");
     let stats = stack.envoy.stats();
     // The tenant lookup is cached from the first request; the reservation call is what fails.

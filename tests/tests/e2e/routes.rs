@@ -11,14 +11,7 @@ use crate::{assert_error, assert_ok};
 #[test]
 fn inline_route_sends_the_normalized_invoice_upstream_with_receipt_headers() {
     let stack = Stack::start(Storage::Sqlite);
-    let response = stack.post(
-        "/invoices",
-        &[
-            ("X-SIGNET-API-Key", DEMO_KEY),
-            ("content-type", "application/json"),
-        ],
-        sample_invoice().to_string().as_bytes(),
-    );
+    let response = stack.post_invoice();
     let echo = assert_ok(&stack, &response);
 
     // What the upstream received: the normalized invoice and the receipt headers, no API key.
@@ -143,14 +136,7 @@ fn receipt_without_canon_still_verifies() {
         envoy_template_edits: vec![("receipt_canon: keep".into(), "receipt_canon: drop".into())],
         ..Default::default()
     });
-    let response = stack.post(
-        "/invoices",
-        &[
-            ("X-SIGNET-API-Key", DEMO_KEY),
-            ("content-type", "application/json"),
-        ],
-        sample_invoice().to_string().as_bytes(),
-    );
+    let response = stack.post_invoice();
     let echo = assert_ok(&stack, &response);
     let trace_id = response.header("X-SIGNET-Trace").expect("trace").to_owned();
     let chain = stack.chain(&trace_id);
