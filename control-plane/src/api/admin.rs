@@ -6,11 +6,9 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{json_response, parse_body, HttpError, RawBody};
+use super::{json_response, parse_body, HttpError, RawBody, State as AppState};
 use crate::tenants::TenantDirectory;
 use crate::{now_ms, ControlPlane};
-
-type AppState = State<std::sync::Arc<ControlPlane>>;
 
 fn authorize(cp: &ControlPlane, headers: &HeaderMap) -> Result<(), HttpError> {
     match super::header(headers, &["x-signet-admin-key"]) {

@@ -9,11 +9,9 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use signet_protocol::{receipt, time, trace};
 
-use super::{header, parse_body, HttpError, RawBody};
+use super::{header, parse_body, HttpError, RawBody, State as AppState};
 use crate::storage::{BeginOutcome, BeginRequest, CommitOutcome, CommitRequest};
 use crate::{now_ms, ControlPlane};
-
-type AppState = State<std::sync::Arc<ControlPlane>>;
 
 fn authorize(cp: &ControlPlane, headers: &HeaderMap) -> Result<(), HttpError> {
     match header(headers, &["x-signet-filter-token"]) {
@@ -135,13 +133,7 @@ async fn begin_inner(
         BeginOutcome::Proceed { head } => {
             Ok(Json(json!({"outcome": "proceed", "head": head})).into_response())
         }
-        BeginOutcome::Replay { response } => {
-            cp.metrics
-                .idempotent_hits
-                .get_or_create(&crate::metrics::CallLabels { call: "begin" })
-                .inc();
-            Ok(Json(json!({"outcome": "replay", "response": response})).into_response())
-        }
+        BeginOutcome::Replay { response } => Ok(replay(cp, "begin", response)),
         BeginOutcome::Rejected(r) => Err(HttpError::rejection(r)),
     }
 }
@@ -243,15 +235,18 @@ async fn commit_inner(
             cp.metrics.fu.inc_by(fu_tokens);
             Ok(Json(json!({"outcome": "committed", "response": response})).into_response())
         }
-        CommitOutcome::Replay { response } => {
-            cp.metrics
-                .idempotent_hits
-                .get_or_create(&crate::metrics::CallLabels { call: "commit" })
-                .inc();
-            Ok(Json(json!({"outcome": "replay", "response": response})).into_response())
-        }
+        CommitOutcome::Replay { response } => Ok(replay(cp, "commit", response)),
         CommitOutcome::Rejected(r) => Err(HttpError::rejection(r)),
     }
+}
+
+/// The stored response of an idempotency key already done; counted as a hit of `call`.
+fn replay(cp: &ControlPlane, call: &'static str, response: Value) -> Response {
+    cp.metrics
+        .idempotent_hits
+        .get_or_create(&crate::metrics::CallLabels { call })
+        .inc();
+    Json(json!({"outcome": "replay", "response": response})).into_response()
 }
 
 pub async fn release(State(cp): AppState, headers: HeaderMap, body: RawBody) -> Response {

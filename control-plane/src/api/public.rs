@@ -7,11 +7,9 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 use signet_protocol::{bundle, time, trace};
 
-use super::{json_response, HttpError};
+use super::{json_response, HttpError, State as AppState};
 use crate::storage::StoredChain;
 use crate::{now_ms, tenants, ControlPlane};
-
-type AppState = State<std::sync::Arc<ControlPlane>>;
 
 pub async fn healthz(State(cp): AppState) -> Response {
     let timer = cp.metrics.time("ping");
