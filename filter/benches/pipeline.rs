@@ -4,6 +4,7 @@
 //!
 //! `cargo bench -p signet-filter --bench pipeline`
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::hint::black_box;
 use std::rc::Rc;
@@ -15,6 +16,7 @@ use signet_filter::host::{Host, LogLevel};
 use signet_filter::pipeline::{Action, CalloutResponse, Exchange};
 use signet_filter::registry::{RawRegistry, Registry};
 use signet_filter::route::{CachedRoute, RawRouteSettings, RouteSettings};
+use signet_filter::worker::WorkerState;
 
 const BODY: &str = r#"{"payload_type":"openai.tooluse.invoice.v1","target_type":"invoice.iso20022.v1","payload":{"tool_calls":[{"type":"function","function":{"name":"create_invoice","arguments":"{invoice_id: 'INV-1', amount: 123.45, currency: 'USD', customer_name: 'Acme', description: 'Services',}"}}]}}"#;
 
@@ -59,7 +61,8 @@ fn ok(body: Value) -> CalloutResponse {
 
 /// One exchange with an answering control plane; returns the response size.
 fn exchange(config: &Rc<Config>, route: &CachedRoute, host: &mut BenchHost) -> usize {
-    let mut ex = Exchange::new(Rc::clone(config), Rc::clone(route), 0);
+    let worker = Rc::new(RefCell::new(WorkerState::default()));
+    let mut ex = Exchange::new(Rc::clone(config), Rc::clone(route), worker, 0);
     let headers = |name: &str| match name {
         "x-signet-api-key" => Some("demo-key".to_owned()),
         "x-signet-idempotency-key" => Some("k".to_owned()),
@@ -73,9 +76,6 @@ fn exchange(config: &Rc<Config>, route: &CachedRoute, host: &mut BenchHost) -> u
     let mut action = ex.on_request_body(host, BODY.len(), true, &mut || BODY.as_bytes().to_vec());
     loop {
         action = match action {
-            Action::Call(call) if call.headers.iter().any(|(_, v)| v == "/v1/internal/begin") => {
-                ex.on_callout_response(host, ok(json!({"outcome":"proceed","head":null})))
-            }
             Action::Call(call) => {
                 // the control plane echoes the response it stores
                 let body: Value =

@@ -26,6 +26,7 @@ pub mod route;
 pub mod sanitize;
 pub mod schema;
 pub mod transform;
+pub mod worker;
 
 #[cfg(target_arch = "wasm32")]
 mod wasm;

@@ -7,13 +7,19 @@
 //!
 //! ```text
 //! headers ─▶ API key, idempotency key, trace header ─▶ tenant (cached in shared data, else callout)
-//! body    ─▶ limit (413) ─▶ parse (400/422) ─▶ begin ─┬─ replay ─▶ stored response, Idempotency-Hit
-//!                                                     └─ proceed ─▶ sanitize → normalize → HEL → sign
-//!                                                                   ─▶ commit ─┬─ committed ─▶ 200 / upstream
-//!                                                                              └─ 409 conflict ─▶ re-sign once
-//! any error after begin ─▶ release ─▶ error response
+//!         ─▶ key in flight on this worker? (409)
+//! body    ─▶ limit (413) ─▶ parse (400/422) ─▶ sanitize → normalize → HEL
+//!         ─▶ sign on the head this worker knows (hop 1 for a new trace)
+//!         ─▶ commit ─┬─ committed ─▶ 200 / upstream
+//!                    ├─ replay    ─▶ the stored response, Idempotency-Hit
+//!                    └─ 409 conflict with the head ─▶ re-sign on it, once
 //! ```
+//!
+//! One callout per exchange: commit decides idempotency and the chain append in one
+//! transaction, so nothing is reserved before it and nothing must be released after an error
+//! (see [`crate::worker`] for what a worker remembers instead).
 
+use std::cell::RefCell;
 use std::rc::Rc;
 
 use serde::Deserialize;
@@ -29,6 +35,7 @@ use crate::rate_limit;
 use crate::registry::parse_options;
 use crate::route::{CachedRoute, InlineBody, Mode, RouteSettings};
 use crate::sanitize::sanitize;
+use crate::worker::{Head, WorkerState};
 
 // ---- request and response headers -----------------------------------------------------------
 
@@ -58,18 +65,14 @@ const TENANT_CACHE_PREFIX: &str = "signet.tenant.";
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Call {
     Tenant,
-    Begin,
     Commit,
-    Release,
 }
 
 impl Call {
     pub fn name(self) -> &'static str {
         match self {
             Call::Tenant => "tenant",
-            Call::Begin => "begin",
             Call::Commit => "commit",
-            Call::Release => "release",
         }
     }
 }
@@ -133,19 +136,6 @@ struct Tenant {
     tenant: String,
     #[serde(default)]
     allowlist: Vec<String>,
-}
-
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-struct Head {
-    hop: u64,
-    receipt_hash: String,
-}
-
-#[derive(Deserialize)]
-#[serde(tag = "outcome", rename_all = "lowercase")]
-enum BeginReply {
-    Proceed { head: Option<Head> },
-    Replay { response: Value },
 }
 
 #[derive(Deserialize)]
@@ -213,6 +203,7 @@ struct Verified {
 pub struct Exchange {
     config: Rc<Config>,
     route: CachedRoute,
+    worker: Rc<RefCell<WorkerState>>,
     started_ms: u64,
     key_hash: String,
     idempotency_key: String,
@@ -222,21 +213,28 @@ pub struct Exchange {
     awaiting: Option<Call>,
     request: Option<Request>,
     verified: Option<Verified>,
-    conflict_retried: bool,
-    /// The route's per-tenant rate was checked (once, as soon as the tenant is known).
-    rate_checked: bool,
-    /// The reservation taken by begin must be released before answering an error.
-    begun: bool,
-    error_after_release: Option<ApiError>,
+    /// Re-signs left for 409 `CHAIN_CONFLICT`: one, plus one when the head was a guess (a trace
+    /// this worker has not seen: the first conflict only tells its head).
+    conflict_retries: u8,
+    /// The rate and in-flight checks ran (once, as soon as the tenant is known).
+    admitted: bool,
+    /// This exchange holds its idempotency key in the worker's in-flight set.
+    in_flight: bool,
     response_headers: Vec<(String, String)>,
     finished: bool,
 }
 
 impl Exchange {
-    pub fn new(config: Rc<Config>, route: CachedRoute, now_ms: u64) -> Self {
+    pub fn new(
+        config: Rc<Config>,
+        route: CachedRoute,
+        worker: Rc<RefCell<WorkerState>>,
+        now_ms: u64,
+    ) -> Self {
         Self {
             config,
             route,
+            worker,
             started_ms: now_ms,
             key_hash: String::new(),
             idempotency_key: String::new(),
@@ -246,10 +244,9 @@ impl Exchange {
             awaiting: None,
             request: None,
             verified: None,
-            conflict_retried: false,
-            rate_checked: false,
-            begun: false,
-            error_after_release: None,
+            conflict_retries: 0,
+            admitted: false,
+            in_flight: false,
             response_headers: Vec::new(),
             finished: false,
         }
@@ -395,23 +392,18 @@ impl Exchange {
                 LogLevel::Warn,
                 &format!("signet: control plane {} call failed: {why}", call.name()),
             );
-            if call == Call::Release {
-                // the lease expires on its own; answer the original error
-                return self.answer_released_error(host);
-            }
             return self.unavailable(host);
         }
         match call {
             Call::Tenant => self.on_tenant(host, reply),
-            Call::Begin => self.on_begin(host, reply),
             Call::Commit => self.on_commit(host, reply),
-            Call::Release => self.answer_released_error(host),
         }
     }
 
     // ---- steps -------------------------------------------------------------------------------
 
-    /// Runs what is runnable: after the tenant is known and the body complete, parse and begin.
+    /// Runs what is runnable: once the tenant is known, admit the request; once the body is
+    /// complete too, verify, sign and commit.
     fn advance(&mut self, host: &mut dyn Host) -> Action {
         if self.finished {
             return Action::PassThrough;
@@ -429,9 +421,12 @@ impl Exchange {
                 ),
             );
         }
-        if !self.rate_checked {
-            self.rate_checked = true;
+        if !self.admitted {
+            self.admitted = true;
             if let Some(error) = self.over_rate(host) {
+                return self.fail(host, error);
+            }
+            if let Some(error) = self.enter_in_flight() {
                 return self.fail(host, error);
             }
         }
@@ -442,15 +437,47 @@ impl Exchange {
             Ok(r) => r,
             Err(e) => return self.fail(host, e),
         };
-        let (tenant, trace_id) = (self.tenant_name(), request.trace_id.clone());
-        let begin = json!({
-            "tenant": tenant,
-            "idempotency_key": self.idempotency_key,
-            "fingerprint": request.fingerprint,
-            "trace_id": trace_id,
-        });
+        let trace_id = request.trace_id.clone();
         self.request = Some(request);
-        self.call(Call::Begin, Some(begin), Vec::new())
+        if let Err(e) = self.verify(host) {
+            return self.fail(host, e);
+        }
+        let head = trace_id.as_deref().and_then(|t| self.known_head(t));
+        let guessed = trace_id.is_some() && head.is_none();
+        self.conflict_retries = 1 + u8::from(guessed);
+        self.commit(host, head)
+    }
+
+    /// 409 when this worker already runs an exchange with the same idempotency key.
+    fn enter_in_flight(&mut self) -> Option<ApiError> {
+        let tenant = self.tenant_name();
+        let entered = self.worker.try_borrow_mut().map_or(true, |mut w| {
+            w.in_flight.enter(&tenant, &self.idempotency_key)
+        });
+        self.in_flight = entered;
+        (!entered).then(|| {
+            ApiError::new(
+                409,
+                "IDEMPOTENCY_IN_FLIGHT",
+                "a request with this idempotency key is still being processed",
+            )
+        })
+    }
+
+    fn leave_in_flight(&mut self) {
+        if !std::mem::take(&mut self.in_flight) {
+            return;
+        }
+        let tenant = self.tenant_name();
+        if let Ok(mut w) = self.worker.try_borrow_mut() {
+            w.in_flight.leave(&tenant, &self.idempotency_key);
+        }
+    }
+
+    /// The head this worker committed last on the tenant's trace, if any.
+    fn known_head(&self, trace_id: &str) -> Option<Head> {
+        let worker = self.worker.try_borrow().ok()?;
+        worker.heads.get(&self.tenant_name(), trace_id)
     }
 
     fn on_tenant(&mut self, host: &mut dyn Host, reply: Reply) -> Action {
@@ -478,50 +505,24 @@ impl Exchange {
         }
     }
 
-    fn on_begin(&mut self, host: &mut dyn Host, reply: Reply) -> Action {
-        let body = match reply {
-            Reply::Ok(body) => body,
-            Reply::Error(e, _) => {
-                let e = control_plane_error(host, e);
-                return self.fail(host, e);
-            }
-            Reply::Unavailable(_) => return self.unavailable(host),
-        };
-        match serde_json::from_slice::<BeginReply>(&body) {
-            Ok(BeginReply::Replay { response }) => self.deliver(host, response, true),
-            Ok(BeginReply::Proceed { head }) => {
-                self.begun = true;
-                match self.verify(host) {
-                    Ok(()) => self.commit(host, head),
-                    Err(e) => self.fail_after_begin(host, e),
-                }
-            }
-            Err(e) => {
-                host.count(&stats::callout_failures(Call::Begin.name()));
-                host.log(
-                    LogLevel::Warn,
-                    &format!("signet: begin answer unreadable: {e}"),
-                );
-                self.unavailable(host)
-            }
-        }
-    }
-
     fn on_commit(&mut self, host: &mut dyn Host, reply: Reply) -> Action {
         let body = match reply {
             Reply::Ok(body) => body,
-            Reply::Error(e, Some(head)) if e.code == "CHAIN_CONFLICT" && !self.conflict_retried => {
-                // Another exchange extended the trace first: link to its receipt, once.
-                self.conflict_retried = true;
+            Reply::Error(e, Some(head))
+                if e.code == "CHAIN_CONFLICT" && self.conflict_retries > 0 =>
+            {
+                // Another exchange extended the trace first (or the head was a guess): link
+                // to the head commit reported.
+                self.conflict_retries -= 1;
                 host.log(
                     LogLevel::Debug,
-                    "signet: chain conflict, re-signing on the new head",
+                    "signet: chain conflict, re-signing on the head the control plane reported",
                 );
                 return self.commit(host, Some(head));
             }
             Reply::Error(e, _) => {
                 let e = control_plane_error(host, e);
-                return self.fail_after_begin(host, e);
+                return self.fail(host, e);
             }
             Reply::Unavailable(_) => return self.unavailable(host),
         };
@@ -530,6 +531,7 @@ impl Exchange {
                 if let Some(s) = self.settings() {
                     host.count(&stats::exchanges(s.mode.as_str()));
                 }
+                self.remember_head(&response);
                 self.deliver(host, response, false)
             }
             Ok(CommitReply::Replay { response }) => self.deliver(host, response, true),
@@ -599,7 +601,7 @@ impl Exchange {
         let payload = envelope
             .remove("payload")
             .ok_or_else(|| invalid_request("payload is required"))?;
-        // Unknown types fail the same way after begin; checking first spares two callouts.
+        // normalize would refuse them too; checked here so that the error names the field
         let registry = &self.config.registry;
         for (field, ty) in [
             ("payload_type", &payload_type),
@@ -684,7 +686,27 @@ impl Exchange {
     fn commit(&mut self, host: &mut dyn Host, head: Option<Head>) -> Action {
         match self.sign(host, head) {
             Ok(body) => self.call(Call::Commit, Some(body), Vec::new()),
-            Err(e) => self.fail_after_begin(host, e),
+            Err(e) => self.fail(host, e),
+        }
+    }
+
+    /// The committed receipt is its trace's head now: the next hop through this worker links
+    /// to it without asking.
+    fn remember_head(&self, response: &Value) {
+        let receipt = response.get("receipt");
+        let hop = receipt.and_then(|r| r.get("hop")).and_then(Value::as_u64);
+        let hash = receipt
+            .and_then(|r| r.get("receipt_hash"))
+            .and_then(Value::as_str);
+        let trace = response.get("trace_id").and_then(Value::as_str);
+        if let (Some(hop), Some(hash), Some(trace)) = (hop, hash, trace) {
+            if let Ok(mut w) = self.worker.try_borrow_mut() {
+                let head = Head {
+                    hop,
+                    receipt_hash: hash.to_owned(),
+                };
+                w.heads.put(&self.tenant_name(), trace, head);
+            }
         }
     }
 
@@ -831,9 +853,7 @@ impl Exchange {
         let cp = &self.config.control_plane;
         let (method, path) = match call {
             Call::Tenant => ("GET", "/v1/internal/tenant"),
-            Call::Begin => ("POST", "/v1/internal/begin"),
             Call::Commit => ("POST", "/v1/internal/commit"),
-            Call::Release => ("POST", "/v1/internal/release"),
         };
         let mut headers = vec![
             (":method".to_owned(), method.to_owned()),
@@ -866,31 +886,6 @@ impl Exchange {
         self.finish(host, Action::Respond(response))
     }
 
-    /// An error once begin reserved the idempotency key: release it first, so that the client
-    /// may retry with the same key.
-    fn fail_after_begin(&mut self, host: &mut dyn Host, error: ApiError) -> Action {
-        if !self.begun {
-            return self.fail(host, error);
-        }
-        self.begun = false;
-        let fingerprint = self.request.as_ref().map(|r| r.fingerprint.clone());
-        let body = json!({
-            "tenant": self.tenant_name(),
-            "idempotency_key": self.idempotency_key,
-            "fingerprint": fingerprint,
-        });
-        self.error_after_release = Some(error);
-        self.call(Call::Release, Some(body), Vec::new())
-    }
-
-    fn answer_released_error(&mut self, host: &mut dyn Host) -> Action {
-        let error = self
-            .error_after_release
-            .take()
-            .unwrap_or_else(|| ApiError::new(500, "INTERNAL", "release without an error"));
-        self.fail(host, error)
-    }
-
     /// The control plane cannot be used: 503, or on a fail-open route, the request continues
     /// as it came (no receipt, nothing counted), only without receipt headers a client may have
     /// forged: the upstream must never see receipt headers on a request that has no receipt.
@@ -920,6 +915,7 @@ impl Exchange {
         if !self.finished {
             self.finished = true;
             self.awaiting = None;
+            self.leave_in_flight();
             let elapsed = host.now_millis().saturating_sub(self.started_ms);
             host.record(stats::EXCHANGE_LATENCY_MS, elapsed);
         }
@@ -956,6 +952,13 @@ impl Exchange {
             &format!("{TENANT_CACHE_PREFIX}{}", self.key_hash),
             entry.to_string().as_bytes(),
         );
+    }
+}
+
+impl Drop for Exchange {
+    /// A stream reset before the exchange answered still frees its idempotency key.
+    fn drop(&mut self) {
+        self.leave_in_flight();
     }
 }
 

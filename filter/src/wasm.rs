@@ -17,6 +17,7 @@ use crate::config::Config;
 use crate::host::{Host, LogLevel};
 use crate::pipeline::{Action as PipelineAction, CalloutResponse, Exchange, Forward};
 use crate::route::{CachedRoute, RouteCache, RouteSettings};
+use crate::worker::WorkerState;
 
 proxy_wasm::main! {{
     // also installs a panic hook that logs the panic before the VM aborts
@@ -125,6 +126,8 @@ impl Host for WasmHost {
 struct SignetRoot {
     config: Option<Rc<Config>>,
     routes: Rc<RefCell<RouteCache>>,
+    /// This VM's (this worker's) in-flight keys and trace heads.
+    worker: Rc<RefCell<WorkerState>>,
 }
 
 impl Context for SignetRoot {}
@@ -152,6 +155,7 @@ impl RootContext for SignetRoot {
                 );
                 self.config = Some(Rc::new(config));
                 self.routes = Rc::new(RefCell::new(RouteCache::default()));
+                self.worker = Rc::new(RefCell::new(WorkerState::default()));
                 true
             }
             Err(e) => {
@@ -173,6 +177,7 @@ impl RootContext for SignetRoot {
         Some(Box::new(SignetHttp {
             config: self.config.clone(),
             routes: Rc::clone(&self.routes),
+            worker: Rc::clone(&self.worker),
             exchange: None,
             body_size: 0,
         }))
@@ -184,6 +189,7 @@ impl RootContext for SignetRoot {
 struct SignetHttp {
     config: Option<Rc<Config>>,
     routes: Rc<RefCell<RouteCache>>,
+    worker: Rc<RefCell<WorkerState>>,
     exchange: Option<Exchange>,
     /// Size of the buffered request body, to replace it whole.
     body_size: usize,
@@ -361,7 +367,8 @@ impl HttpContext for SignetHttp {
         };
         let route = self.route(&config);
         let mut host = WasmHost;
-        let mut exchange = Exchange::new(config, route, host.now_millis());
+        let worker = Rc::clone(&self.worker);
+        let mut exchange = Exchange::new(config, route, worker, host.now_millis());
         let header = |name: &str| {
             hostcalls::get_map_value(MapType::HttpRequestHeaders, name)
                 .ok()

@@ -1,6 +1,8 @@
 //! One complete deployment per test: demo upstream, control plane and Envoy with the filter, on
 //! free ports, with a temp dir that holds their configs, logs and (SQLite) database.
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -220,29 +222,36 @@ impl Stack {
             .unwrap_or_else(|| panic!("no VEx count in the usage answer: {usage}"))
     }
 
-    /// What another filter instance does first for a request: reserve its idempotency key
-    /// through the internal API (`POST /v1/internal/begin`), here for `body` on a new trace.
-    pub fn reserve_idempotency_key(
-        &self,
-        tenant: &str,
-        idempotency_key: &str,
-        body: &[u8],
-    ) -> Response {
-        let fingerprint = format!("sha256:{}", signet_protocol::cid::sha256_hex(body));
-        let request = json!({
-            "tenant": tenant,
-            "idempotency_key": idempotency_key,
-            "fingerprint": fingerprint,
-            "trace_id": null,
-        });
-        self.client.post(
-            &self.control_plane.url("/v1/internal/begin"),
-            &[
-                ("X-SIGNET-Filter-Token", &self.filter_token),
-                ("content-type", "application/json"),
-            ],
-            request.to_string().as_bytes(),
-        )
+    /// Opens `POST path` with `headers` and sends only the first half of `body`, so that the
+    /// request stays in flight inside Envoy; returns once Envoy has decoded its headers (the
+    /// filter ran on them). [`HeldRequest::finish`] sends the rest.
+    pub fn hold_request(&self, path: &str, headers: &[(&str, &str)], body: &[u8]) -> HeldRequest {
+        let active = [("envoy_http_conn_manager_prefix", "ingress")];
+        let before = self
+            .envoy
+            .stats()
+            .value("envoy_http_downstream_rq_active", &active);
+        let mut stream =
+            TcpStream::connect(("127.0.0.1", self.envoy.port)).expect("connect to Envoy");
+        let mut head = format!(
+            "POST {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\ncontent-length: {}\r\n",
+            body.len()
+        );
+        for (name, value) in headers {
+            head.push_str(&format!("{name}: {value}\r\n"));
+        }
+        head.push_str("\r\n");
+        let (first, rest) = body.split_at(body.len() / 2);
+        stream
+            .write_all(head.as_bytes())
+            .expect("send request headers");
+        stream.write_all(first).expect("send half of the body");
+        self.envoy
+            .wait_for_stat("envoy_http_downstream_rq_active", &active, before + 1.0);
+        HeldRequest {
+            stream,
+            rest: rest.to_vec(),
+        }
     }
 
     pub fn jwks_url(&self) -> String {
@@ -273,6 +282,45 @@ impl Stack {
             self.control_plane.service.log_tail(),
             self.upstream.log_tail()
         )
+    }
+}
+
+/// A request whose body is not complete yet (see [`Stack::hold_request`]).
+pub struct HeldRequest {
+    stream: TcpStream,
+    rest: Vec<u8>,
+}
+
+impl HeldRequest {
+    /// Sends the rest of the body and reads the answer (Envoy closes the connection after it).
+    pub fn finish(mut self) -> Response {
+        self.stream
+            .write_all(&self.rest)
+            .expect("send the rest of the body");
+        let mut raw = Vec::new();
+        self.stream
+            .read_to_end(&mut raw)
+            .expect("read the response");
+        let split = raw
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .unwrap_or_else(|| panic!("no response head: {}", String::from_utf8_lossy(&raw)));
+        let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+        let mut lines = head.split("\r\n");
+        let status = lines
+            .next()
+            .and_then(|l| l.split(' ').nth(1))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no status line: {head}"));
+        let headers = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+            .collect();
+        Response {
+            status,
+            headers,
+            body: raw[split + 4..].to_vec(),
+        }
     }
 }
 

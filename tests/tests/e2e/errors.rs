@@ -162,20 +162,29 @@ fn extending_another_tenants_trace_is_403() {
     assert_eq!(chain.len(), 1);
 }
 
-/// 409 IDEMPOTENCY_IN_FLIGHT: the key is reserved by a request still being processed (here
-/// reserved through the internal API, as another Envoy's filter would have done).
+/// 409 IDEMPOTENCY_IN_FLIGHT: a request with the same key is still being processed (held open
+/// mid-body); once it completes, the key answers with its stored response.
 #[test]
 fn idempotency_key_in_flight_is_409() {
     let stack = Stack::start(Storage::Sqlite);
+    // the tenant lookup is cached, so the held request is admitted from its headers alone
+    assert_ok(&stack, &stack.exchange(&exchange_body(sample_invoice())));
     let key = new_idempotency_key();
     let body = valid_body();
-    let reserved = stack.reserve_idempotency_key(DEMO_TENANT, &key, &body);
-    assert_eq!(reserved.status, 200, "{}", reserved.text());
-    assert_eq!(reserved.json()["outcome"], "proceed");
+    let mut held_headers = headers(DEMO_KEY, &key);
+    held_headers.push(("content-type", "application/json"));
+    let held = stack.hold_request("/v1/exchange", &held_headers, &body);
 
     let r = stack.exchange_with(&headers(DEMO_KEY, &key), &body);
     assert_error(&stack, &r, 409, "IDEMPOTENCY_IN_FLIGHT");
-    assert_eq!(stack.vex_count(DEMO_TENANT), 0);
+    assert_eq!(stack.vex_count(DEMO_TENANT), 1);
+
+    let first = held.finish();
+    let receipt = assert_ok(&stack, &first)["receipt"].clone();
+    assert_eq!(stack.vex_count(DEMO_TENANT), 2);
+    let again = stack.exchange_with(&headers(DEMO_KEY, &key), &body);
+    assert_eq!(assert_ok(&stack, &again)["receipt"], receipt);
+    assert_eq!(again.header("X-SIGNET-Idempotency-Hit"), Some("1"));
 }
 
 /// 409 CHAIN_FULL: the trace reached the control plane's cap (`SP_CHAIN_MAX`).
@@ -210,8 +219,8 @@ fn control_plane_down_is_503_and_counts_nothing() {
     let r = stack.post_invoice();
     assert_error(&stack, &r, 503, "CONTROL_PLANE_UNAVAILABLE");
     let stats = stack.envoy.stats();
-    // The tenant lookup is cached from the first request; the reservation call is what fails.
-    assert!(stats.value("signet_callout_failures", &[("signet_call", "begin")]) >= 1.0);
+    // The tenant lookup is cached from the first request; the commit is what fails.
+    assert!(stats.value("signet_callout_failures", &[("signet_call", "commit")]) >= 1.0);
     assert_eq!(
         stats.value(
             "signet_errors",
@@ -267,7 +276,7 @@ fn fail_open_route_passes_through_when_the_control_plane_is_down() {
 }
 
 /// 429 RATE_LIMITED: the exchange route caps each tenant at 2 requests per second
-/// (`tenant_requests_per_second` in the route metadata); a refused request reserves and counts
+/// (`tenant_requests_per_second` in the route metadata); a refused request reaches no callout and counts
 /// nothing, and the other tenant keeps its own budget.
 #[test]
 fn tenant_over_the_route_rate_is_429() {
