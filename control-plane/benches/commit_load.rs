@@ -5,10 +5,9 @@
 //! `BENCH_COMMITS` (default 20000 per run), `BENCH_BACKENDS` (default `sqlite,postgres`).
 //!
 //! Each client owns a trace and appends its pre-signed receipts hop after hop with fresh
-//! idempotency keys. Three figures per backend and client count, all in the same run:
+//! idempotency keys. Two figures per backend and client count, in the same run:
 //! - `baseline`: the HTTP stack alone (`GET /.well-known/jwks.json`, no storage);
-//! - `commit`: `POST /v1/internal/commit` only (the target figure);
-//! - `exchange`: what the filter does per exchange, `begin` then `commit`.
+//! - `commit`: `POST /v1/internal/commit`, the filter's one callout per exchange.
 //!
 //! The clients run in this process, so the CPU figure (user + system time of the whole process
 //! per request) includes them; PostgreSQL's own CPU is not in it.
@@ -122,9 +121,8 @@ async fn drive(http: &reqwest::Client, base: &str, work: Vec<Work>) -> Figures {
     }
 }
 
-/// Client `c` appends hops 1..=n to trace `{prefix}-c`, each item a commit, preceded by its
-/// `begin` when `with_begin`.
-fn chains(prefix: &str, clients: usize, per_client: usize, with_begin: bool) -> Vec<Work> {
+/// Client `c` appends hops 1..=n to trace `{prefix}-c`, each item a commit.
+fn chains(prefix: &str, clients: usize, per_client: usize) -> Vec<Work> {
     let key = signing_key();
     (0..clients)
         .map(|c| {
@@ -140,14 +138,7 @@ fn chains(prefix: &str, clients: usize, per_client: usize, with_begin: bool) -> 
                         "tenant": "demo", "idempotency_key": idem, "fingerprint": fp,
                         "receipt": receipt, "response": response_for(&receipt), "fu_tokens": 0,
                     });
-                    let mut steps = Vec::new();
-                    if with_begin {
-                        let begin = json!({"tenant": "demo", "idempotency_key": idem,
-                                           "fingerprint": fp, "trace_id": trace_id});
-                        steps.push(("/v1/internal/begin", Some(begin.to_string().into_bytes())));
-                    }
-                    steps.push(("/v1/internal/commit", Some(commit.to_string().into_bytes())));
-                    steps
+                    vec![("/v1/internal/commit", Some(commit.to_string().into_bytes()))]
                 })
                 .collect()
         })
@@ -165,23 +156,12 @@ async fn bench_backend(backend: Backend, clients: usize, commits: usize) {
         .unwrap();
 
     // Warm-up: connections, prepared statements, page cache.
-    drive(&http, &server.base, chains("warm", clients, 2, false)).await;
+    drive(&http, &server.base, chains("warm", clients, 2)).await;
     let baseline_work = vec![vec![vec![("/.well-known/jwks.json", None)]; per_client]; clients];
     let baseline = drive(&http, &server.base, baseline_work).await;
-    let commit = drive(
-        &http,
-        &server.base,
-        chains("commit", clients, per_client, false),
-    )
-    .await;
-    let exchange = drive(
-        &http,
-        &server.base,
-        chains("exch", clients, per_client / 2, true),
-    )
-    .await;
+    let commit = drive(&http, &server.base, chains("commit", clients, per_client)).await;
 
-    let expected = clients * (2 + per_client + per_client / 2);
+    let expected = clients * (2 + per_client);
     let usage = server.usage("demo").await;
     assert_eq!(
         usage["vex"].as_u64(),
@@ -197,7 +177,6 @@ async fn bench_backend(backend: Backend, clients: usize, commits: usize) {
         label("commit"),
         100.0 * commit.per_second / baseline.per_second
     );
-    println!("{} {exchange}", label("exchange (begin+commit)"));
     server.stop().await;
     db.cleanup().await;
 }

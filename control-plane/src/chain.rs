@@ -21,8 +21,6 @@ pub struct TraceState {
 pub enum Rejection {
     /// Same idempotency key, other request body.
     KeyReused,
-    /// Same idempotency key, the first request has not finished.
-    InFlight,
     /// The trace was opened by another tenant.
     TraceForbidden,
     /// The trace holds `chain_max` receipts.
@@ -31,8 +29,9 @@ pub enum Rejection {
     ChainConflict { head: Option<Head> },
 }
 
-/// Checks at `begin`: may `tenant` add a receipt to this trace, and on which head?
-pub fn check_begin(
+/// May `tenant` add a receipt to this trace, and on which head? Ownership comes first, so
+/// another tenant's head is never disclosed.
+fn check_owner(
     trace: Option<&TraceState>,
     tenant: &str,
     chain_max: u64,
@@ -48,6 +47,8 @@ pub fn check_begin(
 }
 
 /// Checks at `commit`: does the receipt (`hop`, `prev_receipt_hash`) extend the head exactly?
+/// A receipt that does not (including hop 1 for a trace that exists: the filter's guess for a
+/// trace it has not seen) is a conflict that names the current head.
 pub fn check_append(
     trace: Option<&TraceState>,
     tenant: &str,
@@ -55,7 +56,7 @@ pub fn check_append(
     prev_receipt_hash: Option<&str>,
     chain_max: u64,
 ) -> Result<(), Rejection> {
-    let head = check_begin(trace, tenant, chain_max)?;
+    let head = check_owner(trace, tenant, chain_max)?;
     let extends = match &head {
         None => hop == 1 && prev_receipt_hash.is_none(),
         Some(h) => hop == h.hop + 1 && prev_receipt_hash == Some(h.receipt_hash.as_str()),
@@ -120,14 +121,21 @@ mod tests {
             Err(Rejection::TraceForbidden)
         );
         assert_eq!(
-            check_begin(Some(&t), "other", 10),
-            Err(Rejection::TraceForbidden)
+            check_append(Some(&t), "other", 1, None, 10),
+            Err(Rejection::TraceForbidden),
+            "not a conflict naming the other tenant's head"
         );
         assert_eq!(
             check_append(Some(&t), "owner", 4, Some("sha256:3"), 3),
             Err(Rejection::ChainFull)
         );
-        assert_eq!(check_begin(Some(&t), "owner", 3), Err(Rejection::ChainFull));
-        assert_eq!(check_begin(Some(&t), "owner", 4), Ok(Some(t.head.clone())));
+        assert_eq!(
+            check_append(Some(&t), "owner", 1, None, 3),
+            Err(Rejection::ChainFull)
+        );
+        assert_eq!(
+            check_append(Some(&t), "owner", 4, Some("sha256:3"), 4),
+            Ok(())
+        );
     }
 }

@@ -5,7 +5,6 @@
 
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use signet_protocol::keys::{Jwk, Jwks, SigningKey};
 
@@ -14,7 +13,6 @@ use crate::tenants::{api_key_hash, normalize_host_pattern, TenantDirectory};
 pub const DEFAULT_PORT: u16 = 8088;
 pub const DEFAULT_DB_PATH: &str = "./data/signet.db";
 pub const DEFAULT_CHAIN_MAX: u64 = 1000;
-pub const DEFAULT_LEASE_SECS: u64 = 30;
 pub const DEFAULT_PG_POOL_SIZE: usize = 16;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,7 +46,6 @@ pub struct Config {
     /// SHA-256 hex of `SP_ADMIN_KEY`; `None` disables admin access.
     pub admin_key_hash: Option<String>,
     pub chain_max: u64,
-    pub idempotency_lease: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -200,13 +197,6 @@ impl Config {
             1,
             1_000_000,
         )?;
-        let lease_secs = parse_number(
-            "SP_IDEMPOTENCY_LEASE_SECS",
-            get("SP_IDEMPOTENCY_LEASE_SECS"),
-            DEFAULT_LEASE_SECS,
-            1,
-            86_400,
-        )?;
 
         Ok(Config {
             bind,
@@ -219,7 +209,6 @@ impl Config {
             filter_token_hash: api_key_hash(&filter_token),
             admin_key_hash,
             chain_max,
-            idempotency_lease: Duration::from_secs(lease_secs),
         })
     }
 }
@@ -301,7 +290,6 @@ mod tests {
             }
         );
         assert_eq!(c.chain_max, 1000);
-        assert_eq!(c.idempotency_lease, Duration::from_secs(30));
         assert!(c.admin_key_hash.is_none());
     }
 

@@ -1,8 +1,8 @@
 //! Signet control plane: where receipts live.
 //!
-//! The Envoy filter is stateless; it reaches this service through HTTP callouts
-//! (`/v1/internal/*`, see docs/ARCHITECTURE.md) to look up tenants, reserve idempotency keys and
-//! commit receipts. Operators and auditors use the public endpoints (JWKS, chains, signed export
+//! The Envoy filter keeps no durable state; it reaches this service through HTTP callouts
+//! (`/v1/internal/*`, see docs/ARCHITECTURE.md) to look up tenants and to commit receipts (one
+//! commit per exchange, which also decides idempotency). Operators and auditors use the public endpoints (JWKS, chains, signed export
 //! bundles, metrics).
 
 pub mod api;
@@ -33,7 +33,6 @@ pub struct ControlPlane {
     filter_token_hash: String,
     admin_key_hash: Option<String>,
     pub chain_max: u64,
-    pub lease_ms: i64,
 }
 
 impl ControlPlane {
@@ -51,7 +50,6 @@ impl ControlPlane {
             filter_token_hash: config.filter_token_hash,
             admin_key_hash: config.admin_key_hash,
             chain_max: config.chain_max,
-            lease_ms: config.idempotency_lease.as_millis() as i64,
         }))
     }
 

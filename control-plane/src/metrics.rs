@@ -9,11 +9,6 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct CallLabels {
-    pub call: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CodeLabels {
     pub code: String,
 }
@@ -31,8 +26,8 @@ pub struct Metrics {
     pub commits: Counter,
     /// Commits refused because the receipt did not extend the head.
     pub chain_conflicts: Counter,
-    /// Begin/commit calls answered with a stored response.
-    pub idempotent_hits: Family<CallLabels, Counter>,
+    /// Commits answered with the stored response of an earlier commit.
+    pub idempotent_hits: Counter,
     /// Verified exchanges counted (one per stored receipt).
     pub vex: Counter,
     /// Fallback units counted.
@@ -40,6 +35,8 @@ pub struct Metrics {
     /// Error responses by SPEC §4 code.
     pub errors: Family<CodeLabels, Counter>,
     pub storage_seconds: Family<StorageLabels, Histogram>,
+    /// Commits per `/v1/internal/commits` call (how much the filters' group commit gathers).
+    pub commit_batch_size: Histogram,
 }
 
 fn storage_histogram() -> Histogram {
@@ -54,11 +51,13 @@ impl Metrics {
             backend,
             commits: Counter::default(),
             chain_conflicts: Counter::default(),
-            idempotent_hits: Family::default(),
+            idempotent_hits: Counter::default(),
             vex: Counter::default(),
             fu: Counter::default(),
             errors: Family::default(),
             storage_seconds: Family::new_with_constructor(storage_histogram),
+            // 1 .. 64 (the filter's largest batch)
+            commit_batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 7)),
             registry: Registry::default(),
         };
         registry.register("commits", "Receipts stored", m.commits.clone());
@@ -69,7 +68,7 @@ impl Metrics {
         );
         registry.register(
             "idempotent_hits",
-            "Calls answered with the stored response of an earlier request",
+            "Commits answered with the stored response of an earlier commit",
             m.idempotent_hits.clone(),
         );
         registry.register("vex", "Verified exchanges counted", m.vex.clone());
@@ -79,6 +78,11 @@ impl Metrics {
             "storage_seconds",
             "Latency of storage operations",
             m.storage_seconds.clone(),
+        );
+        registry.register(
+            "commit_batch_size",
+            "Commits per batch call from a filter",
+            m.commit_batch_size.clone(),
         );
         Metrics { registry, ..m }
     }

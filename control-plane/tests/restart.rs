@@ -98,14 +98,14 @@ async fn committed_receipts_survive_a_restart(backend: Backend) {
         .body;
     assert_eq!(after.as_array().unwrap().len(), 5);
     assert_eq!(before, after);
-    // The idempotency record survived too: a retry replays.
-    let fp = fingerprint(b"k4");
+    // The idempotency record survived too: a retry replays the stored response.
+    let retry = sign_receipt(&signing_key(), "t-durable", 1, None, "demo");
+    let replay = client
+        .commit("demo", "k4", &fingerprint(b"k4"), &retry, 3)
+        .await;
     assert_eq!(
-        client
-            .begin("demo", "k4", &fp, Some("t-durable"))
-            .await
-            .body["outcome"],
-        "replay"
+        (replay.body["outcome"].as_str(), &replay.body["response"]),
+        (Some("replay"), &response_for(&before[4]))
     );
     let usage = client.usage("demo").await;
     assert_eq!(

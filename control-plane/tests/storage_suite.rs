@@ -2,17 +2,13 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
 use serde_json::{json, Value};
 use signet_protocol::keys::{Jwks, SigningKey};
 
 both_backends!(
     chain_grows_and_exports_a_verifiable_bundle,
-    idempotency_replays_refuses_reuse_and_in_flight,
-    release_lets_the_client_retry_with_the_same_key,
-    an_expired_lease_can_be_taken_over,
+    idempotency_replays_and_refuses_reuse,
     a_commit_that_does_not_extend_the_head_is_a_conflict,
     traces_belong_to_the_tenant_that_opened_them,
     chains_are_capped,
@@ -32,13 +28,6 @@ async fn chain_grows_and_exports_a_verifiable_bundle(backend: Backend) {
     assert_eq!(health.body["storage"], db.env["SP_STORAGE"].as_str());
     assert_eq!(health.body["database"], "reachable");
 
-    let begin = server
-        .begin("demo", "k1", &fingerprint(b"k1"), Some("t-1"))
-        .await;
-    assert_eq!(
-        (begin.status, &begin.body),
-        (200, &json!({"outcome": "proceed", "head": null}))
-    );
     let r1 = sign_receipt(&signing_key(), "t-1", 1, None, "demo");
     let c1 = server
         .commit("demo", "k1", &fingerprint(b"k1"), &r1, 0)
@@ -49,13 +38,7 @@ async fn chain_grows_and_exports_a_verifiable_bundle(backend: Backend) {
         json!({"outcome": "committed", "response": response_for(&r1)})
     );
 
-    let begin = server
-        .begin("demo", "k2", &fingerprint(b"k2"), Some("t-1"))
-        .await;
-    assert_eq!(
-        begin.body["head"],
-        json!({"hop": 1, "receipt_hash": r1["receipt_hash"]})
-    );
+    // The next exchanges guess hop 1, get the head in the conflict and re-sign on it.
     for hop in 2..=3 {
         let r = server.exchange("demo", &format!("x{hop}"), "t-1", 0).await;
         assert_eq!(r.body["outcome"], "committed", "{:?}", r.body);
@@ -106,100 +89,68 @@ async fn chain_grows_and_exports_a_verifiable_bundle(backend: Backend) {
     db.cleanup().await;
 }
 
-async fn idempotency_replays_refuses_reuse_and_in_flight(backend: Backend) {
+async fn idempotency_replays_and_refuses_reuse(backend: Backend) {
     let db = TestDb::new(backend).await;
     let server = Server::start(&db).await;
     let fp = fingerprint(b"body");
     let other_fp = fingerprint(b"other body");
+    let receipt = sign_receipt(&signing_key(), "t-idem", 1, None, "demo");
+    let first = server.commit("demo", "key", &fp, &receipt, 5).await;
     assert_eq!(
-        server.begin("demo", "key", &fp, None).await.body["outcome"],
-        "proceed"
+        first.body,
+        json!({"outcome": "committed", "response": response_for(&receipt)})
     );
-    let again = server.begin("demo", "key", &fp, None).await;
-    assert_eq!(
-        (again.status, again.body["code"].as_str()),
-        (409, Some("IDEMPOTENCY_IN_FLIGHT"))
+    // A retry of the same request, even re-signed on another head (as a twin on another
+    // worker does after a conflict), gets the stored response and counts nothing.
+    let r2 = sign_receipt(
+        &signing_key(),
+        "t-idem",
+        2,
+        receipt["receipt_hash"].as_str(),
+        "demo",
     );
-    let reused = server.begin("demo", "key", &other_fp, None).await;
+    for retry in [&receipt, &r2] {
+        let replay = server.commit("demo", "key", &fp, retry, 5).await;
+        assert_eq!(
+            (replay.status, &replay.body),
+            (
+                200,
+                &json!({"outcome": "replay", "response": response_for(&receipt)})
+            )
+        );
+    }
+    let reused = server.commit("demo", "key", &other_fp, &r2, 5).await;
     assert_eq!(
         (reused.status, reused.body["code"].as_str()),
         (422, Some("IDEMPOTENCY_KEY_REUSED"))
     );
     // The same key of another tenant is another key.
+    let theirs = sign_receipt(&signing_key(), "t-theirs", 1, None, "other");
     assert_eq!(
-        server.begin("other", "key", &other_fp, None).await.body["outcome"],
-        "proceed"
-    );
-
-    let receipt = sign_receipt(&signing_key(), "t-idem", 1, None, "demo");
-    assert_eq!(
-        server.commit("demo", "key", &fp, &receipt, 5).await.body["outcome"],
+        server
+            .commit("other", "key", &other_fp, &theirs, 0)
+            .await
+            .body["outcome"],
         "committed"
-    );
-    let replay = server.begin("demo", "key", &fp, None).await;
-    assert_eq!(
-        replay.body,
-        json!({"outcome": "replay", "response": response_for(&receipt)})
-    );
-    let replay = server.commit("demo", "key", &fp, &receipt, 5).await;
-    assert_eq!(
-        replay.body,
-        json!({"outcome": "replay", "response": response_for(&receipt)})
-    );
-    let reused = server.commit("demo", "key", &other_fp, &receipt, 5).await;
-    assert_eq!(
-        (reused.status, reused.body["code"].as_str()),
-        (422, Some("IDEMPOTENCY_KEY_REUSED"))
     );
     let usage = server.usage("demo").await;
     assert_eq!(
         (usage["vex"].as_u64(), usage["fu"].as_u64()),
         (Some(1), Some(5))
     );
+    let chain = server
+        .get(
+            "/v1/receipts/chain/t-idem",
+            &[("X-SIGNET-API-Key", DEMO_KEY)],
+        )
+        .await;
+    assert_eq!(chain.body.as_array().map(Vec::len), Some(1));
     let metrics = server.get_text("/metrics").await;
     assert!(
-        metrics.contains("signet_cp_idempotent_hits_total{call=\"commit\"} 1"),
+        metrics.contains("signet_cp_idempotent_hits_total 2\n"),
         "{metrics}"
     );
-    assert!(metrics.contains("signet_cp_vex_total 1"), "{metrics}");
-    server.stop().await;
-    db.cleanup().await;
-}
-
-async fn release_lets_the_client_retry_with_the_same_key(backend: Backend) {
-    let db = TestDb::new(backend).await;
-    let server = Server::start(&db).await;
-    let fp = fingerprint(b"x");
-    assert_eq!(
-        server.begin("demo", "k", &fp, None).await.body["outcome"],
-        "proceed"
-    );
-    let release = json!({"tenant": "demo", "idempotency_key": "k", "fingerprint": fp});
-    assert_eq!(server.internal("release", &release).await.status, 204);
-    assert_eq!(
-        server.begin("demo", "k", &fp, None).await.body["outcome"],
-        "proceed"
-    );
-    server.stop().await;
-    db.cleanup().await;
-}
-
-async fn an_expired_lease_can_be_taken_over(backend: Backend) {
-    let mut db = TestDb::new(backend).await;
-    db.set("SP_IDEMPOTENCY_LEASE_SECS", "1");
-    let server = Server::start(&db).await;
-    let fp = fingerprint(b"x");
-    assert_eq!(
-        server.begin("demo", "k", &fp, None).await.body["outcome"],
-        "proceed"
-    );
-    assert_eq!(server.begin("demo", "k", &fp, None).await.status, 409);
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    assert_eq!(
-        server.begin("demo", "k", &fp, None).await.body["outcome"],
-        "proceed"
-    );
-    assert_eq!(server.begin("demo", "k", &fp, None).await.status, 409);
+    assert!(metrics.contains("signet_cp_vex_total 2\n"), "{metrics}");
     server.stop().await;
     db.cleanup().await;
 }
@@ -271,12 +222,18 @@ async fn traces_belong_to_the_tenant_that_opened_them(backend: Backend) {
     let db = TestDb::new(backend).await;
     let server = Server::start(&db).await;
     assert_eq!(server.exchange("demo", "k1", "t-own", 0).await.status, 200);
+    // Another tenant's guess (hop 1) is refused as forbidden, not as a conflict naming the
+    // owner's head.
+    let guess = sign_receipt(&signing_key(), "t-own", 1, None, "other");
     let b = server
-        .begin("other", "k2", &fingerprint(b"k2"), Some("t-own"))
+        .commit("other", "k2", &fingerprint(b"k2"), &guess, 0)
         .await;
     assert_eq!(
-        (b.status, b.body["code"].as_str()),
-        (403, Some("TRACE_FORBIDDEN"))
+        (b.status, &b.body),
+        (
+            403,
+            &json!({"detail": "the trace belongs to another tenant", "code": "TRACE_FORBIDDEN"})
+        )
     );
     let chain = server
         .get(
@@ -343,9 +300,7 @@ async fn chains_are_capped(backend: Backend) {
     let server = Server::start(&db).await;
     assert_eq!(server.exchange("demo", "k1", "t-cap", 0).await.status, 200);
     assert_eq!(server.exchange("demo", "k2", "t-cap", 0).await.status, 200);
-    let full = server
-        .begin("demo", "k3", &fingerprint(b"k3"), Some("t-cap"))
-        .await;
+    let full = server.exchange("demo", "k3", "t-cap", 0).await;
     assert_eq!(
         (full.status, full.body["code"].as_str()),
         (409, Some("CHAIN_FULL"))
@@ -413,12 +368,20 @@ async fn invalid_receipts_and_callers_are_refused(backend: Backend) {
     }
     let unknown = server.commit("ghost", "k", &fp, &good, 0).await;
     assert_eq!(unknown.status, 403);
-    let bad_fp = server.begin("demo", "k", "sha256:XYZ", None).await;
+    let bad_fp = server.commit("demo", "k", "sha256:XYZ", &good, 0).await;
     assert_eq!(
         (bad_fp.status, bad_fp.body["code"].as_str()),
         (400, Some("FINGERPRINT_INVALID"))
     );
-    let bad_trace = server.begin("demo", "k", &fp, Some("a b")).await;
+    let long_key = "k".repeat(257);
+    let bad_key = server.commit("demo", &long_key, &fp, &good, 0).await;
+    assert_eq!(
+        (bad_key.status, bad_key.body["code"].as_str()),
+        (400, Some("IDEMPOTENCY_KEY_INVALID"))
+    );
+    let mut bad_trace = good.clone();
+    bad_trace["trace_id"] = json!("a b");
+    let bad_trace = server.commit("demo", "k", &fp, &bad_trace, 0).await;
     assert_eq!(
         (bad_trace.status, bad_trace.body["code"].as_str()),
         (400, Some("TRACE_ID_INVALID"))
@@ -730,38 +693,44 @@ async fn concurrent_identical_requests_count_one_vex(backend: Backend) {
     let server = std::sync::Arc::new(Server::start(&db).await);
     let receipt = sign_receipt(&signing_key(), "t-same", 1, None, "demo");
     let fp = fingerprint(b"same body");
-    // 32 filters run the whole exchange with one key, and 32 more commit the same receipt
-    // directly (as after a lost reply), all at once.
+    // 64 twins of one request (one key, one body) on different workers commit at once; half
+    // of them signed the same receipt, the other half each their own (other ts), as workers
+    // that sign independently do.
     let mut tasks = Vec::new();
-    for i in 0..64 {
+    for i in 0..64u64 {
         let server = server.clone();
-        let (receipt, fp) = (receipt.clone(), fp.clone());
+        let receipt = if i % 2 == 0 {
+            receipt.clone()
+        } else {
+            let ts = 1_764_090_000_000 + 1_000 + i;
+            sign_receipt_at(&signing_key(), "t-same", 1, None, "demo", ts)
+        };
+        let fp = fp.clone();
         tasks.push(tokio::spawn(async move {
-            if i % 2 == 0 {
-                let b = server.begin("demo", "same", &fp, Some("t-same")).await;
-                match (b.status, b.body["outcome"].as_str()) {
-                    (200, Some("proceed")) => {}
-                    _ => return b,
-                }
-            }
-            server.commit("demo", "same", &fp, &receipt, 7).await
+            let r = server.commit("demo", "same", &fp, &receipt, 7).await;
+            (r, receipt)
         }));
     }
-    let mut committed = 0;
+    let mut committed = Vec::new();
+    let mut replays = Vec::new();
     for t in tasks {
-        let r = t.await.unwrap();
-        match (
-            r.status,
-            r.body["outcome"].as_str(),
-            r.body["code"].as_str(),
-        ) {
-            (200, Some("committed"), _) => committed += 1,
-            (200, Some("replay"), _) => assert_eq!(r.body["response"], response_for(&receipt)),
-            (409, _, Some("IDEMPOTENCY_IN_FLIGHT")) => {}
-            other => panic!("unexpected {other:?}"),
+        let (r, sent) = t.await.unwrap();
+        match (r.status, r.body["outcome"].as_str()) {
+            (200, Some("committed")) => {
+                assert_eq!(r.body["response"], response_for(&sent));
+                committed.push(sent);
+            }
+            (200, Some("replay")) => replays.push(r.body["response"].clone()),
+            other => panic!("unexpected {other:?} {:?}", r.body),
         }
     }
-    assert_eq!(committed, 1);
+    assert_eq!(committed.len(), 1, "exactly one twin stores");
+    assert_eq!(replays.len(), 63);
+    let stored = response_for(&committed[0]);
+    assert!(
+        replays.iter().all(|r| *r == stored),
+        "every twin gets the stored response"
+    );
     let usage = server.usage("demo").await;
     assert_eq!(
         (usage["vex"].as_u64(), usage["fu"].as_u64()),
@@ -774,7 +743,7 @@ async fn concurrent_identical_requests_count_one_vex(backend: Backend) {
         )
         .await
         .body;
-    assert_eq!(chain.as_array().unwrap().len(), 1);
+    assert_eq!(chain, json!([committed[0]]));
     std::sync::Arc::into_inner(server).unwrap().stop().await;
     db.cleanup().await;
 }

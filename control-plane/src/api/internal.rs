@@ -2,7 +2,7 @@
 //! presents `X-SIGNET-Filter-Token`.
 
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use signet_protocol::{receipt, time, trace};
 
 use super::{header, parse_body, HttpError, RawBody, State as AppState};
-use crate::storage::{BeginOutcome, BeginRequest, CommitOutcome, CommitRequest};
+use crate::storage::{CommitOutcome, CommitRequest};
 use crate::{now_ms, ControlPlane};
 
 fn authorize(cp: &ControlPlane, headers: &HeaderMap) -> Result<(), HttpError> {
@@ -85,60 +85,6 @@ impl KeyRef {
 }
 
 #[derive(Deserialize)]
-struct BeginBody {
-    #[serde(flatten)]
-    key: KeyRef,
-    #[serde(default)]
-    trace_id: Option<String>,
-}
-
-pub async fn begin(State(cp): AppState, headers: HeaderMap, body: RawBody) -> Response {
-    match begin_inner(&cp, &headers, &body).await {
-        Ok(r) => r,
-        Err(e) => fail(&cp, e),
-    }
-}
-
-async fn begin_inner(
-    cp: &ControlPlane,
-    headers: &HeaderMap,
-    body: &RawBody,
-) -> Result<Response, HttpError> {
-    authorize(cp, headers)?;
-    let req: BeginBody = parse_body(body)?;
-    req.key.validate(cp)?;
-    if let Some(t) = &req.trace_id {
-        if !trace::is_valid_trace_id(t) {
-            return Err(HttpError::bad_request(
-                "TRACE_ID_INVALID",
-                "trace_id must be 1 to 128 characters of [A-Za-z0-9._:-]",
-            ));
-        }
-    }
-    let timer = cp.metrics.time("begin");
-    let outcome = cp
-        .storage
-        .begin(BeginRequest {
-            tenant: req.key.tenant,
-            idempotency_key: req.key.idempotency_key,
-            fingerprint: req.key.fingerprint,
-            trace_id: req.trace_id,
-            now_ms: now_ms(),
-            lease_ms: cp.lease_ms,
-            chain_max: cp.chain_max,
-        })
-        .await;
-    timer.done();
-    match outcome.map_err(HttpError::storage)? {
-        BeginOutcome::Proceed { head } => {
-            Ok(Json(json!({"outcome": "proceed", "head": head})).into_response())
-        }
-        BeginOutcome::Replay { response } => Ok(replay(cp, "begin", response)),
-        BeginOutcome::Rejected(r) => Err(HttpError::rejection(r)),
-    }
-}
-
-#[derive(Deserialize)]
 struct CommitBody {
     #[serde(flatten)]
     key: KeyRef,
@@ -166,6 +112,60 @@ async fn commit_inner(
 ) -> Result<Response, HttpError> {
     authorize(cp, headers)?;
     let req: CommitBody = parse_body(body)?;
+    commit_one(cp, req)
+        .await
+        .map(|reply| Json(reply).into_response())
+}
+
+/// A batch of commits from one filter worker (its exchanges of one round trip).
+#[derive(Deserialize)]
+struct CommitBatch {
+    commits: Vec<Value>,
+}
+
+/// `POST /v1/internal/commits`: each commit is decided on its own, as if it came alone; they
+/// run concurrently so that storage writes them in one transaction. The answer lists each
+/// commit's status and body in order.
+pub async fn commits(State(cp): AppState, headers: HeaderMap, body: RawBody) -> Response {
+    let batch = authorize(&cp, &headers).and_then(|()| parse_body::<CommitBatch>(&body));
+    let batch = match batch {
+        Ok(b) if !b.commits.is_empty() => b,
+        Ok(_) => {
+            let e = HttpError::bad_request("BAD_REQUEST", "commits must not be empty");
+            return fail(&cp, e);
+        }
+        Err(e) => return fail(&cp, e),
+    };
+    cp.metrics
+        .commit_batch_size
+        .observe(batch.commits.len() as f64);
+    let results = futures_util::future::join_all(batch.commits.into_iter().map(|item| {
+        let cp = &cp;
+        async move {
+            let req = serde_json::from_value::<CommitBody>(item)
+                .map_err(|e| HttpError::bad_request("BAD_REQUEST", format!("invalid commit: {e}")));
+            let outcome = match req {
+                Ok(req) => commit_one(cp, req).await,
+                Err(e) => Err(e),
+            };
+            match outcome {
+                Ok(reply) => json!({"status": 200, "body": reply}),
+                Err(e) => {
+                    cp.metrics.error(e.code());
+                    if e.code() == "CHAIN_CONFLICT" {
+                        cp.metrics.chain_conflicts.inc();
+                    }
+                    json!({"status": e.status(), "body": e.to_json()})
+                }
+            }
+        }
+    }))
+    .await;
+    Json(json!({ "results": results })).into_response()
+}
+
+/// One commit: validated, its receipt verified, then stored (or replayed, or rejected).
+async fn commit_one(cp: &ControlPlane, req: CommitBody) -> Result<Value, HttpError> {
     req.key.validate(cp)?;
     if !req.response.is_object() {
         return Err(HttpError::bad_request(
@@ -173,20 +173,25 @@ async fn commit_inner(
             "response must be a JSON object",
         ));
     }
-    // Hash, signature (kid in our JWKS), cid/canon and shape, by the protocol crate.
-    receipt::verify(&req.receipt, Some(cp.keys.jwks()), true).map_err(receipt_invalid)?;
     let r = req
         .receipt
         .as_object()
         .ok_or_else(|| receipt_invalid("not an object"))?;
     let text = |name: &str| r.get(name).and_then(Value::as_str);
+    let trace_id = text("trace_id")
+        .filter(|t| trace::is_valid_trace_id(t))
+        .ok_or_else(|| {
+            HttpError::bad_request(
+                "TRACE_ID_INVALID",
+                "the receipt's trace_id must be 1 to 128 characters of [A-Za-z0-9._:-]",
+            )
+        })?
+        .to_owned();
+    // Hash, signature (kid in our JWKS), cid/canon and shape, by the protocol crate.
+    receipt::verify(&req.receipt, Some(cp.keys.jwks()), true).map_err(receipt_invalid)?;
     if text("tenant") != Some(req.key.tenant.as_str()) {
         return Err(receipt_invalid("its tenant is not the caller's tenant"));
     }
-    let trace_id = text("trace_id").filter(|t| trace::is_valid_trace_id(t));
-    let trace_id = trace_id
-        .ok_or_else(|| receipt_invalid("trace_id is not valid"))?
-        .to_owned();
     let hop = r.get("hop").and_then(Value::as_u64).filter(|h| *h >= 1);
     let hop = hop.ok_or_else(|| receipt_invalid("hop is not an integer >= 1"))?;
     let prev_receipt_hash = match r.get("prev_receipt_hash") {
@@ -233,38 +238,12 @@ async fn commit_inner(
             cp.metrics.commits.inc();
             cp.metrics.vex.inc();
             cp.metrics.fu.inc_by(fu_tokens);
-            Ok(Json(json!({"outcome": "committed", "response": response})).into_response())
+            Ok(json!({"outcome": "committed", "response": response}))
         }
-        CommitOutcome::Replay { response } => Ok(replay(cp, "commit", response)),
+        CommitOutcome::Replay { response } => {
+            cp.metrics.idempotent_hits.inc();
+            Ok(json!({"outcome": "replay", "response": response}))
+        }
         CommitOutcome::Rejected(r) => Err(HttpError::rejection(r)),
-    }
-}
-
-/// The stored response of an idempotency key already done; counted as a hit of `call`.
-fn replay(cp: &ControlPlane, call: &'static str, response: Value) -> Response {
-    cp.metrics
-        .idempotent_hits
-        .get_or_create(&crate::metrics::CallLabels { call })
-        .inc();
-    Json(json!({"outcome": "replay", "response": response})).into_response()
-}
-
-pub async fn release(State(cp): AppState, headers: HeaderMap, body: RawBody) -> Response {
-    let result = async {
-        authorize(&cp, &headers)?;
-        let req: KeyRef = parse_body(&body)?;
-        req.validate(&cp)?;
-        let timer = cp.metrics.time("release");
-        let released = cp
-            .storage
-            .release(&req.tenant, &req.idempotency_key, &req.fingerprint)
-            .await;
-        timer.done();
-        released.map_err(HttpError::storage)
-    }
-    .await;
-    match result {
-        Ok(_) => StatusCode::NO_CONTENT.into_response(),
-        Err(e) => fail(&cp, e),
     }
 }

@@ -26,9 +26,8 @@ pub type State = axum::extract::State<Arc<ControlPlane>>;
 pub fn router(state: Arc<ControlPlane>) -> Router {
     Router::new()
         .route("/v1/internal/tenant", get(internal::tenant))
-        .route("/v1/internal/begin", post(internal::begin))
         .route("/v1/internal/commit", post(internal::commit))
-        .route("/v1/internal/release", post(internal::release))
+        .route("/v1/internal/commits", post(internal::commits))
         .route("/healthz", get(public::healthz))
         .route("/metrics", get(public::metrics))
         .route("/.well-known/jwks.json", get(public::jwks))
@@ -61,6 +60,19 @@ impl HttpError {
         &self.error.code
     }
 
+    pub fn status(&self) -> u16 {
+        self.error.status
+    }
+
+    /// The SPEC §4 body (with the head of a chain conflict).
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut body = serde_json::json!({"detail": self.error.detail, "code": self.error.code});
+        if let Some(head) = &self.head {
+            body["head"] = serde_json::json!(head);
+        }
+        body
+    }
+
     pub fn bad_request(code: &str, detail: impl Into<String>) -> Self {
         Self::new(400, code, detail)
     }
@@ -80,11 +92,6 @@ impl HttpError {
                 422,
                 "IDEMPOTENCY_KEY_REUSED",
                 "the idempotency key was used with a different request body",
-            ),
-            Rejection::InFlight => Self::new(
-                409,
-                "IDEMPOTENCY_IN_FLIGHT",
-                "a request with this idempotency key is still in flight",
             ),
             Rejection::TraceForbidden => Self::new(
                 403,
@@ -112,16 +119,7 @@ impl IntoResponse for HttpError {
     fn into_response(self) -> Response {
         let status =
             StatusCode::from_u16(self.error.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let body = match self.head {
-            None => self.error.to_json(),
-            Some(head) => serde_json::json!({
-                "detail": self.error.detail,
-                "code": self.error.code,
-                "head": head,
-            })
-            .to_string(),
-        };
-        json_response(status, body)
+        json_response(status, self.to_json().to_string())
     }
 }
 

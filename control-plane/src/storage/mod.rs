@@ -17,25 +17,6 @@ mod sqlite;
 pub use postgres::PostgresStorage;
 pub use sqlite::SqliteStorage;
 
-/// `begin`: reserve an idempotency key and read the chain head.
-#[derive(Debug, Clone)]
-pub struct BeginRequest {
-    pub tenant: String,
-    pub idempotency_key: String,
-    pub fingerprint: String,
-    pub trace_id: Option<String>,
-    pub now_ms: i64,
-    pub lease_ms: i64,
-    pub chain_max: u64,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub enum BeginOutcome {
-    Proceed { head: Option<Head> },
-    Replay { response: Value },
-    Rejected(Rejection),
-}
-
 /// `commit`: store one verified receipt with everything that depends on it, in one
 /// transaction.
 #[derive(Debug, Clone)]
@@ -123,15 +104,8 @@ pub trait Storage: Send + Sync + 'static {
     fn kind(&self) -> &'static str;
     /// A round trip to the database.
     async fn ping(&self) -> Result<(), StoreError>;
-    async fn begin(&self, req: BeginRequest) -> Result<BeginOutcome, StoreError>;
+    /// The only write of an exchange: idempotency, append, usage and billing, atomically.
     async fn commit(&self, req: CommitRequest) -> Result<CommitOutcome, StoreError>;
-    /// Drops a pending reservation of this request; true when one was dropped.
-    async fn release(
-        &self,
-        tenant: &str,
-        idempotency_key: &str,
-        fingerprint: &str,
-    ) -> Result<bool, StoreError>;
     async fn chain(&self, trace_id: &str) -> Result<Option<StoredChain>, StoreError>;
     /// Records a signing key's public JWK (JSON) under its kid unless the kid is known, and
     /// returns the JWK stored for that kid.

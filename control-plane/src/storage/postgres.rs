@@ -24,8 +24,8 @@ use tokio_postgres::{NoTls, Row, Statement};
 
 use super::*;
 use crate::billing::lines_for_exchange;
-use crate::chain::{check_append, check_begin, TraceState};
-use crate::idempotency::{begin_step, commit_step, BeginStep, CommitStep, Record, RecordState};
+use crate::chain::{check_append, TraceState};
+use crate::idempotency::{commit_step, CommitStep, Record};
 
 /// Any constant shared by every instance: serializes migrations of concurrent starts.
 const MIGRATION_LOCK: i64 = 0x5349_474e_4554; // "SIGNET"
@@ -118,23 +118,32 @@ BEGIN
     RETURN actual;
 END $$;
 "#,
+    r#"
+-- Commit is the only write of an exchange: no more reservations. A key left pending by an
+-- earlier version stored nothing, so it goes; a done key keeps its response.
+DELETE FROM idempotency WHERE state <> 'done';
+ALTER TABLE idempotency DROP COLUMN state, DROP COLUMN lease_until_ms,
+    ALTER COLUMN response SET NOT NULL;
+ALTER TABLE idempotency RENAME COLUMN updated_ms TO created_ms;
+"#,
 ];
 
-/// Locks (creating if absent) the idempotency row. A conflicting row is returned unchanged
-/// (the no-op update only takes the lock); `inserted` tells a fresh row.
+/// Records the key with this request's response, or locks and returns the row already there
+/// (the no-op update only takes the lock); `inserted` tells a fresh row. A fresh row is the
+/// final record: it goes with the transaction if the commit is refused. A concurrent commit of
+/// the same key waits on it, then sees it.
 const LOCK_IDEMPOTENCY: &str = "
-INSERT INTO idempotency (tenant, key, fingerprint, state, response, lease_until_ms, updated_ms)
-VALUES ($1, $2, $3, 'pending', NULL, $4, $5)
-ON CONFLICT (tenant, key) DO UPDATE SET updated_ms = idempotency.updated_ms
-RETURNING fingerprint, state, response, lease_until_ms, (xmax = 0) AS inserted";
+INSERT INTO idempotency (tenant, key, fingerprint, response, created_ms)
+VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT (tenant, key) DO UPDATE SET created_ms = idempotency.created_ms
+RETURNING fingerprint, CASE WHEN xmax = 0 THEN NULL ELSE response END AS response,
+          (xmax = 0) AS inserted";
 
 /// Locks (creating at hop 0 if absent) the trace row; hop 0 means "no trace yet".
 const LOCK_TRACE: &str = "
 INSERT INTO traces (trace_id, tenant, head_hop, head_hash, created_ms) VALUES ($1, $2, 0, NULL, $3)
 ON CONFLICT (trace_id) DO UPDATE SET head_hop = traces.head_hop
 RETURNING tenant, head_hop, head_hash";
-
-const READ_TRACE: &str = "SELECT tenant, head_hop, head_hash FROM traces WHERE trace_id = $1";
 
 const APPEND: &str = "
 WITH receipt AS (
@@ -151,105 +160,29 @@ const RECORD: &str = "
 WITH ledger AS (
     INSERT INTO usage_ledger (tenant, month, trace_id, hop, receipt_hash, vex, fu, created_ms)
     VALUES ($1, $2, $3, $4, $5, 1, $6, $7)
-), done AS (
-    UPDATE idempotency SET state = 'done', response = $8, updated_ms = $7
-    WHERE tenant = $1 AND key = $9
 )
 INSERT INTO billing_queue (tenant, month, meter, band, units, stripe_item, price_per_unit, amount,
                            idempotency_key, created_ms)
 SELECT $1, $2, meter, band, units, stripe_item, price, amount, event_key, $7
-FROM unnest($10::text[], $11::int[], $12::bigint[], $13::text[], $14::text[], $15::text[], $16::text[])
+FROM unnest($8::text[], $9::int[], $10::bigint[], $11::text[], $12::text[], $13::text[], $14::text[])
      AS line (meter, band, units, stripe_item, price, amount, event_key)";
 
 pub struct PostgresStorage {
     pool: Pool,
-    /// Begins and commits go through one batcher (see `run_batches`).
+    /// Commits go through one batcher (see `run_batches`).
     jobs: mpsc::UnboundedSender<Job>,
 }
 
-/// A write queued for the batcher.
-enum Job {
-    Begin(
-        BeginRequest,
-        oneshot::Sender<Result<BeginOutcome, StoreError>>,
-    ),
-    Commit(
-        CommitRequest,
-        oneshot::Sender<Result<CommitOutcome, StoreError>>,
-    ),
-}
-
-/// A request of a batch.
-enum Request<'a> {
-    Begin(&'a BeginRequest),
-    Commit(&'a CommitRequest),
-}
-
-enum Outcome {
-    Begin(BeginOutcome),
-    Commit(CommitOutcome),
-}
-
-impl Request<'_> {
-    fn tenant(&self) -> &str {
-        match self {
-            Request::Begin(r) => &r.tenant,
-            Request::Commit(r) => &r.tenant,
-        }
-    }
-
-    fn idempotency_key(&self) -> &str {
-        match self {
-            Request::Begin(r) => &r.idempotency_key,
-            Request::Commit(r) => &r.idempotency_key,
-        }
-    }
-
-    fn trace_id(&self) -> Option<&str> {
-        match self {
-            Request::Begin(r) => r.trace_id.as_deref(),
-            Request::Commit(r) => Some(&r.trace_id),
-        }
-    }
-
-    fn now_ms(&self) -> i64 {
-        match self {
-            Request::Begin(r) => r.now_ms,
-            Request::Commit(r) => r.now_ms,
-        }
-    }
+/// A commit queued for the batcher, with where its answer goes.
+struct Job {
+    req: CommitRequest,
+    reply: oneshot::Sender<Result<CommitOutcome, StoreError>>,
 }
 
 impl Job {
-    fn request(&self) -> Request<'_> {
-        match self {
-            Job::Begin(req, _) => Request::Begin(req),
-            Job::Commit(req, _) => Request::Commit(req),
-        }
-    }
-
-    fn answer(self, outcome: Outcome) {
+    fn answer(self, outcome: Result<CommitOutcome, StoreError>) {
         // The caller may have gone away; what was decided is stored anyway.
-        match (self, outcome) {
-            (Job::Begin(_, reply), Outcome::Begin(o)) => drop(reply.send(Ok(o))),
-            (Job::Commit(_, reply), Outcome::Commit(o)) => drop(reply.send(Ok(o))),
-            (job, _) => job.fail(StoreError::Database("batch outcome of another kind".into())),
-        }
-    }
-
-    fn fail(self, e: StoreError) {
-        match self {
-            Job::Begin(_, reply) => drop(reply.send(Err(e))),
-            Job::Commit(_, reply) => drop(reply.send(Err(e))),
-        }
-    }
-
-    /// The exact path, in a transaction of its own with row locks.
-    async fn run_alone(self, pool: &Pool) {
-        match self {
-            Job::Begin(req, reply) => drop(reply.send(begin_one(pool, req).await)),
-            Job::Commit(req, reply) => drop(reply.send(commit_one(pool, req).await)),
-        }
+        let _ = self.reply.send(outcome);
     }
 }
 
@@ -293,33 +226,39 @@ impl PostgresStorage {
 
     async fn migrate(&self) -> Result<(), StoreError> {
         let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(db)?;
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
-            .await
-            .map_err(db)?;
-        tx.batch_execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-            .await
-            .map_err(db)?;
-        let version: Option<i32> = tx
-            .query_one("SELECT max(version) FROM schema_version", &[])
-            .await
-            .map_err(db)?
-            .get(0);
-        for (i, sql) in MIGRATIONS
-            .iter()
-            .enumerate()
-            .skip(version.unwrap_or(0) as usize)
-        {
-            tx.batch_execute(sql).await.map_err(db)?;
-            tx.execute(
-                "INSERT INTO schema_version (version) VALUES ($1)",
-                &[&(i as i32 + 1)],
-            )
-            .await
-            .map_err(db)?;
-        }
-        tx.commit().await.map_err(db)
+        migrate_to(&mut client, MIGRATIONS.len()).await
     }
+}
+
+/// Applies the migrations the database lacks, up to schema version `target`.
+async fn migrate_to(client: &mut tokio_postgres::Client, target: usize) -> Result<(), StoreError> {
+    let tx = client.transaction().await.map_err(db)?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .map_err(db)?;
+    tx.batch_execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        .await
+        .map_err(db)?;
+    let version: Option<i32> = tx
+        .query_one("SELECT max(version) FROM schema_version", &[])
+        .await
+        .map_err(db)?
+        .get(0);
+    for (i, sql) in MIGRATIONS
+        .iter()
+        .enumerate()
+        .take(target)
+        .skip(version.unwrap_or(0) as usize)
+    {
+        tx.batch_execute(sql).await.map_err(db)?;
+        tx.execute(
+            "INSERT INTO schema_version (version) VALUES ($1)",
+            &[&(i as i32 + 1)],
+        )
+        .await
+        .map_err(db)?;
+    }
+    tx.commit().await.map_err(db)
 }
 
 fn db(e: tokio_postgres::Error) -> StoreError {
@@ -329,29 +268,20 @@ fn db(e: tokio_postgres::Error) -> StoreError {
     })
 }
 
-/// The idempotency row returned by `LOCK_IDEMPOTENCY`, `None` when this call inserted it.
+/// The idempotency row returned by `LOCK_IDEMPOTENCY` or `BATCH_LOCK_KEYS`, `None` when this
+/// transaction inserted it.
 fn record_of(row: &Row) -> Result<Option<Record>, StoreError> {
     if row.get::<_, bool>("inserted") {
         return Ok(None);
     }
-    let state = if row.get::<_, &str>("state") == "done" {
-        let text: &str = row.get("response");
-        RecordState::Done {
-            response: parse_json(text, "idempotent response")?,
-        }
-    } else {
-        RecordState::Pending {
-            lease_until_ms: row.get("lease_until_ms"),
-        }
-    };
     Ok(Some(Record {
         fingerprint: row.get("fingerprint"),
-        state,
+        response: parse_json(row.get("response"), "idempotent response")?,
     }))
 }
 
-/// The trace row returned by `LOCK_TRACE` or a plain read; hop 0 is a row this transaction
-/// just created.
+/// The trace row returned by `LOCK_TRACE` or `BATCH_LOCK_TRACES`; hop 0 is a row this
+/// transaction just created.
 fn trace_of(row: &Row) -> Option<TraceState> {
     let hop: i64 = row.get("head_hop");
     (hop > 0).then(|| TraceState {
@@ -363,61 +293,28 @@ fn trace_of(row: &Row) -> Option<TraceState> {
     })
 }
 
-/// One begin in its own transaction: the exact path when a batch fails.
-async fn begin_one(pool: &Pool, req: BeginRequest) -> Result<BeginOutcome, StoreError> {
-    let mut client = pool
-        .get()
-        .await
-        .map_err(|e| StoreError::Database(e.to_string()))?;
-    let tx = client.transaction().await.map_err(db)?;
-    let lease_until = req.now_ms.saturating_add(req.lease_ms);
-    let lock_stmt = tx.prepare_cached(LOCK_IDEMPOTENCY).await.map_err(db)?;
-    let trace_stmt = tx.prepare_cached(READ_TRACE).await.map_err(db)?;
-    let lock_params: [&(dyn ToSql + Sync); 5] = [
-        &req.tenant,
-        &req.idempotency_key,
-        &req.fingerprint,
-        &lease_until,
-        &req.now_ms,
-    ];
-    let lock = tx.query_one(&lock_stmt, &lock_params);
-    let read_trace = async {
-        match &req.trace_id {
-            None => Ok(None),
-            Some(t) => tx.query_opt(&trace_stmt, &[t]).await,
-        }
-    };
-    let (row, trace_row) = tokio::try_join!(lock, read_trace).map_err(db)?;
-    let step = begin_step(record_of(&row)?.as_ref(), &req.fingerprint, req.now_ms);
-    let outcome = match step {
-        BeginStep::Replay(response) => BeginOutcome::Replay { response },
-        BeginStep::Reject(r) => BeginOutcome::Rejected(r),
-        BeginStep::Reserve | BeginStep::Renew => {
-            let trace = trace_row.as_ref().and_then(trace_of);
-            match check_begin(trace.as_ref(), &req.tenant, req.chain_max) {
-                Err(r) => BeginOutcome::Rejected(r),
-                Ok(head) => {
-                    if step == BeginStep::Renew {
-                        tx.execute(
-                            "UPDATE idempotency SET lease_until_ms = $3, updated_ms = $4
-                                 WHERE tenant = $1 AND key = $2",
-                            &[&req.tenant, &req.idempotency_key, &lease_until, &req.now_ms],
-                        )
-                        .await
-                        .map_err(db)?;
-                    }
-                    tx.commit().await.map_err(db)?;
-                    return Ok(BeginOutcome::Proceed { head });
-                }
-            }
-        }
-    };
-    tx.rollback().await.map_err(db)?;
-    Ok(outcome)
-}
+/// How often `commit_one` tries when PostgreSQL aborts it for a deadlock or a serialization
+/// failure (another instance's batch may take the same rows in another order).
+const COMMIT_ONE_ATTEMPTS: usize = 3;
 
 /// One commit in its own transaction, locking row by row: the exact path when a batch fails.
-async fn commit_one(pool: &Pool, req: CommitRequest) -> Result<CommitOutcome, StoreError> {
+async fn commit_one(pool: &Pool, req: &CommitRequest) -> Result<CommitOutcome, StoreError> {
+    let mut attempt = 1;
+    loop {
+        match commit_one_attempt(pool, req).await {
+            Err(StoreError::Database(e))
+                if attempt < COMMIT_ONE_ATTEMPTS
+                    && (e.starts_with("40P01:") || e.starts_with("40001:")) =>
+            {
+                tracing::debug!("commit retried after {e}");
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn commit_one_attempt(pool: &Pool, req: &CommitRequest) -> Result<CommitOutcome, StoreError> {
     let mut client = pool
         .get()
         .await
@@ -429,7 +326,7 @@ async fn commit_one(pool: &Pool, req: CommitRequest) -> Result<CommitOutcome, St
         &req.tenant,
         &req.idempotency_key,
         &req.fingerprint,
-        &0i64,
+        &req.response_json,
         &req.now_ms,
     ];
     let trace_params: [&(dyn ToSql + Sync); 3] = [&req.trace_id, &req.tenant, &req.now_ms];
@@ -506,8 +403,6 @@ async fn commit_one(pool: &Pool, req: CommitRequest) -> Result<CommitOutcome, St
             &req.receipt_hash,
             &fu,
             &req.now_ms,
-            &req.response_json,
-            &req.idempotency_key,
             &meters,
             &bands,
             &units,
@@ -521,7 +416,7 @@ async fn commit_one(pool: &Pool, req: CommitRequest) -> Result<CommitOutcome, St
     .map_err(db)?;
     tx.commit().await.map_err(db)?;
     Ok(CommitOutcome::Committed {
-        response: req.response,
+        response: req.response.clone(),
     })
 }
 
@@ -540,43 +435,14 @@ impl Storage for PostgresStorage {
             .map(drop)
     }
 
-    async fn begin(&self, req: BeginRequest) -> Result<BeginOutcome, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        self.jobs
-            .send(Job::Begin(req, reply))
-            .map_err(|_| StoreError::Database("the batcher stopped".into()))?;
-        answer
-            .await
-            .map_err(|_| StoreError::Database("the batcher stopped".into()))?
-    }
-
     async fn commit(&self, req: CommitRequest) -> Result<CommitOutcome, StoreError> {
         let (reply, answer) = oneshot::channel();
         self.jobs
-            .send(Job::Commit(req, reply))
+            .send(Job { req, reply })
             .map_err(|_| StoreError::Database("the batcher stopped".into()))?;
         answer
             .await
             .map_err(|_| StoreError::Database("the batcher stopped".into()))?
-    }
-
-    async fn release(
-        &self,
-        tenant: &str,
-        idempotency_key: &str,
-        fingerprint: &str,
-    ) -> Result<bool, StoreError> {
-        let n = self
-            .client()
-            .await?
-            .execute(
-                "DELETE FROM idempotency WHERE tenant = $1 AND key = $2 AND fingerprint = $3
-                 AND state = 'pending'",
-                &[&tenant, &idempotency_key, &fingerprint],
-            )
-            .await
-            .map_err(db)?;
-        Ok(n > 0)
     }
 
     async fn chain(&self, trace_id: &str) -> Result<Option<StoredChain>, StoreError> {
@@ -737,7 +603,7 @@ fn run_batches(
             }
             let result = match connection.as_ref() {
                 Some((client, statements)) => {
-                    let requests: Vec<Request> = jobs.iter().map(Job::request).collect();
+                    let requests: Vec<&CommitRequest> = jobs.iter().map(|j| &j.req).collect();
                     run_batch(client, statements, &requests).await
                 }
                 None => Err(StoreError::Database("no connection".into())),
@@ -745,7 +611,7 @@ fn run_batches(
             match result {
                 Ok(outcomes) => {
                     for (job, outcome) in jobs.into_iter().zip(outcomes) {
-                        job.answer(outcome);
+                        job.answer(Ok(outcome));
                     }
                 }
                 Err(e) => {
@@ -753,7 +619,8 @@ fn run_batches(
                     let pool = pool.clone();
                     main.spawn(async move {
                         for job in jobs {
-                            job.run_alone(&pool).await;
+                            let outcome = commit_one(&pool, &job.req).await;
+                            job.answer(outcome);
                         }
                     });
                 }
@@ -763,7 +630,7 @@ fn run_batches(
 }
 
 const BATCH_LOCK_KEYS: &str = "
-SELECT i.tenant, i.key, i.fingerprint, i.state, i.response, i.lease_until_ms, false AS inserted
+SELECT i.tenant, i.key, i.fingerprint, i.response, false AS inserted
 FROM unnest($1::text[], $2::text[]) AS k (tenant, key)
 JOIN idempotency i ON i.tenant = k.tenant AND i.key = k.key
 FOR UPDATE OF i";
@@ -810,28 +677,13 @@ SELECT b.*, $10 FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::b
                             $7::text[], $8::text[], $9::text[]) AS b";
 
 // The idempotency rows the batch decided on were locked if they existed. One that did not
-// exist may have been created meanwhile by another instance: the conflict update then only
-// applies to a pending row of the same request, and any other row aborts the batch.
-const BATCH_KEYS_PENDING: &str = "
+// exist may have been created meanwhile by another instance: then fewer rows are written than
+// expected, which aborts the batch (its requests are redone one by one and see that row).
+const BATCH_KEYS: &str = "
 WITH written AS (
-    INSERT INTO idempotency (tenant, key, fingerprint, state, response, lease_until_ms, updated_ms)
-    SELECT k.tenant, k.key, k.fingerprint, 'pending', NULL, k.lease, $5
-    FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[]) AS k (tenant, key, fingerprint, lease)
-    ON CONFLICT (tenant, key) DO UPDATE SET lease_until_ms = EXCLUDED.lease_until_ms,
-        updated_ms = EXCLUDED.updated_ms
-    WHERE idempotency.state = 'pending' AND idempotency.fingerprint = EXCLUDED.fingerprint
-    RETURNING 1
-)
-SELECT signet_expect_rows(cardinality($2::text[]), count(*), 'reservation') FROM written";
-
-const BATCH_KEYS_DONE: &str = "
-WITH written AS (
-    INSERT INTO idempotency (tenant, key, fingerprint, state, response, lease_until_ms, updated_ms)
-    SELECT k.tenant, k.key, k.fingerprint, 'done', k.response, 0, $5
-    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS k (tenant, key, fingerprint, response)
-    ON CONFLICT (tenant, key) DO UPDATE SET state = 'done', response = EXCLUDED.response,
-        updated_ms = EXCLUDED.updated_ms
-    WHERE idempotency.state = 'pending' AND idempotency.fingerprint = EXCLUDED.fingerprint
+    INSERT INTO idempotency (tenant, key, fingerprint, response, created_ms)
+    SELECT k.*, $5 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS k
+    ON CONFLICT (tenant, key) DO NOTHING
     RETURNING 1
 )
 SELECT signet_expect_rows(cardinality($2::text[]), count(*), 'idempotency') FROM written";
@@ -860,10 +712,6 @@ struct BatchRows<'a> {
     k_key: Vec<&'a str>,
     k_fingerprint: Vec<&'a str>,
     k_response: Vec<&'a str>,
-    p_tenant: Vec<&'a str>,
-    p_key: Vec<&'a str>,
-    p_fingerprint: Vec<&'a str>,
-    p_lease: Vec<i64>,
 }
 
 /// The batch statements, prepared once per connection.
@@ -877,8 +725,7 @@ struct BatchStatements {
     months: Statement,
     ledger: Statement,
     billing: Statement,
-    keys_done: Statement,
-    keys_pending: Statement,
+    keys: Statement,
 }
 
 impl BatchStatements {
@@ -890,13 +737,12 @@ impl BatchStatements {
             c.prepare(BATCH_LOCK_MONTHS),
             c.prepare(BATCH_RECEIPTS),
         )?;
-        let (heads, months, ledger, billing, keys_done, keys_pending) = tokio::try_join!(
+        let (heads, months, ledger, billing, keys) = tokio::try_join!(
             c.prepare(BATCH_HEADS),
             c.prepare(BATCH_MONTHS),
             c.prepare(BATCH_LEDGER),
             c.prepare(BATCH_BILLING),
-            c.prepare(BATCH_KEYS_DONE),
-            c.prepare(BATCH_KEYS_PENDING),
+            c.prepare(BATCH_KEYS),
         )?;
         Ok(BatchStatements {
             lock_keys,
@@ -908,8 +754,7 @@ impl BatchStatements {
             months,
             ledger,
             billing,
-            keys_done,
-            keys_pending,
+            keys,
         })
     }
 }
@@ -933,8 +778,8 @@ async fn connect_batcher(
 async fn run_batch(
     client: &tokio_postgres::Client,
     st: &BatchStatements,
-    requests: &[Request<'_>],
-) -> Result<Vec<Outcome>, StoreError> {
+    requests: &[&CommitRequest],
+) -> Result<Vec<CommitOutcome>, StoreError> {
     let result = decide_and_write(client, st, requests).await;
     if result.is_err() {
         // Whatever state the transaction is in, end it before the next batch.
@@ -946,22 +791,18 @@ async fn run_batch(
 async fn decide_and_write(
     tx: &tokio_postgres::Client,
     st: &BatchStatements,
-    requests: &[Request<'_>],
-) -> Result<Vec<Outcome>, StoreError> {
-    let now_ms = requests.iter().map(Request::now_ms).max().unwrap_or(0);
-    let commits: Vec<&CommitRequest> = requests
-        .iter()
-        .filter_map(|r| match r {
-            Request::Commit(c) => Some(*c),
-            Request::Begin(_) => None,
-        })
-        .collect();
+    requests: &[&CommitRequest],
+) -> Result<Vec<CommitOutcome>, StoreError> {
+    let now_ms = requests.iter().map(|r| r.now_ms).max().unwrap_or(0);
 
     // Lock what the batch touches: idempotency rows, trace heads, month-to-date rows.
-    let key_tenants: Vec<&str> = requests.iter().map(Request::tenant).collect();
-    let key_names: Vec<&str> = requests.iter().map(Request::idempotency_key).collect();
-    let trace_ids: Vec<&str> = requests.iter().filter_map(Request::trace_id).collect();
-    let mut month_keys: Vec<(&str, &str)> = commits
+    let key_tenants: Vec<&str> = requests.iter().map(|r| r.tenant.as_str()).collect();
+    let key_names: Vec<&str> = requests
+        .iter()
+        .map(|r| r.idempotency_key.as_str())
+        .collect();
+    let trace_ids: Vec<&str> = requests.iter().map(|r| r.trace_id.as_str()).collect();
+    let mut month_keys: Vec<(&str, &str)> = requests
         .iter()
         .map(|r| (r.tenant.as_str(), r.month.as_str()))
         .collect();
@@ -1013,50 +854,15 @@ async fn decide_and_write(
     let mut outcomes = Vec::with_capacity(requests.len());
     let mut rows = BatchRows::default();
     let mut touched_traces: Vec<&str> = Vec::new();
-    for request in requests {
-        let req = match request {
-            Request::Commit(req) => *req,
-            Request::Begin(req) => {
-                let key = (req.tenant.clone(), req.idempotency_key.clone());
-                let outcome = match begin_step(records.get(&key), &req.fingerprint, req.now_ms) {
-                    BeginStep::Replay(response) => BeginOutcome::Replay { response },
-                    BeginStep::Reject(r) => BeginOutcome::Rejected(r),
-                    BeginStep::Reserve | BeginStep::Renew => {
-                        let trace = req.trace_id.as_ref().and_then(|t| traces.get(t));
-                        match check_begin(trace, &req.tenant, req.chain_max) {
-                            Err(r) => BeginOutcome::Rejected(r),
-                            Ok(head) => {
-                                let lease_until = req.now_ms.saturating_add(req.lease_ms);
-                                rows.p_tenant.push(&req.tenant);
-                                rows.p_key.push(&req.idempotency_key);
-                                rows.p_fingerprint.push(&req.fingerprint);
-                                rows.p_lease.push(lease_until);
-                                records.insert(
-                                    key,
-                                    Record {
-                                        fingerprint: req.fingerprint.clone(),
-                                        state: RecordState::Pending {
-                                            lease_until_ms: lease_until,
-                                        },
-                                    },
-                                );
-                                BeginOutcome::Proceed { head }
-                            }
-                        }
-                    }
-                };
-                outcomes.push(Outcome::Begin(outcome));
-                continue;
-            }
-        };
+    for req in requests.iter().copied() {
         let key = (req.tenant.clone(), req.idempotency_key.clone());
         match commit_step(records.get(&key), &req.fingerprint) {
             CommitStep::Replay(response) => {
-                outcomes.push(Outcome::Commit(CommitOutcome::Replay { response }));
+                outcomes.push(CommitOutcome::Replay { response });
                 continue;
             }
             CommitStep::Reject(r) => {
-                outcomes.push(Outcome::Commit(CommitOutcome::Rejected(r)));
+                outcomes.push(CommitOutcome::Rejected(r));
                 continue;
             }
             CommitStep::Proceed => {}
@@ -1069,7 +875,7 @@ async fn decide_and_write(
             req.prev_receipt_hash.as_deref(),
             req.chain_max,
         ) {
-            outcomes.push(Outcome::Commit(CommitOutcome::Rejected(r)));
+            outcomes.push(CommitOutcome::Rejected(r));
             continue;
         }
         let counters = months
@@ -1118,17 +924,15 @@ async fn decide_and_write(
             key,
             Record {
                 fingerprint: req.fingerprint.clone(),
-                state: RecordState::Done {
-                    response: req.response.clone(),
-                },
+                response: req.response.clone(),
             },
         );
-        outcomes.push(Outcome::Commit(CommitOutcome::Committed {
+        outcomes.push(CommitOutcome::Committed {
             response: req.response.clone(),
-        }));
+        });
     }
 
-    if rows.r_trace.is_empty() && rows.p_key.is_empty() {
+    if rows.r_trace.is_empty() {
         tx.batch_execute("ROLLBACK").await.map_err(db)?;
         return Ok(outcomes);
     }
@@ -1152,7 +956,7 @@ async fn decide_and_write(
         &st.months,
         &st.ledger,
         &st.billing,
-        &st.keys_done,
+        &st.keys,
     );
     let p_billing: [&(dyn ToSql + Sync); 10] = [
         &rows.b_tenant,
@@ -1200,24 +1004,14 @@ async fn decide_and_write(
         &rows.k_response,
         &now_ms,
     ];
-    let p_keys_pending: [&(dyn ToSql + Sync); 5] = [
-        &rows.p_tenant,
-        &rows.p_key,
-        &rows.p_fingerprint,
-        &rows.p_lease,
-        &now_ms,
-    ];
-    let no_commits = rows.r_trace.is_empty();
-    // Pipelined: the writes and COMMIT are sent before the first answer is awaited. The
-    // reservations go first: a key reserved and then committed in this batch ends up done.
+    // Pipelined: the writes and COMMIT are sent before the first answer is awaited.
     tokio::try_join!(
-        execute_unless(tx, rows.p_key.is_empty(), &st.keys_pending, &p_keys_pending),
-        execute_unless(tx, no_commits, w_receipts, &p_receipts),
-        execute_unless(tx, no_commits, w_heads, &p_heads),
-        execute_unless(tx, no_commits, w_months, &p_month_values),
-        execute_unless(tx, no_commits, w_ledger, &p_ledger),
+        tx.execute(w_receipts, &p_receipts),
+        tx.execute(w_heads, &p_heads),
+        tx.execute(w_months, &p_month_values),
+        tx.execute(w_ledger, &p_ledger),
         execute_unless(tx, rows.b_key.is_empty(), w_billing, &p_billing),
-        execute_unless(tx, no_commits, w_keys, &p_keys_done),
+        tx.execute(w_keys, &p_keys_done),
         tx.batch_execute("COMMIT"),
     )
     .map_err(db)?;
@@ -1235,5 +1029,63 @@ async fn execute_unless(
         Ok(0)
     } else {
         tx.execute(statement, params).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PG: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+    #[tokio::test]
+    async fn the_v3_migration_drops_pending_keys_and_keeps_done_ones() {
+        let schema = format!("cp_unit_migration_{}", std::process::id());
+        let (admin, conn) = tokio_postgres::connect(PG, NoTls).await.unwrap();
+        tokio::spawn(conn);
+        admin
+            .batch_execute(&format!(
+                "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}"
+            ))
+            .await
+            .unwrap();
+        let url = format!("{PG}?options=-csearch_path%3D{schema}");
+        let (mut client, conn) = tokio_postgres::connect(&url, NoTls).await.unwrap();
+        tokio::spawn(conn);
+        migrate_to(&mut client, 2).await.unwrap();
+        client
+            .batch_execute(
+                "INSERT INTO idempotency VALUES ('t', 'done', 'sha256:a', 'done', '{\"x\":1}', 0, 5);
+                 INSERT INTO idempotency VALUES ('t', 'left', 'sha256:b', 'pending', NULL, 99, 6);",
+            )
+            .await
+            .unwrap();
+        migrate_to(&mut client, MIGRATIONS.len()).await.unwrap();
+        // A second start migrates nothing.
+        migrate_to(&mut client, MIGRATIONS.len()).await.unwrap();
+        let rows: Vec<(String, String, String, i64)> = client
+            .query(
+                "SELECT key, fingerprint, response, created_ms FROM idempotency",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+            .collect();
+        assert_eq!(
+            rows,
+            vec![("done".into(), "sha256:a".into(), "{\"x\":1}".into(), 5)]
+        );
+        let version: Option<i32> = client
+            .query_one("SELECT max(version) FROM schema_version", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(version, Some(MIGRATIONS.len() as i32));
+        admin
+            .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+            .await
+            .unwrap();
     }
 }

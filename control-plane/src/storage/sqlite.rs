@@ -16,15 +16,16 @@ use tokio::sync::oneshot;
 
 use super::*;
 use crate::billing::lines_for_exchange;
-use crate::chain::{check_append, check_begin, TraceState};
-use crate::idempotency::{begin_step, commit_step, BeginStep, CommitStep, Record, RecordState};
+use crate::chain::{check_append, TraceState};
+use crate::idempotency::{commit_step, CommitStep, Record};
 
 const MAX_BATCH: usize = 512;
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 const WAL_RESTART_FRAMES: i64 = 16_384;
 
 /// Versioned schema; entry `i` takes the database from version `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE traces (
     trace_id   TEXT PRIMARY KEY,
     tenant     TEXT NOT NULL,
@@ -97,7 +98,24 @@ CREATE TABLE signing_keys (
     jwk           TEXT NOT NULL,
     first_seen_ms INTEGER NOT NULL
 );
-"#];
+"#,
+    r#"
+-- Commit is the only write of an exchange: no more reservations. A key left pending by an
+-- earlier version stored nothing, so it goes; a done key keeps its response.
+CREATE TABLE idempotency_v2 (
+    tenant      TEXT NOT NULL,
+    key         TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    response    TEXT NOT NULL,
+    created_ms  INTEGER NOT NULL,
+    PRIMARY KEY (tenant, key)
+);
+INSERT INTO idempotency_v2 (tenant, key, fingerprint, response, created_ms)
+    SELECT tenant, key, fingerprint, response, updated_ms FROM idempotency WHERE state = 'done';
+DROP TABLE idempotency;
+ALTER TABLE idempotency_v2 RENAME TO idempotency;
+"#,
+];
 
 pub struct SqliteStorage {
     jobs: mpsc::Sender<Box<dyn Job>>,
@@ -179,12 +197,17 @@ fn db(e: rusqlite::Error) -> StoreError {
 }
 
 fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
+    migrate_to(conn, MIGRATIONS.len())
+}
+
+/// Applies the migrations the database lacks, up to schema version `target`.
+fn migrate_to(conn: &mut Connection, target: usize) -> rusqlite::Result<()> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     tx.execute_batch("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")?;
     let version: Option<i64> =
         tx.query_row("SELECT max(version) FROM schema_version", [], |r| r.get(0))?;
     let version = version.unwrap_or(0) as usize;
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+    for (i, sql) in MIGRATIONS.iter().enumerate().take(target).skip(version) {
         tx.execute_batch(sql)?;
         tx.execute(
             "INSERT INTO schema_version (version) VALUES (?1)",
@@ -292,20 +315,17 @@ fn run_batch(conn: &Connection, batch: &mut [Box<dyn Job>]) -> Result<(), StoreE
 
 fn read_record(conn: &Connection, tenant: &str, key: &str) -> rusqlite::Result<Option<Record>> {
     conn.prepare_cached(
-        "SELECT fingerprint, state, response, lease_until_ms FROM idempotency WHERE tenant = ?1 AND key = ?2",
+        "SELECT fingerprint, response FROM idempotency WHERE tenant = ?1 AND key = ?2",
     )?
     .query_row(params![tenant, key], |r| {
-        let state: String = r.get(1)?;
-        let state = if state == "done" {
-            let text: String = r.get(2)?;
-            let response = serde_json::from_str(&text).map_err(|e| {
-                rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Text, e.into())
-            })?;
-            RecordState::Done { response }
-        } else {
-            RecordState::Pending { lease_until_ms: r.get(3)? }
-        };
-        Ok(Record { fingerprint: r.get(0)?, state })
+        let text: String = r.get(1)?;
+        let response = serde_json::from_str(&text).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(1, rusqlite::types::Type::Text, e.into())
+        })?;
+        Ok(Record {
+            fingerprint: r.get(0)?,
+            response,
+        })
     })
     .optional()
 }
@@ -322,39 +342,6 @@ fn read_trace(conn: &Connection, trace_id: &str) -> rusqlite::Result<Option<Trac
             })
         })
         .optional()
-}
-
-fn begin(conn: &Connection, req: &BeginRequest) -> rusqlite::Result<(BeginOutcome, bool)> {
-    let existing = read_record(conn, &req.tenant, &req.idempotency_key)?;
-    match begin_step(existing.as_ref(), &req.fingerprint, req.now_ms) {
-        BeginStep::Replay(response) => return Ok((BeginOutcome::Replay { response }, false)),
-        BeginStep::Reject(r) => return Ok((BeginOutcome::Rejected(r), false)),
-        BeginStep::Reserve | BeginStep::Renew => {}
-    }
-    let head = match &req.trace_id {
-        None => None,
-        Some(trace_id) => {
-            let trace = read_trace(conn, trace_id)?;
-            match check_begin(trace.as_ref(), &req.tenant, req.chain_max) {
-                Ok(head) => head,
-                Err(r) => return Ok((BeginOutcome::Rejected(r), false)),
-            }
-        }
-    };
-    conn.prepare_cached(
-        "INSERT INTO idempotency (tenant, key, fingerprint, state, response, lease_until_ms, updated_ms)
-         VALUES (?1, ?2, ?3, 'pending', NULL, ?4, ?5)
-         ON CONFLICT (tenant, key) DO UPDATE SET lease_until_ms = excluded.lease_until_ms,
-                                                 updated_ms = excluded.updated_ms",
-    )?
-    .execute(params![
-        req.tenant,
-        req.idempotency_key,
-        req.fingerprint,
-        req.now_ms.saturating_add(req.lease_ms),
-        req.now_ms
-    ])?;
-    Ok((BeginOutcome::Proceed { head }, true))
 }
 
 fn commit(conn: &Connection, req: &CommitRequest) -> rusqlite::Result<(CommitOutcome, bool)> {
@@ -442,10 +429,8 @@ fn commit(conn: &Connection, req: &CommitRequest) -> rusqlite::Result<(CommitOut
         ])?;
     }
     conn.prepare_cached(
-        "INSERT INTO idempotency (tenant, key, fingerprint, state, response, lease_until_ms, updated_ms)
-         VALUES (?1, ?2, ?3, 'done', ?4, 0, ?5)
-         ON CONFLICT (tenant, key) DO UPDATE SET state = 'done', response = excluded.response,
-                                                 updated_ms = excluded.updated_ms",
+        "INSERT INTO idempotency (tenant, key, fingerprint, response, created_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
     )?
     .execute(params![
         req.tenant,
@@ -473,35 +458,8 @@ impl Storage for SqliteStorage {
             .await
     }
 
-    async fn begin(&self, req: BeginRequest) -> Result<BeginOutcome, StoreError> {
-        self.run(move |conn| begin(conn, &req)).await
-    }
-
     async fn commit(&self, req: CommitRequest) -> Result<CommitOutcome, StoreError> {
         self.run(move |conn| commit(conn, &req)).await
-    }
-
-    async fn release(
-        &self,
-        tenant: &str,
-        idempotency_key: &str,
-        fingerprint: &str,
-    ) -> Result<bool, StoreError> {
-        let (t, k, f) = (
-            tenant.to_owned(),
-            idempotency_key.to_owned(),
-            fingerprint.to_owned(),
-        );
-        self.run(move |conn| {
-            let n = conn
-                .prepare_cached(
-                    "DELETE FROM idempotency WHERE tenant = ?1 AND key = ?2 AND fingerprint = ?3
-                     AND state = 'pending'",
-                )?
-                .execute(params![t, k, f])?;
-            Ok((n > 0, true))
-        })
-        .await
     }
 
     async fn chain(&self, trace_id: &str) -> Result<Option<StoredChain>, StoreError> {
@@ -605,5 +563,46 @@ impl Storage for SqliteStorage {
             Ok((rows, false))
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_v2_migration_drops_pending_keys_and_keeps_done_ones() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate_to(&mut conn, 1).unwrap();
+        conn.execute_batch(
+            "INSERT INTO idempotency VALUES ('t', 'done', 'sha256:a', 'done', '{\"x\":1}', 0, 5);
+             INSERT INTO idempotency VALUES ('t', 'left', 'sha256:b', 'pending', NULL, 99, 6);",
+        )
+        .unwrap();
+        migrate(&mut conn).unwrap();
+        let rows: Vec<(String, String, String, i64)> = conn
+            .prepare("SELECT key, fingerprint, response, created_ms FROM idempotency")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(
+            rows,
+            vec![("done".into(), "sha256:a".into(), "{\"x\":1}".into(), 5)]
+        );
+        let version: i64 = conn
+            .query_row("SELECT max(version) FROM schema_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version as usize, MIGRATIONS.len());
+        // A second start migrates nothing.
+        migrate(&mut conn).unwrap();
+        assert_eq!(
+            read_record(&conn, "t", "done").unwrap(),
+            Some(Record {
+                fingerprint: "sha256:a".into(),
+                response: serde_json::json!({"x": 1}),
+            })
+        );
     }
 }

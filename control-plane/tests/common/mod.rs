@@ -219,14 +219,6 @@ impl Client {
         .await
     }
 
-    pub async fn begin(&self, tenant: &str, key: &str, fp: &str, trace_id: Option<&str>) -> Reply {
-        self.internal(
-            "begin",
-            &json!({"tenant": tenant, "idempotency_key": key, "fingerprint": fp, "trace_id": trace_id}),
-        )
-        .await
-    }
-
     pub async fn commit(
         &self,
         tenant: &str,
@@ -273,23 +265,24 @@ impl Client {
         r.body
     }
 
-    /// The filter's exchange: begin, sign on the head, commit (`fu` tokens), no retry.
+    /// The filter's exchange on a trace this worker has not seen: sign hop 1, commit, and on a
+    /// 409 `CHAIN_CONFLICT` that names a head re-sign on it and commit once more (same key,
+    /// same fingerprint). `fu` tokens.
     pub async fn exchange(&self, tenant: &str, key: &str, trace_id: &str, fu: u64) -> Reply {
         let fp = fingerprint(key.as_bytes());
-        let begin = self.begin(tenant, key, &fp, Some(trace_id)).await;
-        if begin.status != 200 || begin.body["outcome"] != "proceed" {
-            return begin;
+        let receipt = sign_receipt(&signing_key(), trace_id, 1, None, tenant);
+        let first = self.commit(tenant, key, &fp, &receipt, fu).await;
+        let head = &first.body["head"];
+        if first.status != 409 || first.body["code"] != "CHAIN_CONFLICT" || head.is_null() {
+            return first;
         }
-        let head = &begin.body["head"];
-        let (hop, prev) = if head.is_null() {
-            (1, None)
-        } else {
-            (
-                head["hop"].as_u64().unwrap() + 1,
-                head["receipt_hash"].as_str(),
-            )
-        };
-        let receipt = sign_receipt(&signing_key(), trace_id, hop, prev, tenant);
+        let receipt = sign_receipt(
+            &signing_key(),
+            trace_id,
+            head["hop"].as_u64().unwrap() + 1,
+            head["receipt_hash"].as_str(),
+            tenant,
+        );
         self.commit(tenant, key, &fp, &receipt, fu).await
     }
 }
@@ -322,6 +315,18 @@ pub fn sign_receipt(
     prev: Option<&str>,
     tenant: &str,
 ) -> Value {
+    sign_receipt_at(key, trace_id, hop, prev, tenant, 1_764_090_000_000 + hop)
+}
+
+/// A receipt with its `ts` at `unix_ms` (two signers of one hop differ in their ts).
+pub fn sign_receipt_at(
+    key: &SigningKey,
+    trace_id: &str,
+    hop: u64,
+    prev: Option<&str>,
+    tenant: &str,
+    unix_ms: u64,
+) -> Value {
     let payload = json!({"hop": hop, "trace": trace_id});
     let canon =
         signet_protocol::canonical::to_canonical(&payload, signet_protocol::Profile::Signet)
@@ -329,7 +334,7 @@ pub fn sign_receipt(
     let draft = ReceiptDraft {
         trace_id: trace_id.into(),
         hop,
-        ts: signet_protocol::time::rfc3339_millis(1_764_090_000_000 + hop),
+        ts: signet_protocol::time::rfc3339_millis(unix_ms),
         tenant: tenant.into(),
         cid: signet_protocol::cid::cid(canon.as_bytes()),
         canon: Some(canon),
