@@ -76,10 +76,9 @@ fn exchange(config: &Rc<Config>, route: &CachedRoute, host: &mut BenchHost) -> u
     let mut action = ex.on_request_body(host, BODY.len(), true, &mut || BODY.as_bytes().to_vec());
     loop {
         action = match action {
-            Action::Call(call) => {
+            Action::Commit(commit) => {
                 // the control plane echoes the response it stores
-                let body: Value =
-                    serde_json::from_slice(call.body.as_deref().unwrap_or_default()).unwrap();
+                let body: Value = serde_json::from_slice(&commit).unwrap();
                 ex.on_callout_response(
                     host,
                     ok(json!({"outcome":"committed","response":body["response"]})),

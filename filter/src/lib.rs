@@ -13,6 +13,7 @@
     )
 )]
 
+pub mod commit_queue;
 pub mod config;
 pub mod host;
 pub mod money;

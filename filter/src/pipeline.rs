@@ -119,8 +119,11 @@ pub struct Forward {
 pub enum Action {
     /// Wait for more of the body or for a callout.
     Pause,
-    /// Dispatch this callout, then wait.
+    /// Dispatch this callout (the tenant lookup), then wait.
     Call(Callout),
+    /// Queue this commit (one `commits` item) for the worker's next batch, then wait; its
+    /// answer comes back through [`Exchange::on_callout_response`] (see `commit_queue`).
+    Commit(Vec<u8>),
     /// Answer locally; the request ends here.
     Respond(Response),
     /// Continue upstream with these changes.
@@ -321,7 +324,6 @@ impl Exchange {
         if self.tenant.is_none() {
             return self.call(
                 Call::Tenant,
-                None,
                 vec![(KEY_HASH_HEADER.into(), self.key_hash.clone())],
             );
         }
@@ -685,7 +687,10 @@ impl Exchange {
     /// Signs the receipt on `head` and commits it.
     fn commit(&mut self, host: &mut dyn Host, head: Option<Head>) -> Action {
         match self.sign(host, head) {
-            Ok(body) => self.call(Call::Commit, Some(body), Vec::new()),
+            Ok(body) => {
+                self.awaiting = Some(Call::Commit);
+                Action::Commit(body.to_string().into_bytes())
+            }
             Err(e) => self.fail(host, e),
         }
     }
@@ -844,35 +849,9 @@ impl Exchange {
 
     // ---- endings -----------------------------------------------------------------------------
 
-    fn call(
-        &mut self,
-        call: Call,
-        body: Option<Value>,
-        extra_headers: Vec<(String, String)>,
-    ) -> Action {
-        let cp = &self.config.control_plane;
-        let (method, path) = match call {
-            Call::Tenant => ("GET", "/v1/internal/tenant"),
-            Call::Commit => ("POST", "/v1/internal/commit"),
-        };
-        let mut headers = vec![
-            (":method".to_owned(), method.to_owned()),
-            (":path".to_owned(), path.to_owned()),
-            (":authority".to_owned(), cp.authority.clone()),
-            (FILTER_TOKEN_HEADER.to_owned(), cp.filter_token.clone()),
-        ];
-        if body.is_some() {
-            headers.push(("content-type".into(), "application/json".into()));
-        }
-        headers.extend(extra_headers);
+    fn call(&mut self, call: Call, extra_headers: Vec<(String, String)>) -> Action {
         self.awaiting = Some(call);
-        Action::Call(Callout {
-            call,
-            cluster: cp.cluster.clone(),
-            headers,
-            body: body.map(|b| b.to_string().into_bytes()),
-            timeout_ms: cp.timeout_ms,
-        })
+        Action::Call(callout(&self.config, call, None, extra_headers))
     }
 
     fn fail(&mut self, host: &mut dyn Host, error: ApiError) -> Action {
@@ -959,6 +938,38 @@ impl Drop for Exchange {
     /// A stream reset before the exchange answered still frees its idempotency key.
     fn drop(&mut self) {
         self.leave_in_flight();
+    }
+}
+
+/// A callout to the control plane's internal API; for [`Call::Commit`] the body is a batch
+/// (`commit_queue`).
+pub fn callout(
+    config: &Config,
+    call: Call,
+    body: Option<Vec<u8>>,
+    extra_headers: Vec<(String, String)>,
+) -> Callout {
+    let cp = &config.control_plane;
+    let (method, path) = match call {
+        Call::Tenant => ("GET", "/v1/internal/tenant"),
+        Call::Commit => ("POST", "/v1/internal/commits"),
+    };
+    let mut headers = vec![
+        (":method".to_owned(), method.to_owned()),
+        (":path".to_owned(), path.to_owned()),
+        (":authority".to_owned(), cp.authority.clone()),
+        (FILTER_TOKEN_HEADER.to_owned(), cp.filter_token.clone()),
+    ];
+    if body.is_some() {
+        headers.push(("content-type".into(), "application/json".into()));
+    }
+    headers.extend(extra_headers);
+    Callout {
+        call,
+        cluster: cp.cluster.clone(),
+        headers,
+        body,
+        timeout_ms: cp.timeout_ms,
     }
 }
 

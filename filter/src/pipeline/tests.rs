@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 use signet_protocol::{cid, receipt, Jwks};
 
 use super::*;
+use crate::commit_queue::CommitQueue;
 use crate::config::tests::env;
 use crate::config::Config;
 use crate::host::testing::MockHost;
@@ -42,7 +43,7 @@ struct FakeControlPlane {
     calls: Vec<Call>,
     /// Answer every call with this (status, body) instead; `None` status = no response.
     outage: Option<(Option<u16>, Vec<u8>)>,
-    /// Override the answer of one kind of call.
+    /// Override the answer of the tenant lookup, or of each commit in a batch.
     scripted: HashMap<&'static str, (u16, Value)>,
     /// Before each of the next N commits another writer extends the chain.
     racing_writers: u32,
@@ -91,7 +92,7 @@ impl FakeControlPlane {
                 body: body.clone(),
             };
         }
-        if let Some((status, body)) = self.scripted.get(callout.call.name()) {
+        if let (Call::Tenant, Some((status, body))) = (callout.call, self.scripted.get("tenant")) {
             return reply(*status, body.clone());
         }
         let body: Value = callout
@@ -104,7 +105,23 @@ impl FakeControlPlane {
                 Some(t) => reply(200, t.clone()),
                 None => error(401, "UNKNOWN_API_KEY", "unknown API key"),
             },
-            Call::Commit => self.commit(&body),
+            Call::Commit => {
+                assert_eq!(header(":path").as_deref(), Some("/v1/internal/commits"));
+                let results: Vec<Value> = body["commits"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|c| {
+                        let r = match self.scripted.get("commit") {
+                            Some((status, body)) => reply(*status, body.clone()),
+                            None => self.commit(c),
+                        };
+                        let body: Value = serde_json::from_slice(&r.body).unwrap();
+                        json!({"status": r.status.unwrap(), "body": body})
+                    })
+                    .collect();
+                reply(200, json!({ "results": results }))
+            }
         }
     }
 
@@ -253,13 +270,25 @@ impl Harness {
         ))
     }
 
+    /// Answers the exchange's callouts until it acts otherwise; commits travel as the worker
+    /// sends them, in (here one-member) batches of a real [`CommitQueue`].
     fn drive(&mut self, ex: &mut Exchange, mut action: Action) -> Action {
-        while let Action::Call(callout) = &action {
+        loop {
+            let response = match action {
+                Action::Call(callout) => self.cp.handle(&callout),
+                Action::Commit(commit) => {
+                    let mut queue = CommitQueue::default();
+                    queue.push(1, commit);
+                    let batch = queue.next_batch().unwrap();
+                    let callout = callout(&self.config, Call::Commit, Some(batch.body), vec![]);
+                    let answer = self.cp.handle(&callout);
+                    queue.complete(answer).pop().unwrap().1
+                }
+                other => return other,
+            };
             self.host.now += 3; // each callout takes 3 ms
-            let response = self.cp.handle(callout);
             action = ex.on_callout_response(&mut self.host, response);
         }
-        action
     }
 
     fn send_on(
@@ -1123,12 +1152,6 @@ fn body_arriving_before_the_tenant_answer() {
     );
     let response = h.cp.handle(&tenant_call);
     let next = ex.on_callout_response(&mut h.host, response);
-    assert!(matches!(
-        next,
-        Action::Call(Callout {
-            call: Call::Commit,
-            ..
-        })
-    ));
+    assert!(matches!(next, Action::Commit(_)));
     assert_eq!(respond(&h.drive(&mut ex, next)).0, 200);
 }

@@ -3,6 +3,7 @@
 //! Build everything first: `make test` (or see the harness's messages for single commands).
 
 mod chain;
+mod commits;
 mod config;
 mod errors;
 mod idempotency;
