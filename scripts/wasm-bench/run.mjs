@@ -1,12 +1,12 @@
 // Runs builds of filter/examples/wasm_bench.rs (wasm32-wasip1) under node's V8 and prints their
 // figures side by side; called by scripts/wasm-bench/run.sh, which documents the whole.
 //
-//   node run.mjs [--runs N] [--args "..."] LABEL=module.wasm... [LABEL=results.json...]
+//   node run.mjs [--runs N] [--args "..."] LABEL[~VS]=module.wasm... [LABEL[~VS]=results.json...]
 //
 // Each .wasm runs RUNS times, the modules taking turns so that a busy machine slows all alike;
 // a stage's figure is its best run (each run already reports medians). A .json argument holds
-// figures measured elsewhere (the native build) and is shown as a column as is. The first
-// column is the baseline of the Δ columns (change against it).
+// figures measured elsewhere (the native builds) and is shown as a column as is. A column
+// named LABEL~VS also gets a column of its change against the column VS.
 import { closeSync, openSync, readFileSync, rmSync, mkdtempSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -23,7 +23,8 @@ for (let i = 0; i < argv.length; i++) {
   else if (argv[i] === '--args') benchArgs = argv[++i].split(/\s+/).filter(Boolean);
   else {
     const at = argv[i].indexOf('=');
-    columns.push({ label: argv[i].slice(0, at), path: argv[i].slice(at + 1) });
+    const [label, vs] = argv[i].slice(0, at).split('~');
+    columns.push({ label, vs, path: argv[i].slice(at + 1) });
   }
 }
 
@@ -92,11 +93,13 @@ const width = Math.max(...names.map((n) => n.length)) + 2;
 const cellWidth = Math.max(10, ...columns.map((c) => c.label.length + 2));
 const cell = (s) => String(s).padStart(cellWidth);
 let header = 'µs per call'.padEnd(width) + columns.map((c) => cell(c.label)).join('');
-header += columns.slice(1).map((c) => cell(`${c.label} Δ`)).join('');
+const compared = columns.filter((c) => c.vs);
+const vs = (c) => columns.find((b) => b.label === c.vs);
+const deltaCell = (s) => String(s).padStart(Math.max(...compared.map((c) => c.label.length + c.vs.length + 4)));
+header += compared.map((c) => deltaCell(`${c.label}/${c.vs}`)).join('');
 console.log(header);
 for (const name of names) {
-  const base = columns[0].best[name];
   let line = name.padEnd(width) + columns.map((c) => cell((c.best[name] ?? NaN).toFixed(1))).join('');
-  line += columns.slice(1).map((c) => cell(pct(c.best[name], base))).join('');
+  line += compared.map((c) => deltaCell(pct(c.best[name], vs(c).best[name]))).join('');
   console.log(line);
 }

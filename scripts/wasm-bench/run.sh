@@ -10,6 +10,7 @@
 #   scripts/wasm-bench/run.sh                 # base vs current vs native
 #   BASE=HEAD~2 scripts/wasm-bench/run.sh     # another baseline revision; BASE= for none
 #   RUNS=5 BENCH_ARGS="--rounds 25" scripts/wasm-bench/run.sh
+#   BASE_NATIVE=1 scripts/wasm-bench/run.sh   # also the baseline built natively
 #
 # Prints µs per stage and the sizes of signet_filter.wasm of both builds. Not part of
 # `make test` (it takes a few minutes: two LTO builds for wasm and one native build). Builds in
@@ -46,21 +47,34 @@ if [[ -n $BASE ]]; then
     build_wasm "$WORK/base" "$TARGET_DIR/wasm-bench-base"
     base_out="$TARGET_DIR/wasm-bench-base/wasm32-wasip1/wasm"
     cp "$base_out/examples/wasm_bench.wasm" "$WORK/base.wasm"
-    columns+=("base-$rev=$WORK/base.wasm")
+    base_label="base-$rev"
+    columns+=("$base_label=$WORK/base.wasm")
     sizes+=("base-$rev $(stat -c %s "$base_out/signet_filter.wasm")")
+    if [[ -n ${BASE_NATIVE:-} ]]; then
+        (cd "$WORK/base" && CARGO_TARGET_DIR="$TARGET_DIR/wasm-bench-base" cargo build --quiet \
+            -p signet-filter --release --example wasm_bench)
+        # shellcheck disable=SC2086
+        "$TARGET_DIR/wasm-bench-base/release/examples/wasm_bench" --json $BENCH_ARGS \
+            >"$WORK/native-base.json"
+        native_base="native-base=$WORK/native-base.json"
+    fi
 fi
 
 echo "building the current tree for wasm32-wasip1 and natively ..." >&2
 build_wasm "$ROOT" "$TARGET_DIR"
 out="$TARGET_DIR/wasm32-wasip1/wasm"
 cp "$out/examples/wasm_bench.wasm" "$WORK/current.wasm"
-columns+=("current=$WORK/current.wasm")
+columns+=("current${base_label:+~$base_label}=$WORK/current.wasm")
 sizes+=("current $(stat -c %s "$out/signet_filter.wasm")")
 (cd "$ROOT" && CARGO_TARGET_DIR="$TARGET_DIR" cargo build --quiet -p signet-filter --release \
     --example wasm_bench)
 # shellcheck disable=SC2086
 "$TARGET_DIR/release/examples/wasm_bench" --json $BENCH_ARGS >"$WORK/native.json"
-columns+=("native=$WORK/native.json")
+if [[ -n ${native_base:-} ]]; then
+    columns+=("$native_base" "native~native-base=$WORK/native.json")
+else
+    columns+=("native=$WORK/native.json")
+fi
 
 echo "running under node $(node --version) (V8 $(node -p process.versions.v8)), $RUNS runs each ..." >&2
 node "$HERE/run.mjs" --runs "$RUNS" --args "$BENCH_ARGS" "${columns[@]}"
