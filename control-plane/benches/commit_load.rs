@@ -9,8 +9,11 @@
 //! - `baseline`: the HTTP stack alone (`GET /.well-known/jwks.json`, no storage);
 //! - `commit`: `POST /v1/internal/commit`, the filter's one callout per exchange.
 //!
-//! The clients run in this process, so the CPU figure (user + system time of the whole process
-//! per request) includes them; PostgreSQL's own CPU is not in it.
+//! The clients run in this process on a runtime of their own; the service runs on another
+//! (threads `cp-server`, like the binary's: one worker per core) with its storage threads
+//! (`signet-*`). Two CPU figures per request (user + system time): `cpu` of the whole process
+//! (clients included) and `server` of the service's threads alone. PostgreSQL's own CPU is in
+//! neither.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -28,10 +31,13 @@ fn env_or(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-/// CPU time (user + system) this process has used so far, from /proc (Linux).
-fn cpu_time() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+/// User + system CPU time in a `/proc/.../stat` line, and the thread or process name.
+fn stat_cpu(stat: &str) -> (&str, Duration) {
+    let name = stat
+        .split_once('(')
+        .and_then(|(_, rest)| rest.rsplit_once(')'))
+        .map_or("", |(name, _)| name);
+    // Fields after the parenthesised name; utime and stime are the 12th and 13th.
     let fields: Vec<&str> = stat
         .rsplit(')')
         .next()
@@ -41,7 +47,25 @@ fn cpu_time() -> Duration {
     let ticks: u64 = fields
         .get(11..13)
         .map_or(0, |f| f.iter().filter_map(|v| v.parse::<u64>().ok()).sum());
-    Duration::from_millis(ticks * 10) // USER_HZ = 100
+    (name, Duration::from_millis(ticks * 10)) // USER_HZ = 100
+}
+
+/// CPU time this process has used so far, and the part of it of the service's threads.
+fn cpu_time() -> (Duration, Duration) {
+    let process = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let mut server = Duration::ZERO;
+    for task in std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        let (name, cpu) = stat_cpu(&stat);
+        if name.starts_with("cp-server") || name.starts_with("signet-") {
+            server += cpu;
+        }
+    }
+    (stat_cpu(&process).1, server)
 }
 
 /// One HTTP request: a path and, for a POST to the internal API, its body.
@@ -55,17 +79,20 @@ struct Figures {
     p99: Duration,
     /// CPU time of the whole process (server and clients) per item.
     cpu: Duration,
+    /// CPU time of the service's threads per item.
+    server_cpu: Duration,
 }
 
 impl std::fmt::Display for Figures {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{:>7.0}/s  p50 {:>6.2} ms  p99 {:>6.2} ms  cpu {:>4} µs",
+            "{:>7.0}/s  p50 {:>6.2} ms  p99 {:>6.2} ms  cpu {:>4} µs  server {:>4} µs",
             self.per_second,
             self.p50.as_secs_f64() * 1e3,
             self.p99.as_secs_f64() * 1e3,
-            self.cpu.as_micros()
+            self.cpu.as_micros(),
+            self.server_cpu.as_micros()
         )
     }
 }
@@ -110,7 +137,9 @@ async fn drive(http: &reqwest::Client, base: &str, work: Vec<Work>) -> Figures {
         latencies.extend(t.await.unwrap());
     }
     let elapsed = start.elapsed();
-    let cpu = (cpu_time() - cpu_start) / total as u32;
+    let cpu_end = cpu_time();
+    let cpu = (cpu_end.0 - cpu_start.0) / total as u32;
+    let server_cpu = (cpu_end.1 - cpu_start.1) / total as u32;
     latencies.sort();
     let at = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
     Figures {
@@ -118,6 +147,7 @@ async fn drive(http: &reqwest::Client, base: &str, work: Vec<Work>) -> Figures {
         p50: at(0.5),
         p99: at(0.99),
         cpu,
+        server_cpu,
     }
 }
 
@@ -145,10 +175,21 @@ fn chains(prefix: &str, clients: usize, per_client: usize) -> Vec<Work> {
         .collect()
 }
 
-async fn bench_backend(backend: Backend, clients: usize, commits: usize) {
+async fn bench_backend(
+    backend: Backend,
+    clients: usize,
+    commits: usize,
+    server_rt: &tokio::runtime::Handle,
+) {
     let mut db = TestDb::new(backend).await;
     db.set("SP_CHAIN_MAX", "1000000");
-    let server = Server::start(&db).await;
+    let db = Arc::new(db);
+    let server = {
+        let db = db.clone();
+        server_rt.spawn(async move { Server::start(&db).await })
+    }
+    .await
+    .unwrap();
     let per_client = commits.div_ceil(clients);
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(clients)
@@ -177,8 +218,8 @@ async fn bench_backend(backend: Backend, clients: usize, commits: usize) {
         label("commit"),
         100.0 * commit.per_second / baseline.per_second
     );
-    server.stop().await;
-    db.cleanup().await;
+    server_rt.spawn(server.stop()).await.unwrap();
+    Arc::into_inner(db).unwrap().cleanup().await;
 }
 
 fn main() {
@@ -210,6 +251,12 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    // As `#[tokio::main]` in the binary: one worker per core.
+    let server_rt = tokio::runtime::Builder::new_multi_thread()
+        .thread_name("cp-server")
+        .enable_all()
+        .build()
+        .unwrap();
     runtime.block_on(async {
         for name in backends.split(',') {
             let backend = match name.trim() {
@@ -218,7 +265,7 @@ fn main() {
                 other => panic!("BENCH_BACKENDS: unknown backend {other:?}"),
             };
             for &clients in &client_counts {
-                bench_backend(backend, clients, commits).await;
+                bench_backend(backend, clients, commits, server_rt.handle()).await;
             }
         }
     });

@@ -4,7 +4,7 @@
 //! in the transaction that stores its receipt, and never before. The request fingerprint (SHA-256
 //! of the raw body) tells a replay from a reuse.
 
-use serde_json::Value;
+use std::sync::Arc;
 
 use crate::chain::Rejection;
 
@@ -12,8 +12,8 @@ use crate::chain::Rejection;
 #[derive(Debug, Clone, PartialEq)]
 pub struct Record {
     pub fingerprint: String,
-    /// The stored 200 body.
-    pub response: Value,
+    /// The stored 200 body, JSON text.
+    pub response: Arc<str>,
 }
 
 /// What `commit` does with the key.
@@ -22,7 +22,7 @@ pub enum CommitStep {
     /// No record: store the receipt and record the key.
     Proceed,
     /// The same request was committed: answer with its stored response, count nothing.
-    Replay(Value),
+    Replay(Arc<str>),
     Reject(Rejection),
 }
 
@@ -37,18 +37,17 @@ pub fn commit_step(existing: Option<&Record>, fingerprint: &str) -> CommitStep {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
     #[test]
     fn commit_decisions() {
         assert_eq!(commit_step(None, "f"), CommitStep::Proceed);
         let done = Record {
             fingerprint: "f".into(),
-            response: json!({"a": 1}),
+            response: r#"{"a":1}"#.into(),
         };
         assert_eq!(
             commit_step(Some(&done), "f"),
-            CommitStep::Replay(json!({"a": 1}))
+            CommitStep::Replay(r#"{"a":1}"#.into())
         );
         assert_eq!(
             commit_step(Some(&done), "g"),

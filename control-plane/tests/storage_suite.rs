@@ -18,6 +18,7 @@ both_backends!(
     rotation_keeps_old_kids_in_the_jwks,
     concurrent_commits_on_one_trace_never_fork,
     concurrent_identical_requests_count_one_vex,
+    a_batch_of_commits_answers_each_commit_in_order,
 );
 
 async fn chain_grows_and_exports_a_verifiable_bundle(backend: Backend) {
@@ -745,5 +746,70 @@ async fn concurrent_identical_requests_count_one_vex(backend: Backend) {
         .body;
     assert_eq!(chain, json!([committed[0]]));
     std::sync::Arc::into_inner(server).unwrap().stop().await;
+    db.cleanup().await;
+}
+
+async fn a_batch_of_commits_answers_each_commit_in_order(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let server = Server::start(&db).await;
+    let key = signing_key();
+    let head = sign_receipt(&key, "t-old", 1, None, "demo");
+    let fp = |k: &str| fingerprint(k.as_bytes());
+    assert_eq!(
+        server
+            .commit("demo", "old", &fp("old"), &head, 0)
+            .await
+            .status,
+        200
+    );
+    let item = |k: &str, receipt: &Value| {
+        json!({"tenant": "demo", "idempotency_key": k, "fingerprint": fp(k),
+               "receipt": receipt, "response": response_for(receipt), "fu_tokens": 2})
+    };
+    let new = sign_receipt(&key, "t-batch", 1, None, "demo");
+    let guess = sign_receipt(&key, "t-old", 1, None, "demo");
+    let batch = json!({"commits": [
+        item("new", &new),
+        item("guess", &guess),
+        {"tenant": "demo"},
+        item("new", &new),
+    ]});
+    let r = server.internal("commits", &batch).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let results = r.body["results"].as_array().unwrap();
+    assert_eq!(results.len(), 4);
+    assert_eq!(
+        results[1],
+        json!({"status": 409, "body": {
+            "detail": "chain conflict: the receipt does not extend the current head",
+            "code": "CHAIN_CONFLICT",
+            "head": {"hop": 1, "receipt_hash": head["receipt_hash"]}}})
+    );
+    assert_eq!(
+        (&results[2]["status"], &results[2]["body"]["code"]),
+        (&json!(400), &json!("BAD_REQUEST"))
+    );
+    // The twins: one stores, the other replays the same response.
+    let mut outcomes: Vec<&str> = [&results[0], &results[3]]
+        .iter()
+        .map(|r| {
+            assert_eq!(r["status"], 200);
+            assert_eq!(r["body"]["response"], response_for(&new));
+            r["body"]["outcome"].as_str().unwrap()
+        })
+        .collect();
+    outcomes.sort_unstable();
+    assert_eq!(outcomes, ["committed", "replay"]);
+    let usage = server.usage("demo").await;
+    assert_eq!(
+        (usage["vex"].as_u64(), usage["fu"].as_u64()),
+        (Some(2), Some(2))
+    );
+    let empty = server.internal("commits", &json!({"commits": []})).await;
+    assert_eq!(
+        (empty.status, &empty.body["code"]),
+        (400, &json!("BAD_REQUEST"))
+    );
+    server.stop().await;
     db.cleanup().await;
 }

@@ -1,15 +1,18 @@
 //! `/v1/internal/*`: the filter's callouts (docs/ARCHITECTURE.md, internal API). Every call
 //! presents `X-SIGNET-Filter-Token`.
 
+use std::sync::Arc;
+
 use axum::extract::State;
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use signet_protocol::{receipt, time, trace};
 
-use super::{header, parse_body, HttpError, RawBody, State as AppState};
+use super::{header, json_response, parse_body, HttpError, RawBody, State as AppState};
 use crate::storage::{CommitOutcome, CommitRequest};
 use crate::{now_ms, ControlPlane};
 
@@ -54,15 +57,21 @@ pub async fn tenant(State(cp): AppState, headers: HeaderMap) -> Response {
     }
 }
 
+/// One commit as the filter sends it. The response is kept as the JSON text it came in: it is
+/// stored and answered verbatim, never rebuilt as a tree (it holds the normalized payload).
 #[derive(Deserialize)]
-struct KeyRef {
+struct CommitBody {
     tenant: String,
     idempotency_key: String,
     fingerprint: String,
+    receipt: Value,
+    response: Box<RawValue>,
+    #[serde(default)]
+    fu_tokens: u64,
 }
 
-impl KeyRef {
-    /// The tenant must exist and the key and fingerprint be well-formed.
+impl CommitBody {
+    /// The tenant must exist and the key, fingerprint and response be well-formed.
     fn validate(&self, cp: &ControlPlane) -> Result<(), HttpError> {
         if cp.tenants().plan(&self.tenant).is_none() {
             return Err(HttpError::new(403, "UNKNOWN_TENANT", "unknown tenant"));
@@ -80,23 +89,24 @@ impl KeyRef {
                 "the fingerprint must be sha256: and 64 lowercase hex digits",
             ));
         }
+        // Valid JSON (the parser checked), so an object is exactly what starts with '{'.
+        if !self.response.get().starts_with('{') {
+            return Err(HttpError::bad_request(
+                "BAD_REQUEST",
+                "response must be a JSON object",
+            ));
+        }
         Ok(())
     }
 }
 
-#[derive(Deserialize)]
-struct CommitBody {
-    #[serde(flatten)]
-    key: KeyRef,
-    receipt: Value,
-    response: Value,
-    #[serde(default)]
-    fu_tokens: u64,
-}
-
 pub async fn commit(State(cp): AppState, headers: HeaderMap, body: RawBody) -> Response {
-    match commit_inner(&cp, &headers, &body).await {
-        Ok(r) => r,
+    let result = match authorize(&cp, &headers).and_then(|()| parse_body::<CommitBody>(&body)) {
+        Ok(req) => commit_one(&cp, req).await,
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(reply) => json_response(StatusCode::OK, reply),
         Err(e) => fail(&cp, e),
     }
 }
@@ -105,22 +115,11 @@ fn receipt_invalid(detail: impl std::fmt::Display) -> HttpError {
     HttpError::bad_request("RECEIPT_INVALID", format!("receipt rejected: {detail}"))
 }
 
-async fn commit_inner(
-    cp: &ControlPlane,
-    headers: &HeaderMap,
-    body: &RawBody,
-) -> Result<Response, HttpError> {
-    authorize(cp, headers)?;
-    let req: CommitBody = parse_body(body)?;
-    commit_one(cp, req)
-        .await
-        .map(|reply| Json(reply).into_response())
-}
-
-/// A batch of commits from one filter worker (its exchanges of one round trip).
+/// A batch of commits from one filter worker (its exchanges of one round trip). Each commit is
+/// parsed on its own, so that a malformed one fails alone.
 #[derive(Deserialize)]
 struct CommitBatch {
-    commits: Vec<Value>,
+    commits: Vec<Box<RawValue>>,
 }
 
 /// `POST /v1/internal/commits`: each commit is decided on its own, as if it came alone; they
@@ -139,40 +138,49 @@ pub async fn commits(State(cp): AppState, headers: HeaderMap, body: RawBody) -> 
     cp.metrics
         .commit_batch_size
         .observe(batch.commits.len() as f64);
-    let results = futures_util::future::join_all(batch.commits.into_iter().map(|item| {
+    let results = futures_util::future::join_all(batch.commits.iter().map(|item| {
         let cp = &cp;
         async move {
-            let req = serde_json::from_value::<CommitBody>(item)
+            let req = serde_json::from_str::<CommitBody>(item.get())
                 .map_err(|e| HttpError::bad_request("BAD_REQUEST", format!("invalid commit: {e}")));
             let outcome = match req {
                 Ok(req) => commit_one(cp, req).await,
                 Err(e) => Err(e),
             };
             match outcome {
-                Ok(reply) => json!({"status": 200, "body": reply}),
+                Ok(reply) => (200, reply),
                 Err(e) => {
                     cp.metrics.error(e.code());
                     if e.code() == "CHAIN_CONFLICT" {
                         cp.metrics.chain_conflicts.inc();
                     }
-                    json!({"status": e.status(), "body": e.to_json()})
+                    (e.status(), e.to_json().to_string())
                 }
             }
         }
     }))
     .await;
-    Json(json!({ "results": results })).into_response()
+    // Written by hand: every body is already JSON text.
+    let mut out = String::from(r#"{"results":["#);
+    for (i, (status, body)) in results.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&format!(r#"{{"status":{status},"body":{body}}}"#));
+    }
+    out.push_str("]}");
+    json_response(StatusCode::OK, out)
 }
 
-/// One commit: validated, its receipt verified, then stored (or replayed, or rejected).
-async fn commit_one(cp: &ControlPlane, req: CommitBody) -> Result<Value, HttpError> {
-    req.key.validate(cp)?;
-    if !req.response.is_object() {
-        return Err(HttpError::bad_request(
-            "BAD_REQUEST",
-            "response must be a JSON object",
-        ));
-    }
+/// `{"outcome":<outcome>,"response":<response>}` around a response that is JSON text already.
+fn outcome_body(outcome: &str, response: &str) -> String {
+    format!(r#"{{"outcome":"{outcome}","response":{response}}}"#)
+}
+
+/// One commit: validated, its receipt verified, then stored (or replayed, or rejected). The
+/// answer is the 200 body as JSON text.
+async fn commit_one(cp: &ControlPlane, req: CommitBody) -> Result<String, HttpError> {
+    req.validate(cp)?;
     let r = req
         .receipt
         .as_object()
@@ -189,7 +197,7 @@ async fn commit_one(cp: &ControlPlane, req: CommitBody) -> Result<Value, HttpErr
         .to_owned();
     // Hash, signature (kid in our JWKS), cid/canon and shape, by the protocol crate.
     receipt::verify(&req.receipt, Some(cp.keys.jwks()), true).map_err(receipt_invalid)?;
-    if text("tenant") != Some(req.key.tenant.as_str()) {
+    if text("tenant") != Some(req.tenant.as_str()) {
         return Err(receipt_invalid("its tenant is not the caller's tenant"));
     }
     let hop = r.get("hop").and_then(Value::as_u64).filter(|h| *h >= 1);
@@ -206,25 +214,25 @@ async fn commit_one(cp: &ControlPlane, req: CommitBody) -> Result<Value, HttpErr
     let receipt_hash = text("receipt_hash")
         .ok_or_else(|| receipt_invalid("receipt_hash missing"))?
         .to_owned();
-    let plan = cp.tenants().plan(&req.key.tenant).unwrap_or_default();
+    let plan = cp.tenants().plan(&req.tenant).unwrap_or_default();
 
     let now = now_ms();
     let month = time::rfc3339_millis(now.max(0) as u64)[..7].to_owned();
     let fu_tokens = req.fu_tokens;
+    let response: Arc<str> = Arc::from(Box::<str>::from(req.response));
     let timer = cp.metrics.time("commit");
     let outcome = cp
         .storage
         .commit(CommitRequest {
-            tenant: req.key.tenant,
-            idempotency_key: req.key.idempotency_key,
-            fingerprint: req.key.fingerprint,
+            tenant: req.tenant,
+            idempotency_key: req.idempotency_key,
+            fingerprint: req.fingerprint,
             trace_id,
             hop,
             receipt_hash,
             prev_receipt_hash,
             receipt: req.receipt.to_string(),
-            response_json: req.response.to_string(),
-            response: req.response,
+            response: response.clone(),
             fu_tokens,
             month,
             now_ms: now,
@@ -234,15 +242,15 @@ async fn commit_one(cp: &ControlPlane, req: CommitBody) -> Result<Value, HttpErr
         .await;
     timer.done();
     match outcome.map_err(HttpError::storage)? {
-        CommitOutcome::Committed { response } => {
+        CommitOutcome::Committed => {
             cp.metrics.commits.inc();
             cp.metrics.vex.inc();
             cp.metrics.fu.inc_by(fu_tokens);
-            Ok(json!({"outcome": "committed", "response": response}))
+            Ok(outcome_body("committed", &response))
         }
         CommitOutcome::Replay { response } => {
             cp.metrics.idempotent_hits.inc();
-            Ok(json!({"outcome": "replay", "response": response}))
+            Ok(outcome_body("replay", &response))
         }
         CommitOutcome::Rejected(r) => Err(HttpError::rejection(r)),
     }

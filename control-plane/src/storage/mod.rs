@@ -30,10 +30,8 @@ pub struct CommitRequest {
     pub prev_receipt_hash: Option<String>,
     /// The receipt as JSON text.
     pub receipt: String,
-    /// The exchange's 200 body, returned on success.
-    pub response: Value,
-    /// The same as JSON text, stored for replays.
-    pub response_json: String,
+    /// The exchange's 200 body as JSON text (an object), stored for replays.
+    pub response: Arc<str>,
     pub fu_tokens: u64,
     /// UTC calendar month of the usage, `YYYY-MM`.
     pub month: String,
@@ -44,8 +42,11 @@ pub struct CommitRequest {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum CommitOutcome {
-    Committed { response: Value },
-    Replay { response: Value },
+    Committed,
+    /// The stored response (JSON text) of the key's earlier commit.
+    Replay {
+        response: Arc<str>,
+    },
     Rejected(Rejection),
 }
 

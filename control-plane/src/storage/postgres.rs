@@ -276,7 +276,7 @@ fn record_of(row: &Row) -> Result<Option<Record>, StoreError> {
     }
     Ok(Some(Record {
         fingerprint: row.get("fingerprint"),
-        response: parse_json(row.get("response"), "idempotent response")?,
+        response: row.get::<_, &str>("response").into(),
     }))
 }
 
@@ -322,11 +322,12 @@ async fn commit_one_attempt(pool: &Pool, req: &CommitRequest) -> Result<CommitOu
     let tx = client.transaction().await.map_err(db)?;
     let key_stmt = tx.prepare_cached(LOCK_IDEMPOTENCY).await.map_err(db)?;
     let trace_stmt = tx.prepare_cached(LOCK_TRACE).await.map_err(db)?;
+    let response: &str = &req.response;
     let key_params: [&(dyn ToSql + Sync); 5] = [
         &req.tenant,
         &req.idempotency_key,
         &req.fingerprint,
-        &req.response_json,
+        &response,
         &req.now_ms,
     ];
     let trace_params: [&(dyn ToSql + Sync); 3] = [&req.trace_id, &req.tenant, &req.now_ms];
@@ -415,9 +416,7 @@ async fn commit_one_attempt(pool: &Pool, req: &CommitRequest) -> Result<CommitOu
     .await
     .map_err(db)?;
     tx.commit().await.map_err(db)?;
-    Ok(CommitOutcome::Committed {
-        response: req.response.clone(),
-    })
+    Ok(CommitOutcome::Committed)
 }
 
 #[async_trait]
@@ -906,7 +905,7 @@ async fn decide_and_write(
         rows.k_tenant.push(&req.tenant);
         rows.k_key.push(&req.idempotency_key);
         rows.k_fingerprint.push(&req.fingerprint);
-        rows.k_response.push(&req.response_json);
+        rows.k_response.push(&req.response);
         if !touched_traces.contains(&req.trace_id.as_str()) {
             touched_traces.push(&req.trace_id);
         }
@@ -927,9 +926,7 @@ async fn decide_and_write(
                 response: req.response.clone(),
             },
         );
-        outcomes.push(CommitOutcome::Committed {
-            response: req.response.clone(),
-        });
+        outcomes.push(CommitOutcome::Committed);
     }
 
     if rows.r_trace.is_empty() {
