@@ -143,7 +143,7 @@ impl SqliteStorage {
             .map_err(db)?;
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(db)?;
-        conn.pragma_update(None, "cache_size", -65536).map_err(db)?; // 64 MiB
+        tune_cache(&conn).map_err(db)?;
         conn.pragma_update(None, "temp_store", "MEMORY")
             .map_err(db)?;
         // Checkpoints (the only fsyncs with synchronous=NORMAL) run on their own thread.
@@ -293,8 +293,40 @@ fn checkpoint_loop(conn: Connection, stopped: mpsc::Receiver<()>) {
     let _ = checkpoint("TRUNCATE");
 }
 
+/// Page cache sizes, in KiB (see `tune_cache`).
+const CACHE_KIB_SMALL_DB: i64 = 8 * 1024;
+const CACHE_KIB_LARGE_DB: i64 = 64 * 1024;
+/// How many batches between two `tune_cache` calls.
+const TUNE_CACHE_EVERY: u64 = 4096;
+
+/// Sizes the page cache for the database. When a b-tree split reorders sibling pages, SQLite
+/// parks a page for a moment under the number of the lock page (1 GiB / page size); at the end
+/// of the transaction, in a database smaller than that, it then scans its whole page-cache
+/// hash table, whose size follows the pages cached. With 64 MiB cached that scan took a tenth
+/// of the writer thread, every batch; with 8 MiB, the commit bench used ~10% less CPU per
+/// commit, the pages beyond coming from the OS page cache. A database past 1 GiB never pays for
+/// the scan and gets the large cache.
+fn tune_cache(conn: &Connection) -> rusqlite::Result<()> {
+    let pages: i64 = conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+    let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+    let large = pages.saturating_mul(page_size) > 1 << 30;
+    let kib = if large {
+        CACHE_KIB_LARGE_DB
+    } else {
+        CACHE_KIB_SMALL_DB
+    };
+    conn.pragma_update(None, "cache_size", -kib)
+}
+
 fn writer_loop(conn: Connection, queue: mpsc::Receiver<Box<dyn Job>>) {
+    let mut batches: u64 = 0;
     while let Ok(first) = queue.recv() {
+        batches += 1;
+        if batches.is_multiple_of(TUNE_CACHE_EVERY) {
+            if let Err(e) = tune_cache(&conn) {
+                tracing::warn!("SQLite cache size: {e}");
+            }
+        }
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match queue.try_recv() {
@@ -706,5 +738,16 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(kids, vec!["a", "b", "e"]);
+    }
+
+    #[test]
+    fn a_small_database_gets_the_small_page_cache() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.pragma_update(None, "cache_size", -1).unwrap();
+        tune_cache(&conn).unwrap();
+        let kib: i64 = conn
+            .query_row("PRAGMA cache_size", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(kib, -CACHE_KIB_SMALL_DB);
     }
 }
