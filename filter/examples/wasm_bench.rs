@@ -15,7 +15,9 @@
 //! and, apart, Ed25519 sign and verify of a receipt-sized message and receipt::verify (what the
 //! control plane does with every commit).
 //!
-//! `wasm_bench [--json] [--check] [--rounds N] [--per-round N] [--warmup N]`
+//! `wasm_bench [--json] [--check] [--rounds N] [--per-round N] [--warmup N] [--only-exchanges N]`
+//! (`--only-exchanges N`: N exchanges and nothing else, for a profiler such as `node --cpu-prof`
+//! on a build with `CARGO_PROFILE_WASM_STRIP=false`, or `perf` on the native one).
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -188,6 +190,14 @@ fn main() {
     );
     if args.iter().any(|a| a == "--check") {
         println!("ok: {} bytes of commit", commit.to_string().len());
+        return;
+    }
+    // For a profiler: only exchanges, no timers.
+    let only = arg(&args, "--only-exchanges", 0);
+    if only > 0 {
+        for _ in 0..only {
+            black_box(exchange(&bench, &mut |_| {}));
+        }
         return;
     }
 

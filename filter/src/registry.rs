@@ -18,7 +18,7 @@ use crate::money::CurrencyTable;
 use crate::repair::repair;
 use crate::sanitize::sanitize;
 use crate::schema::{SchemaId, SchemaSet};
-use crate::transform::{Engine, Expression};
+use crate::transform::{self, Engine, Expression, Input};
 
 const DEFAULT_REGISTRY_JSON: &str = include_str!("../registry/default.json");
 
@@ -388,14 +388,21 @@ impl Registry {
                 )
             })?;
         }
-        self.check_invariants(source, &decoded)?;
+        // the source invariants and the mapping read the same data: convert it once
+        let input =
+            (!source.invariants.is_empty() || mapping.is_some()).then(|| Input::new(&decoded));
+        self.check_invariants(source, input.as_ref())?;
 
         let value = match mapping {
             None => decoded,
             Some(m) => {
-                let mut out = self.engine.evaluate(&m.expression, &decoded).map_err(|e| {
-                    unprocessable("TRANSFORM_FAILED", format!("mapping {from} → {to}: {e}"))
-                })?;
+                let input = input.unwrap_or_else(|| Input::new(&decoded));
+                let mut out = input
+                    .and_then(|input| self.engine.evaluate_on(&m.expression, &input))
+                    .and_then(|out| transform::to_json(&out))
+                    .map_err(|e| {
+                        unprocessable("TRANSFORM_FAILED", format!("mapping {from} → {to}: {e}"))
+                    })?;
                 if m.omit_nulls {
                     omit_nulls(&mut out);
                 }
@@ -408,15 +415,29 @@ impl Registry {
                 format!("normalized payload does not match {to}: {e}"),
             )
         })?;
-        self.check_invariants(target, &value)?;
+        if !target.invariants.is_empty() {
+            self.check_invariants(target, Some(&Input::new(&value)))?;
+        }
         Ok(Normalized { value, repairs })
     }
 
-    fn check_invariants(&self, ty: &PayloadType, value: &Value) -> Result<(), ApiError> {
+    /// `input`: the value as JMESPath data (`None` when `ty` has no invariants).
+    fn check_invariants(
+        &self,
+        ty: &PayloadType,
+        input: Option<&Result<Input, String>>,
+    ) -> Result<(), ApiError> {
+        let Some(input) = input else {
+            return Ok(());
+        };
         for inv in &ty.invariants {
-            match self.engine.evaluate(&inv.expression, value) {
-                Ok(Value::Bool(true)) => {}
-                Ok(_) => return Err(unprocessable("INVARIANT_FAILED", inv.detail.clone())),
+            let holds = match input {
+                Ok(input) => self.engine.holds(&inv.expression, input),
+                Err(e) => Err(e.clone()),
+            };
+            match holds {
+                Ok(true) => {}
+                Ok(false) => return Err(unprocessable("INVARIANT_FAILED", inv.detail.clone())),
                 Err(e) => {
                     return Err(unprocessable(
                         "INVARIANT_FAILED",

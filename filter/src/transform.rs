@@ -57,12 +57,40 @@ impl Engine {
     }
 
     pub fn evaluate(&self, expression: &Expression, data: &Value) -> Result<Value, String> {
-        let input: Rcvar = Rc::new(Variable::try_from(data).map_err(|e| one_line(&e))?);
-        let mut ctx = Context::new(&expression.source, &self.runtime);
-        let result =
-            jmespath::interpret(&input, &expression.ast, &mut ctx).map_err(|e| one_line(&e))?;
-        serde_json::to_value(&*result).map_err(|e| e.to_string())
+        to_json(&self.evaluate_on(expression, &Input::new(data)?)?)
     }
+
+    /// Evaluates on data converted once by [`Input::new`]: several expressions over the same
+    /// payload (its invariants and its mapping) share one conversion.
+    pub fn evaluate_on(&self, expression: &Expression, input: &Input) -> Result<Rcvar, String> {
+        let mut ctx = Context::new(&expression.source, &self.runtime);
+        jmespath::interpret(&input.0, &expression.ast, &mut ctx).map_err(|e| one_line(&e))
+    }
+
+    /// Whether `expression` yields `true` on `input` (an invariant).
+    pub fn holds(&self, expression: &Expression, input: &Input) -> Result<bool, String> {
+        Ok(matches!(
+            *self.evaluate_on(expression, input)?,
+            Variable::Bool(true)
+        ))
+    }
+}
+
+/// A JSON value as JMESPath data. Converting copies the whole value (strings included), which
+/// costs as much as evaluating a simple expression: build it once per value.
+pub struct Input(Rcvar);
+
+impl Input {
+    pub fn new(data: &Value) -> Result<Self, String> {
+        Ok(Input(Rc::new(
+            Variable::try_from(data).map_err(|e| one_line(&e))?,
+        )))
+    }
+}
+
+/// The result of [`Engine::evaluate_on`] as JSON.
+pub fn to_json(result: &Rcvar) -> Result<Value, String> {
+    serde_json::to_value(&**result).map_err(|e| e.to_string())
 }
 
 /// JMESPath errors print the expression with a caret over several lines; keep one line.
