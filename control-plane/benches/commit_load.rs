@@ -18,6 +18,7 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -50,22 +51,31 @@ fn stat_cpu(stat: &str) -> (&str, Duration) {
     (name, Duration::from_millis(ticks * 10)) // USER_HZ = 100
 }
 
-/// CPU time this process has used so far, and the part of it of the service's threads.
-fn cpu_time() -> (Duration, Duration) {
+/// CPU time this process has used so far, and that of each of the service's threads (by
+/// thread id: a storage thread of an earlier run may end meanwhile).
+fn cpu_time() -> (Duration, HashMap<String, Duration>) {
     let process = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let mut server = Duration::ZERO;
-    for task in std::fs::read_dir("/proc/self/task")
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
+    let mut server = HashMap::new();
+    let tasks = std::fs::read_dir("/proc/self/task").into_iter().flatten();
+    for task in tasks.flatten() {
         let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
         let (name, cpu) = stat_cpu(&stat);
         if name.starts_with("cp-server") || name.starts_with("signet-") {
-            server += cpu;
+            server.insert(task.file_name().to_string_lossy().into_owned(), cpu);
         }
     }
     (stat_cpu(&process).1, server)
+}
+
+/// CPU time of the service's threads between two `cpu_time` readings.
+fn server_cpu_between(
+    start: &HashMap<String, Duration>,
+    end: &HashMap<String, Duration>,
+) -> Duration {
+    let since = |tid: &String| start.get(tid).copied().unwrap_or_default();
+    end.iter()
+        .map(|(tid, cpu)| cpu.saturating_sub(since(tid)))
+        .sum()
 }
 
 /// One HTTP request: a path and, for a POST to the internal API, its body.
@@ -139,7 +149,7 @@ async fn drive(http: &reqwest::Client, base: &str, work: Vec<Work>) -> Figures {
     let elapsed = start.elapsed();
     let cpu_end = cpu_time();
     let cpu = (cpu_end.0 - cpu_start.0) / total as u32;
-    let server_cpu = (cpu_end.1 - cpu_start.1) / total as u32;
+    let server_cpu = server_cpu_between(&cpu_start.1, &cpu_end.1) / total as u32;
     latencies.sort();
     let at = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
     Figures {
