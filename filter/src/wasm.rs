@@ -21,7 +21,9 @@ use proxy_wasm::types::{self, BufferType, ContextType, MapType, MetricType};
 use crate::commit_queue::CommitQueue;
 use crate::config::Config;
 use crate::host::{Host, LogLevel};
-use crate::pipeline::{self, Action as PipelineAction, Call, CalloutResponse, Exchange, Forward};
+use crate::pipeline::{
+    self, Action as PipelineAction, Call, Callout, CalloutResponse, Exchange, Forward,
+};
 use crate::route::{CachedRoute, RouteCache, RouteSettings};
 use crate::worker::WorkerState;
 
@@ -189,33 +191,13 @@ impl SignetRoot {
                 return;
             };
             let callout = pipeline::callout(config, Call::Commit, Some(batch.body), Vec::new());
-            let headers: Vec<(&str, &str)> = callout
-                .headers
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.as_str()))
-                .collect();
-            match hostcalls::dispatch_http_call(
-                &callout.cluster,
-                headers,
-                callout.body.as_deref(),
-                Vec::new(),
-                Duration::from_millis(callout.timeout_ms),
-            ) {
-                Ok(_token) => return,
-                Err(status) => {
-                    WasmHost.log(
-                        LogLevel::Warn,
-                        &format!(
-                            "signet: cannot call cluster {:?} ({status:?})",
-                            callout.cluster
-                        ),
-                    );
-                    self.deliver(CalloutResponse {
-                        status: None,
-                        body: Vec::new(),
-                    });
-                }
+            if dispatch(&callout) {
+                return;
             }
+            self.deliver(CalloutResponse {
+                status: None,
+                body: Vec::new(),
+            });
         }
     }
 
@@ -344,6 +326,33 @@ impl RootContext for SignetRoot {
     }
 }
 
+/// Dispatches a callout from the current context (its answer comes back to that context);
+/// false, logged, when Envoy refuses it (e.g. no such cluster).
+fn dispatch(callout: &Callout) -> bool {
+    let headers: Vec<(&str, &str)> = callout
+        .headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let dispatched = hostcalls::dispatch_http_call(
+        &callout.cluster,
+        headers,
+        callout.body.as_deref(),
+        Vec::new(),
+        Duration::from_millis(callout.timeout_ms),
+    );
+    if let Err(status) = &dispatched {
+        WasmHost.log(
+            LogLevel::Warn,
+            &format!(
+                "signet: cannot call cluster {:?} ({status:?})",
+                callout.cluster
+            ),
+        );
+    }
+    dispatched.is_ok()
+}
+
 fn read_call_response(num_headers: usize, body_size: usize) -> CalloutResponse {
     if num_headers == 0 {
         return CalloutResponse {
@@ -429,30 +438,10 @@ impl StreamHandle {
                     action = self.fail_callout();
                 }
                 PipelineAction::Call(callout) => {
-                    let headers: Vec<(&str, &str)> = callout
-                        .headers
-                        .iter()
-                        .map(|(k, v)| (k.as_str(), v.as_str()))
-                        .collect();
-                    match hostcalls::dispatch_http_call(
-                        &callout.cluster,
-                        headers,
-                        callout.body.as_deref(),
-                        Vec::new(),
-                        Duration::from_millis(callout.timeout_ms),
-                    ) {
-                        Ok(_token) => return types::Action::Pause,
-                        Err(status) => {
-                            host.log(
-                                LogLevel::Warn,
-                                &format!(
-                                    "signet: cannot call cluster {:?} ({status:?})",
-                                    callout.cluster
-                                ),
-                            );
-                            action = self.fail_callout();
-                        }
+                    if dispatch(&callout) {
+                        return types::Action::Pause;
                     }
+                    action = self.fail_callout();
                 }
                 PipelineAction::Respond(response) => {
                     let headers: Vec<(&str, &str)> = response
