@@ -230,12 +230,27 @@ fn normalize_names(object: &mut Map<String, Value>) -> Result<(), CanonError> {
 fn nfc(s: &str) -> Cow<'_, str> {
     // Every character below U+0300 is a starter that composes with nothing below U+0300, so text
     // made only of them is NFC; in UTF-8 that is text without a byte >= 0xCC. This skips the
-    // per-character lookups for ASCII and Latin-1 text.
-    if s.bytes().all(|b| b < 0xCC) || is_nfc_quick(s.chars()) == IsNormalized::Yes {
+    // per-character lookups for ASCII and Latin-1 text (ASCII checked 8 bytes at a time).
+    if is_ascii(s.as_bytes())
+        || s.bytes().all(|b| b < 0xCC)
+        || is_nfc_quick(s.chars()) == IsNormalized::Yes
+    {
         Cow::Borrowed(s)
     } else {
         Cow::Owned(s.nfc().collect())
     }
+}
+
+/// `bytes.is_ascii()`, 8 bytes per step also on wasm32 (whose `usize` words are 4 bytes).
+fn is_ascii(bytes: &[u8]) -> bool {
+    let mut words = bytes.chunks_exact(8);
+    let mut high = 0u64;
+    for word in &mut words {
+        let mut buf = [0u8; 8];
+        buf.copy_from_slice(word);
+        high |= u64::from_le_bytes(buf);
+    }
+    high & 0x8080_8080_8080_8080 == 0 && words.remainder().is_ascii()
 }
 
 fn duplicate_key(key: &str, offset: Option<usize>) -> CanonError {
@@ -453,14 +468,18 @@ impl Parser<'_> {
     fn parse_string(&mut self) -> Result<String, CanonError> {
         self.pos += 1; // opening quote
         let mut out = String::new();
+        // OR of every byte copied: below 0x80, the string is ASCII and so already NFC
+        let mut seen = 0u8;
         loop {
             // Copy the run up to the next quote, backslash or control character. Those are ASCII,
             // so the run ends on a char boundary of the (already validated) UTF-8 text.
             let run_start = self.pos;
             while let Some(&b) = self.bytes.get(self.pos) {
-                if b == b'"' || b == b'\\' || b < 0x20 {
+                // quote, backslash and controls are exactly the bytes the writer escapes
+                if ESCAPES[usize::from(b)] != 0 {
                     break;
                 }
+                seen |= b;
                 self.pos += 1;
             }
             out.push_str(&self.text[run_start..self.pos]);
@@ -469,7 +488,7 @@ impl Parser<'_> {
                     self.pos += 1;
                     break;
                 }
-                Some(b'\\') => self.parse_escape(&mut out)?,
+                Some(b'\\') => seen |= self.parse_escape(&mut out)?,
                 Some(_) => {
                     return Err(CanonError::new(
                         ErrorKind::InvalidJson,
@@ -480,7 +499,7 @@ impl Parser<'_> {
                 None => return Err(self.unexpected_end()),
             }
         }
-        if self.opts.profile == Profile::Signet {
+        if self.opts.profile == Profile::Signet && seen >= 0x80 {
             if let Cow::Owned(normalized) = nfc(&out) {
                 out = normalized;
             }
@@ -488,7 +507,8 @@ impl Parser<'_> {
         Ok(out)
     }
 
-    fn parse_escape(&mut self, out: &mut String) -> Result<(), CanonError> {
+    /// Appends the character of the escape at `pos`; returns 0x80 if it is not ASCII, else 0.
+    fn parse_escape(&mut self, out: &mut String) -> Result<u8, CanonError> {
         let escape_start = self.pos;
         self.pos += 1; // backslash
         let simple = match self.bytes.get(self.pos) {
@@ -527,7 +547,7 @@ impl Parser<'_> {
                 return match c {
                     Some(c) => {
                         out.push(c);
-                        Ok(())
+                        Ok(if c.is_ascii() { 0 } else { 0x80 })
                     }
                     None => Err(CanonError::new(
                         ErrorKind::LoneSurrogate,
@@ -547,7 +567,7 @@ impl Parser<'_> {
         };
         self.pos += 1;
         out.push(simple);
-        Ok(())
+        Ok(0)
     }
 
     fn parse_hex4(&mut self) -> Result<u16, CanonError> {
@@ -826,7 +846,7 @@ fn apply_profile(s: &str, profile: Profile) -> Cow<'_, str> {
 /// in U+E000..U+FFFF (lead byte EE or EF), so the first differing byte decides, with that one
 /// case turned around. (A difference in a continuation byte means equal lead bytes, hence
 /// characters of the same kind.)
-fn cmp_utf16(a: &str, b: &str) -> Ordering {
+pub(crate) fn cmp_utf16(a: &str, b: &str) -> Ordering {
     let (a, b) = (a.as_bytes(), b.as_bytes());
     let Some(at) = a.iter().zip(b).position(|(x, y)| x != y) else {
         return a.len().cmp(&b.len());
@@ -1040,6 +1060,28 @@ mod tests {
     }
 
     #[test]
+    fn strings_are_normalized_whether_raw_or_escaped() {
+        // the combining acute accent raw, escaped, and after an escaped base letter
+        for input in [
+            "\"e\u{301}\"",
+            "\"e\\u0301\"",
+            "\"\\u0065\\u0301\"",
+            "\"\\u0065\u{301}\"",
+        ] {
+            assert_eq!(signet(input).as_deref(), Ok("\"\u{e9}\""), "{input}");
+            assert_ne!(
+                canonicalize(input.as_bytes(), Profile::Rfc8785).as_deref(),
+                Ok("\"\u{e9}\""),
+                "{input}"
+            );
+        }
+        assert_eq!(
+            signet("{\"\\u0065\\u0301\":1}").as_deref(),
+            Ok("{\"\u{e9}\":1}")
+        );
+    }
+
+    #[test]
     fn signet_profile_normalizes_values_built_in_code() {
         let value = Value::String("e\u{301}".into());
         assert_eq!(
@@ -1109,6 +1151,11 @@ mod tests {
             b in "[a\u{7f}\u{80}\u{ff}\u{800}\u{d7ff}\u{e000}\u{ff61}\u{ffff}\u{10000}\u{1f600}\u{10ffff}]{0,4}",
         ) {
             proptest::prop_assert_eq!(cmp_utf16(&a, &b), a.encode_utf16().cmp(b.encode_utf16()));
+        }
+
+        #[test]
+        fn ascii_check_agrees_with_core(s in "[a\u{0}\u{7f}\u{80}\u{ff}\u{20ac}]{0,24}") {
+            proptest::prop_assert_eq!(is_ascii(s.as_bytes()), s.is_ascii());
         }
 
         #[test]

@@ -13,6 +13,18 @@ pub fn cid(bytes: &[u8]) -> String {
     out
 }
 
+/// [`cid`] of the concatenation of `parts`, without building it.
+pub(crate) fn cid_of_parts(parts: &[&str]) -> String {
+    let mut hasher = Sha256::new();
+    for part in parts {
+        hasher.update(part);
+    }
+    let mut out = String::with_capacity(PREFIX.len() + 64);
+    out.push_str(PREFIX);
+    push_hex(&hasher.finalize(), &mut out);
+    out
+}
+
 /// Lowercase hex SHA-256 of `bytes`, without prefix (e.g. the API key hash).
 pub fn sha256_hex(bytes: &[u8]) -> String {
     let mut out = String::with_capacity(64);

@@ -108,6 +108,37 @@ fn signed_receipt_follows_the_spec_order_and_verifies() {
 }
 
 #[test]
+fn extension_names_on_either_side_of_sig_sign_and_hash_like_the_spec_says() {
+    // sign() writes the members before and after `sig` apart and splices `sig` in for the
+    // hash: names right next to it in UTF-16 order, and non-ASCII ones, must not upset that.
+    let key = key("k1", 7);
+    let mut d = draft("trace-1", 1, None);
+    for name in [
+        "si",
+        "sif",
+        "sig_x",
+        "sigz",
+        "sh\u{fc}",
+        "\u{e9}t\u{e9}",
+        "\u{ff61}",
+        "\u{1f600}",
+    ] {
+        d.extensions.insert(name.into(), json!(name));
+    }
+    let receipt = receipt::sign(&d, &key).unwrap();
+    let mut unsigned = receipt.clone();
+    let sig = unsigned.remove("sig").unwrap();
+    let hash = unsigned.remove("receipt_hash").unwrap();
+    let signed_bytes = to_canonical(&Value::Object(unsigned), Profile::Signet).unwrap();
+    assert!(
+        signed_bytes.contains("\"sh\u{fc}\":\"sh\u{fc}\",\"si\":\"si\",\"sif\":\"sif\",\"sig_x\"")
+    );
+    assert_eq!(sig.as_str().unwrap(), key.sign(signed_bytes.as_bytes()));
+    assert_eq!(hash, receipt::receipt_hash(&receipt).unwrap());
+    receipt::verify(&Value::Object(receipt), Some(&jwks_of(&[&key])), true).unwrap();
+}
+
+#[test]
 fn canon_may_be_omitted_and_extensions_cannot_override_core_members() {
     let key = key("k1", 7);
     let mut private = draft("trace-1", 1, None);
