@@ -7,7 +7,7 @@
 //! Each client owns a trace and appends its pre-signed receipts hop after hop with fresh
 //! idempotency keys. Two figures per backend and client count, in the same run:
 //! - `baseline`: the HTTP stack alone (`GET /.well-known/jwks.json`, no storage);
-//! - `commit`: `POST /v1/internal/commit`, the filter's one callout per exchange.
+//! - `commit`: `POST /v1/internal/commits` with one commit (a filter worker's batch when alone).
 //!
 //! The clients run in this process on a runtime of their own; the service runs on another
 //! (threads `cp-server`, like the binary's: one worker per core) with its storage threads
@@ -178,7 +178,8 @@ fn chains(prefix: &str, clients: usize, per_client: usize) -> Vec<Work> {
                         "tenant": "demo", "idempotency_key": idem, "fingerprint": fp,
                         "receipt": receipt, "response": response_for(&receipt), "fu_tokens": 0,
                     });
-                    vec![("/v1/internal/commit", Some(commit.to_string().into_bytes()))]
+                    let batch = json!({ "commits": [commit] });
+                    vec![("/v1/internal/commits", Some(batch.to_string().into_bytes()))]
                 })
                 .collect()
         })

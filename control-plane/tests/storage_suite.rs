@@ -389,7 +389,7 @@ async fn invalid_receipts_and_callers_are_refused(backend: Backend) {
     );
     let malformed = server
         .http
-        .post(format!("{}/v1/internal/commit", server.base))
+        .post(format!("{}/v1/internal/commits", server.base))
         .header("X-SIGNET-Filter-Token", FILTER_TOKEN)
         .body("{not json")
         .send()
@@ -402,7 +402,7 @@ async fn invalid_receipts_and_callers_are_refused(backend: Backend) {
     for token in [None, Some("wrong-token-0000000000")] {
         let mut req = server
             .http
-            .post(format!("{}/v1/internal/commit", server.base))
+            .post(format!("{}/v1/internal/commits", server.base))
             .json(&json!({}));
         if let Some(t) = token {
             req = req.header("X-SIGNET-Filter-Token", t);

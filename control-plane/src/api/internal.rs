@@ -100,17 +100,6 @@ impl CommitBody {
     }
 }
 
-pub async fn commit(State(cp): AppState, headers: HeaderMap, body: RawBody) -> Response {
-    let result = match authorize(&cp, &headers).and_then(|()| parse_body::<CommitBody>(&body)) {
-        Ok(req) => commit_one(&cp, req).await,
-        Err(e) => Err(e),
-    };
-    match result {
-        Ok(reply) => json_response(StatusCode::OK, reply),
-        Err(e) => fail(&cp, e),
-    }
-}
-
 fn receipt_invalid(detail: impl std::fmt::Display) -> HttpError {
     HttpError::bad_request("RECEIPT_INVALID", format!("receipt rejected: {detail}"))
 }

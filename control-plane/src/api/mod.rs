@@ -26,7 +26,6 @@ pub type State = axum::extract::State<Arc<ControlPlane>>;
 pub fn router(state: Arc<ControlPlane>) -> Router {
     Router::new()
         .route("/v1/internal/tenant", get(internal::tenant))
-        .route("/v1/internal/commit", post(internal::commit))
         .route("/v1/internal/commits", post(internal::commits))
         .route("/healthz", get(public::healthz))
         .route("/metrics", get(public::metrics))

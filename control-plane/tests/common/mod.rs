@@ -227,12 +227,19 @@ impl Client {
         receipt: &Value,
         fu: u64,
     ) -> Reply {
-        self.internal(
-            "commit",
-            &json!({"tenant": tenant, "idempotency_key": key, "fingerprint": fp,
-                    "receipt": receipt, "response": response_for(receipt), "fu_tokens": fu}),
-        )
-        .await
+        let commit = json!({"tenant": tenant, "idempotency_key": key, "fingerprint": fp,
+                "receipt": receipt, "response": response_for(receipt), "fu_tokens": fu});
+        let batch = self
+            .internal("commits", &json!({ "commits": [commit] }))
+            .await;
+        // a batch of one: its only result is the commit's answer
+        assert_eq!(batch.status, 200, "{}", batch.body);
+        let result = &batch.body["results"][0];
+        Reply {
+            status: result["status"].as_u64().unwrap() as u16,
+            headers: batch.headers,
+            body: result["body"].clone(),
+        }
     }
 
     pub async fn get(&self, path: &str, headers: &[(&str, &str)]) -> Reply {
