@@ -7,6 +7,7 @@
 //! the target schema (and its invariants).
 
 use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
 use std::sync::Arc;
 
 use serde::Deserialize;
@@ -162,28 +163,29 @@ impl Pointer {
             match (head, value) {
                 (Segment::Any, Value::Array(items)) => {
                     for (i, item) in items.iter_mut().enumerate() {
-                        location.push_str(&format!("/{i}"));
+                        // writing to a String cannot fail
+                        let _ = write!(location, "/{i}");
                         walk(item, tail, location, f)?;
                         location.truncate(len);
                     }
                 }
                 (Segment::Any, Value::Object(members)) => {
                     for (key, member) in members.iter_mut() {
-                        location.push_str(&format!("/{}", escape_token(key)));
+                        push_token(location, key);
                         walk(member, tail, location, f)?;
                         location.truncate(len);
                     }
                 }
                 (Segment::Key(key), Value::Object(members)) => {
                     if let Some(member) = members.get_mut(key) {
-                        location.push_str(&format!("/{}", escape_token(key)));
+                        push_token(location, key);
                         walk(member, tail, location, f)?;
                         location.truncate(len);
                     }
                 }
                 (Segment::Key(key), Value::Array(items)) => {
                     if let Some(item) = key.parse::<usize>().ok().and_then(|i| items.get_mut(i)) {
-                        location.push_str(&format!("/{key}"));
+                        push_token(location, key);
                         walk(item, tail, location, f)?;
                         location.truncate(len);
                     }
@@ -196,8 +198,17 @@ impl Pointer {
     }
 }
 
-fn escape_token(key: &str) -> String {
-    key.replace('~', "~0").replace('/', "~1")
+/// Appends `/` and `token` escaped as RFC 6901 asks (`~` → `~0`, `/` → `~1`), without the
+/// temporary strings of `format!` and `replace` (this runs for every payload).
+fn push_token(location: &mut String, token: &str) {
+    location.push('/');
+    for c in token.chars() {
+        match c {
+            '~' => location.push_str("~0"),
+            '/' => location.push_str("~1"),
+            c => location.push(c),
+        }
+    }
 }
 
 /// Deepest nesting a payload may have (decoded embedded JSON included). The parser allows 1024,
@@ -735,5 +746,15 @@ mod tests {
             Pointer::parse("/x~1y").unwrap(),
             Pointer(vec![Segment::Key("x/y".into())])
         );
+        // locations escape what they name (RFC 6901)
+        let p = Pointer::parse("/*/x~1y").unwrap();
+        let mut v = json!({"a/b~": {"x/y": 1}});
+        let mut seen = Vec::new();
+        p.for_each_mut(&mut v, &mut |loc, _| {
+            seen.push(loc.to_owned());
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(seen, vec!["/a~1b~0/x~1y".to_owned()]);
     }
 }

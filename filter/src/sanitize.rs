@@ -22,8 +22,25 @@ pub fn sanitize(value: &mut Value) {
 }
 
 fn needs_sanitizing(s: &str) -> bool {
-    s.bytes()
-        .any(|b| (b < 0x20 && b != b'\t' && b != b'\n') || b == 0x7f)
+    // 8 bytes at a time: only a word holding a byte below 0x20 or a DEL is looked at byte by
+    // byte (TAB and LF, which stay, send a word there too). Most strings have neither.
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let needs = |b: &u8| (*b < 0x20 && *b != b'\t' && *b != b'\n') || *b == 0x7f;
+    let mut words = s.as_bytes().chunks_exact(8);
+    for word in &mut words {
+        let mut buf = [0u8; 8];
+        buf.copy_from_slice(word);
+        let w = u64::from_le_bytes(buf);
+        let del = w ^ (0x7f * ONES);
+        // some byte < 0x20, or some byte == 0x7f (exact tests, Hacker's Delight 6-1)
+        let suspect = (w.wrapping_sub(0x20 * ONES) & !w & HIGH) != 0
+            || (del.wrapping_sub(ONES) & !del & HIGH) != 0;
+        if suspect && word.iter().any(needs) {
+            return true;
+        }
+    }
+    words.remainder().iter().any(needs)
 }
 
 pub fn sanitize_str(s: &str) -> String {
@@ -59,6 +76,28 @@ mod tests {
         // a control between CR and LF is removed first, so the pair still becomes one LF
         assert_eq!(sanitize_str("a\r\u{0}\nb"), "a\nb");
         assert_eq!(sanitize_str("é€😀\u{80}"), "é€😀\u{80}");
+    }
+
+    #[test]
+    fn word_check_agrees_with_the_byte_check() {
+        let by_byte = |s: &str| {
+            s.bytes()
+                .any(|b| (b < 0x20 && b != b'\t' && b != b'\n') || b == 0x7f)
+        };
+        // every ASCII byte at every position of strings up to two words and a bit long, with
+        // non-ASCII neighbours too
+        for filler in ["a", "\u{e9}", "\u{20ac}", "\t"] {
+            for len in 0..20 {
+                for at in 0..len {
+                    for b in 0u8..0x80 {
+                        let mut text: Vec<String> = vec![filler.to_owned(); len];
+                        text[at] = char::from(b).to_string();
+                        let text = text.concat();
+                        assert_eq!(needs_sanitizing(&text), by_byte(&text), "{text:?}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]
