@@ -144,7 +144,9 @@ struct Tenant {
 #[derive(Deserialize)]
 #[serde(tag = "outcome", rename_all = "lowercase")]
 enum CommitReply {
-    Committed { response: Value },
+    /// Stored: the filter answers with the response it sent.
+    Committed,
+    /// The key was done: the stored response of that first request.
     Replay { response: Value },
 }
 
@@ -195,6 +197,16 @@ struct Request {
     fingerprint: String,
 }
 
+/// A signed receipt's answer, kept until commit stores it: the 200 body as it was sent in the
+/// commit (so it is neither echoed back nor serialized twice), its receipt headers, and the
+/// trace's new head.
+struct Signed {
+    response: Vec<u8>,
+    headers: Vec<(String, String)>,
+    trace_id: String,
+    head: Head,
+}
+
 /// What the receipt commits to; kept to re-sign on a chain conflict.
 struct Verified {
     trace_id: String,
@@ -216,6 +228,7 @@ pub struct Exchange {
     awaiting: Option<Call>,
     request: Option<Request>,
     verified: Option<Verified>,
+    signed: Option<Signed>,
     /// Re-signs left for 409 `CHAIN_CONFLICT`: one, plus one when the head was a guess (a trace
     /// this worker has not seen: the first conflict only tells its head).
     conflict_retries: u8,
@@ -247,6 +260,7 @@ impl Exchange {
             awaiting: None,
             request: None,
             verified: None,
+            signed: None,
             conflict_retries: 0,
             admitted: false,
             in_flight: false,
@@ -529,14 +543,21 @@ impl Exchange {
             Reply::Unavailable(_) => return self.unavailable(host),
         };
         match serde_json::from_slice::<CommitReply>(&body) {
-            Ok(CommitReply::Committed { response }) => {
+            Ok(CommitReply::Committed) => {
+                let Some(signed) = self.signed.take() else {
+                    return self.fail(host, ApiError::new(500, "INTERNAL", "nothing was signed"));
+                };
                 if let Some(s) = self.settings() {
                     host.count(&stats::exchanges(s.mode.as_str()));
                 }
-                self.remember_head(&response);
-                self.deliver(host, response, false)
+                self.remember_head(&signed.trace_id, signed.head);
+                self.deliver(host, signed.response, signed.headers, false)
             }
-            Ok(CommitReply::Replay { response }) => self.deliver(host, response, true),
+            Ok(CommitReply::Replay { response }) => {
+                let headers = receipt_headers(&response);
+                let body = serde_json::to_vec(&response).unwrap_or_default();
+                self.deliver(host, body, headers, true)
+            }
             Err(e) => {
                 host.count(&stats::callout_failures(Call::Commit.name()));
                 host.log(
@@ -687,9 +708,10 @@ impl Exchange {
     /// Signs the receipt on `head` and commits it.
     fn commit(&mut self, host: &mut dyn Host, head: Option<Head>) -> Action {
         match self.sign(host, head) {
-            Ok(body) => {
+            Ok((commit, signed)) => {
+                self.signed = Some(signed);
                 self.awaiting = Some(Call::Commit);
-                Action::Commit(body.to_string().into_bytes())
+                Action::Commit(commit)
             }
             Err(e) => self.fail(host, e),
         }
@@ -697,25 +719,15 @@ impl Exchange {
 
     /// The committed receipt is its trace's head now: the next hop through this worker links
     /// to it without asking.
-    fn remember_head(&self, response: &Value) {
-        let receipt = response.get("receipt");
-        let hop = receipt.and_then(|r| r.get("hop")).and_then(Value::as_u64);
-        let hash = receipt
-            .and_then(|r| r.get("receipt_hash"))
-            .and_then(Value::as_str);
-        let trace = response.get("trace_id").and_then(Value::as_str);
-        if let (Some(hop), Some(hash), Some(trace)) = (hop, hash, trace) {
-            if let Ok(mut w) = self.worker.try_borrow_mut() {
-                let head = Head {
-                    hop,
-                    receipt_hash: hash.to_owned(),
-                };
-                w.heads.put(&self.tenant_name(), trace, head);
-            }
+    fn remember_head(&self, trace_id: &str, head: Head) {
+        if let Ok(mut w) = self.worker.try_borrow_mut() {
+            w.heads.put(&self.tenant_name(), trace_id, head);
         }
     }
 
-    fn sign(&self, host: &mut dyn Host, head: Option<Head>) -> Result<Value, ApiError> {
+    /// The receipt on `head`, signed, as the commit to send (JSON) and the answer to give once
+    /// it is stored.
+    fn sign(&self, host: &mut dyn Host, head: Option<Head>) -> Result<(Vec<u8>, Signed), ApiError> {
         let internal = |what: String| ApiError::new(500, "INTERNAL", what);
         let (Some(settings), Some(request), Some(verified)) = (
             self.settings(),
@@ -768,23 +780,50 @@ impl Exchange {
             serde_json::to_value(&policy).map_err(|e| internal(e.to_string()))?,
         );
         response.insert("receipt".into(), Value::Object(summary));
-        let body = json!({
-            "tenant": draft.tenant,
-            "idempotency_key": self.idempotency_key,
-            "fingerprint": request.fingerprint,
-            "receipt": receipt,
-            "response": response,
-            "fu_tokens": 0,
-        });
-        Ok(body)
+        let response = Value::Object(response);
+        let headers = receipt_headers(&response);
+        let new_head = Head {
+            hop: draft.hop,
+            receipt_hash: receipt
+                .get("receipt_hash")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned(),
+        };
+        // The commit is written around the response text, which is also the answer's body.
+        let response = json_text(&response)?;
+        let mut commit = String::with_capacity(response.len() * 3);
+        commit.push_str("{\"tenant\":");
+        commit.push_str(&json_text(&draft.tenant)?);
+        commit.push_str(",\"idempotency_key\":");
+        commit.push_str(&json_text(&self.idempotency_key)?);
+        commit.push_str(",\"fingerprint\":");
+        commit.push_str(&json_text(&request.fingerprint)?);
+        commit.push_str(",\"receipt\":");
+        commit.push_str(&json_text(&receipt)?);
+        commit.push_str(",\"response\":");
+        commit.push_str(&response);
+        commit.push_str(",\"fu_tokens\":0}");
+        let signed = Signed {
+            response: response.into_bytes(),
+            headers,
+            trace_id: draft.trace_id,
+            head: new_head,
+        };
+        Ok((commit.into_bytes(), signed))
     }
 
-    /// Answers with a verified (or replayed) exchange's stored 200 body.
-    fn deliver(&mut self, host: &mut dyn Host, response: Value, replay: bool) -> Action {
+    /// Answers with a verified (or replayed) exchange's 200 body and its receipt headers.
+    fn deliver(
+        &mut self,
+        host: &mut dyn Host,
+        body: Vec<u8>,
+        mut headers: Vec<(String, String)>,
+        replay: bool,
+    ) -> Action {
         if replay {
             host.count(stats::IDEMPOTENT_HITS);
         }
-        let mut headers = receipt_headers(&response);
         if replay {
             headers.push((IDEMPOTENCY_HIT_HEADER.into(), "1".into()));
         }
@@ -793,7 +832,6 @@ impl Exchange {
         };
         match settings.mode {
             Mode::Exchange => {
-                let body = serde_json::to_vec(&response).unwrap_or_default();
                 headers.insert(0, ("content-type".into(), "application/json".into()));
                 self.finish(
                     host,
@@ -971,6 +1009,10 @@ pub fn callout(
         body,
         timeout_ms: cp.timeout_ms,
     }
+}
+
+fn json_text<T: serde::Serialize + ?Sized>(value: &T) -> Result<String, ApiError> {
+    serde_json::to_string(value).map_err(|e| ApiError::new(500, "INTERNAL", e.to_string()))
 }
 
 fn invalid_request(detail: &str) -> ApiError {

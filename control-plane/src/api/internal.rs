@@ -162,10 +162,6 @@ pub async fn commits(State(cp): AppState, headers: HeaderMap, body: RawBody) -> 
 }
 
 /// `{"outcome":<outcome>,"response":<response>}` around a response that is JSON text already.
-fn outcome_body(outcome: &str, response: &str) -> String {
-    format!(r#"{{"outcome":"{outcome}","response":{response}}}"#)
-}
-
 /// One commit: validated, its receipt verified, then stored (or replayed, or rejected). The
 /// answer is the 200 body as JSON text.
 async fn commit_one(cp: &ControlPlane, req: CommitBody) -> Result<String, HttpError> {
@@ -221,7 +217,7 @@ async fn commit_one(cp: &ControlPlane, req: CommitBody) -> Result<String, HttpEr
             receipt_hash,
             prev_receipt_hash,
             receipt: req.receipt.to_string(),
-            response: response.clone(),
+            response,
             fu_tokens,
             month,
             now_ms: now,
@@ -235,11 +231,12 @@ async fn commit_one(cp: &ControlPlane, req: CommitBody) -> Result<String, HttpEr
             cp.metrics.commits.inc();
             cp.metrics.vex.inc();
             cp.metrics.fu.inc_by(fu_tokens);
-            Ok(outcome_body("committed", &response))
+            // the filter answers with the response it sent: no need to echo it
+            Ok(r#"{"outcome":"committed"}"#.to_owned())
         }
         CommitOutcome::Replay { response } => {
             cp.metrics.idempotent_hits.inc();
-            Ok(outcome_body("replay", &response))
+            Ok(format!(r#"{{"outcome":"replay","response":{response}}}"#))
         }
         CommitOutcome::Rejected(r) => Err(HttpError::rejection(r)),
     }
