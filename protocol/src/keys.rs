@@ -197,15 +197,26 @@ impl Jwks {
                     "signature is not standard base64 of 64 bytes",
                 )
             })?;
-        let verified = VerifyingKey::from_bytes(&public_key)
-            .and_then(|public_key| public_key.verify_strict(msg, &signature));
-        verified.map_err(|_| {
+        let verified = is_canonical_y(&public_key)
+            .then(|| VerifyingKey::from_bytes(&public_key).ok())
+            .flatten()
+            .is_some_and(|public_key| public_key.verify_strict(msg, &signature).is_ok());
+        verified.then_some(()).ok_or_else(|| {
             VerifyError::new(
                 Rule::Signature,
                 format!("Ed25519 signature does not verify with kid {kid:?}"),
             )
         })
     }
+}
+
+/// Whether the y coordinate of an encoded point (its low 255 bits) is below p = 2^255 - 19, as
+/// RFC 8032 §5.1.3 decoding requires. curve25519-dalek reduces a larger y instead of refusing
+/// it (ed25519-compact, used before, refused it): keep refusing such keys.
+fn is_canonical_y(encoded: &[u8; 32]) -> bool {
+    // y >= p only for ed..ff, then 30 bytes ff, then 7f (the sign bit aside)
+    let [first, middle @ .., last] = encoded;
+    !(*first >= 0xed && middle.iter().all(|&b| b == 0xff) && last & 0x7f == 0x7f)
 }
 
 impl<'de> Deserialize<'de> for Jwks {
@@ -359,6 +370,32 @@ mod tests {
         assert_eq!(err.map(|e| e.rule), Some(Rule::Signature));
         let err = jwks_with_x(&[1u8; 31]).verify("k1", b"hello", &sig).err();
         assert_eq!(err.map(|e| e.rule), Some(Rule::UnknownKid));
+    }
+
+    #[test]
+    fn non_canonical_key_encodings_are_rejected() {
+        let encoding = |first: u8, last: u8| {
+            let mut bytes = [0xffu8; 32];
+            bytes[0] = first;
+            bytes[31] = last;
+            bytes
+        };
+        // p - 1 (the point y = -1) is canonical; p, p + 3 (y = 3 is on the curve) and p + 18
+        // are not, with or without the sign bit
+        assert!(is_canonical_y(&encoding(0xec, 0x7f)));
+        assert!(is_canonical_y(&encoding(0xec, 0xff)));
+        assert!(is_canonical_y(&[0u8; 32]));
+        for (first, last) in [(0xed, 0x7f), (0xf0, 0x7f), (0xf0, 0xff), (0xff, 0x7f)] {
+            assert!(
+                !is_canonical_y(&encoding(first, last)),
+                "{first:x} {last:x}"
+            );
+        }
+        let sig = rfc8032_key().sign(b"hello");
+        let err = jwks_with_x(&encoding(0xf0, 0x7f))
+            .verify("k1", b"hello", &sig)
+            .err();
+        assert_eq!(err.map(|e| e.rule), Some(Rule::Signature));
     }
 
     #[test]
