@@ -474,14 +474,9 @@ impl Parser<'_> {
             // Copy the run up to the next quote, backslash or control character. Those are ASCII,
             // so the run ends on a char boundary of the (already validated) UTF-8 text.
             let run_start = self.pos;
-            while let Some(&b) = self.bytes.get(self.pos) {
-                // quote, backslash and controls are exactly the bytes the writer escapes
-                if ESCAPES[usize::from(b)] != 0 {
-                    break;
-                }
-                seen |= b;
-                self.pos += 1;
-            }
+            let (len, run_bytes) = plain_run(self.bytes.get(self.pos..).unwrap_or_default());
+            seen |= run_bytes;
+            self.pos += len;
             out.push_str(&self.text[run_start..self.pos]);
             match self.bytes.get(self.pos) {
                 Some(b'"') => {
@@ -883,27 +878,65 @@ static ESCAPES: [u8; 256] = {
 
 fn write_string(s: &str, out: &mut String) {
     out.push('"');
-    let mut run_start = 0;
-    for (i, &b) in s.as_bytes().iter().enumerate() {
-        let escape = ESCAPES[usize::from(b)];
-        if escape == 0 {
-            continue;
-        }
-        // `b` is ASCII, so `i` is a char boundary.
-        out.push_str(&s[run_start..i]);
+    let bytes = s.as_bytes();
+    let mut at = 0;
+    loop {
+        let (len, _) = plain_run(bytes.get(at..).unwrap_or_default());
+        // A run starts at 0 or after an ASCII byte and ends before one or at the end: char
+        // boundaries.
+        out.push_str(&s[at..at + len]);
+        at += len;
+        let Some(&b) = bytes.get(at) else {
+            break;
+        };
         out.push('\\');
-        if escape == b'u' {
-            const HEX: &[u8; 16] = b"0123456789abcdef";
-            out.push_str("u00");
-            out.push(char::from(HEX[usize::from(b >> 4)]));
-            out.push(char::from(HEX[usize::from(b & 0xf)]));
-        } else {
-            out.push(char::from(escape));
+        match ESCAPES[usize::from(b)] {
+            b'u' => {
+                const HEX: &[u8; 16] = b"0123456789abcdef";
+                out.push_str("u00");
+                out.push(char::from(HEX[usize::from(b >> 4)]));
+                out.push(char::from(HEX[usize::from(b & 0xf)]));
+            }
+            escape => out.push(char::from(escape)),
         }
-        run_start = i + 1;
+        at += 1;
     }
-    out.push_str(&s[run_start..]);
     out.push('"');
+}
+
+/// Length of the leading run of `bytes` without a byte that JSON strings escape (quote,
+/// backslash, controls), and the OR of the bytes of the run (>= 0x80: not ASCII). Looks at 8
+/// bytes at a time: strings are mostly such runs, in the parser and in the writer.
+fn plain_run(bytes: &[u8]) -> (usize, u8) {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    // whether some byte of `v` is 0 / is below 0x20 (exact tests, Hacker's Delight 6-1)
+    let has_zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGH != 0;
+    let has_control = |v: u64| v.wrapping_sub(0x20 * ONES) & !v & HIGH != 0;
+    let mut at = 0;
+    let mut seen = 0u64;
+    while let Some(word) = bytes.get(at..at + 8) {
+        let mut buf = [0u8; 8];
+        buf.copy_from_slice(word);
+        let w = u64::from_le_bytes(buf);
+        if has_control(w)
+            || has_zero(w ^ (u64::from(b'"') * ONES))
+            || has_zero(w ^ (u64::from(b'\\') * ONES))
+        {
+            break;
+        }
+        seen |= w;
+        at += 8;
+    }
+    let mut seen = seen.to_le_bytes().iter().fold(0, |acc, b| acc | b);
+    while let Some(&b) = bytes.get(at) {
+        if ESCAPES[usize::from(b)] != 0 {
+            break;
+        }
+        seen |= b;
+        at += 1;
+    }
+    (at, seen)
 }
 
 /// ECMAScript `Number.prototype.toString` of the number as a double (RFC 8785 §3.2.2.3).
@@ -1151,6 +1184,22 @@ mod tests {
             b in "[a\u{7f}\u{80}\u{ff}\u{800}\u{d7ff}\u{e000}\u{ff61}\u{ffff}\u{10000}\u{1f600}\u{10ffff}]{0,4}",
         ) {
             proptest::prop_assert_eq!(cmp_utf16(&a, &b), a.encode_utf16().cmp(b.encode_utf16()));
+        }
+
+        #[test]
+        fn plain_runs_stop_where_the_byte_loop_does(
+            s in "[a\u{0}\u{1f} \"\\\\\u{7f}\u{80}\u{ff}\u{2028}\u{1f600}]{0,24}"
+        ) {
+            let stop = s.bytes().position(|b| b < 0x20 || b == b'"' || b == b'\\');
+            let len = stop.unwrap_or(s.len());
+            let or = s.as_bytes()[..len].iter().fold(0, |acc, b| acc | b);
+            proptest::prop_assert_eq!(plain_run(s.as_bytes()), (len, or));
+            // and the writer escapes exactly those bytes, whatever their position
+            let written = to_canonical(&Value::String(s.clone()), Profile::Rfc8785).unwrap();
+            proptest::prop_assert_eq!(
+                parse(written.as_bytes(), &ParseOptions { profile: Profile::Rfc8785, reject_unsafe_integers: false }).unwrap(),
+                Value::String(s)
+            );
         }
 
         #[test]
