@@ -160,10 +160,10 @@ fn main() {
             .unwrap()
             .len()
     });
-    measure("Ed25519 signature alone (ed25519-compact)", || {
+    measure("Ed25519 signature alone (ed25519-dalek)", || {
         config.signing_key.sign(BODY.as_bytes()).len()
     });
-    // includes the stand-in control plane parsing the commit body and echoing the response
+    // includes the stand-in control plane parsing the commit body
     let full = measure("whole pipeline incl. Ed25519 signing", || {
         exchange(&config, &route, &mut host)
     });
