@@ -23,6 +23,7 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
+use signet_filter::pipeline;
 use signet_filter::registry::{parse_options, RawRegistry, Registry};
 use signet_filter::sanitize::sanitize;
 use signet_protocol::canonical::{self, Profile};
@@ -103,37 +104,13 @@ fn exchange(b: &Bench, lap: &mut impl FnMut(usize)) -> Value {
     let receipt = receipt::sign(&draft, &b.key).unwrap();
     lap(4);
 
-    let summary: Map<String, Value> = [
-        "ts",
-        "cid",
-        "receipt_hash",
-        "prev_receipt_hash",
-        "hop",
-        "kid",
-        "sig",
-    ]
-    .iter()
-    .filter_map(|&k| receipt.get(k).map(|v| (k.to_owned(), v.clone())))
-    .collect();
-    let mut response = Map::new();
-    response.insert("trace_id".into(), draft.trace_id.clone().into());
-    response.insert("normalized".into(), normalized.value);
-    response.insert("policy".into(), serde_json::to_value(&policy).unwrap());
-    response.insert("receipt".into(), Value::Object(summary));
-    let response = Value::Object(response);
-    let commit = json!({
-        "tenant": draft.tenant,
-        "idempotency_key": "bench-key",
-        "fingerprint": fingerprint,
-        "receipt": receipt,
-        "response": response,
-        "fu_tokens": 0,
-    });
-    let commit_text = commit.to_string();
-    let body = serde_json::to_vec(&commit["response"]).unwrap();
+    // the pipeline's own response and commit writers
+    let response = pipeline::exchange_response(&receipt, Some(normalized.value), &policy).unwrap();
+    let body = serde_json::to_string(&response).unwrap();
+    let commit_text = pipeline::commit_text("bench-key", &fingerprint, &receipt, &body).unwrap();
     black_box((commit_text.len(), body.len()));
     lap(5);
-    commit
+    serde_json::from_slice(&commit_text).unwrap()
 }
 
 fn median(mut values: Vec<f64>) -> f64 {

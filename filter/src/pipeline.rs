@@ -757,30 +757,10 @@ impl Exchange {
         };
         let receipt = receipt::sign(&draft, &self.config.signing_key)
             .map_err(|e| internal(format!("cannot sign the receipt: {e}")))?;
-        let summary: Map<String, Value> = [
-            "ts",
-            "cid",
-            "receipt_hash",
-            "prev_receipt_hash",
-            "hop",
-            "kid",
-            "sig",
-        ]
-        .iter()
-        .filter_map(|&k| receipt.get(k).map(|v| (k.to_owned(), v.clone())))
-        .collect();
-        let mut response = Map::new();
-        response.insert("trace_id".into(), verified.trace_id.clone().into());
         // inline routes that drop `canon` for privacy do not store the payload either
-        if settings.mode == Mode::Exchange || settings.keep_canon {
-            response.insert("normalized".into(), verified.normalized.clone());
-        }
-        response.insert(
-            "policy".into(),
-            serde_json::to_value(&policy).map_err(|e| internal(e.to_string()))?,
-        );
-        response.insert("receipt".into(), Value::Object(summary));
-        let response = Value::Object(response);
+        let normalized = (settings.mode == Mode::Exchange || settings.keep_canon)
+            .then(|| verified.normalized.clone());
+        let response = exchange_response(&receipt, normalized, &policy)?;
         let headers = receipt_headers(&response);
         let new_head = Head {
             hop: draft.hop,
@@ -790,27 +770,20 @@ impl Exchange {
                 .unwrap_or_default()
                 .to_owned(),
         };
-        // The commit is written around the response text, which is also the answer's body.
         let response = json_text(&response)?;
-        let mut commit = String::with_capacity(response.len() * 3);
-        commit.push_str("{\"tenant\":");
-        commit.push_str(&json_text(&draft.tenant)?);
-        commit.push_str(",\"idempotency_key\":");
-        commit.push_str(&json_text(&self.idempotency_key)?);
-        commit.push_str(",\"fingerprint\":");
-        commit.push_str(&json_text(&request.fingerprint)?);
-        commit.push_str(",\"receipt\":");
-        commit.push_str(&json_text(&receipt)?);
-        commit.push_str(",\"response\":");
-        commit.push_str(&response);
-        commit.push_str(",\"fu_tokens\":0}");
+        let commit = commit_text(
+            &self.idempotency_key,
+            &request.fingerprint,
+            &receipt,
+            &response,
+        )?;
         let signed = Signed {
             response: response.into_bytes(),
             headers,
             trace_id: draft.trace_id,
             head: new_head,
         };
-        Ok((commit.into_bytes(), signed))
+        Ok((commit, signed))
     }
 
     /// Answers with a verified (or replayed) exchange's 200 body and its receipt headers.
@@ -1011,8 +984,70 @@ pub fn callout(
     }
 }
 
+/// The SPEC §4 200 body of an exchange: `{"trace_id","normalized","policy","receipt":{…}}`
+/// (`normalized` left out when the route keeps no payload).
+pub fn exchange_response(
+    receipt: &Map<String, Value>,
+    normalized: Option<Value>,
+    policy: &Policy,
+) -> Result<Value, ApiError> {
+    let summary: Map<String, Value> = [
+        "ts",
+        "cid",
+        "receipt_hash",
+        "prev_receipt_hash",
+        "hop",
+        "kid",
+        "sig",
+    ]
+    .iter()
+    .filter_map(|&k| receipt.get(k).map(|v| (k.to_owned(), v.clone())))
+    .collect();
+    let mut response = Map::new();
+    if let Some(trace_id) = receipt.get("trace_id") {
+        response.insert("trace_id".into(), trace_id.clone());
+    }
+    if let Some(normalized) = normalized {
+        response.insert("normalized".into(), normalized);
+    }
+    response.insert(
+        "policy".into(),
+        serde_json::to_value(policy).map_err(internal_error)?,
+    );
+    response.insert("receipt".into(), Value::Object(summary));
+    Ok(Value::Object(response))
+}
+
+/// One `commits` item (docs/ARCHITECTURE.md), written around the response text, which is also
+/// the answer's body: it is serialized once.
+pub fn commit_text(
+    idempotency_key: &str,
+    fingerprint: &str,
+    receipt: &Map<String, Value>,
+    response: &str,
+) -> Result<Vec<u8>, ApiError> {
+    let tenant = receipt.get("tenant").cloned().unwrap_or_default();
+    let mut commit = String::with_capacity(response.len() * 3);
+    commit.push_str("{\"tenant\":");
+    commit.push_str(&json_text(&tenant)?);
+    commit.push_str(",\"idempotency_key\":");
+    commit.push_str(&json_text(idempotency_key)?);
+    commit.push_str(",\"fingerprint\":");
+    commit.push_str(&json_text(fingerprint)?);
+    commit.push_str(",\"receipt\":");
+    commit.push_str(&json_text(receipt)?);
+    commit.push_str(",\"response\":");
+    commit.push_str(response);
+    commit.push_str(",\"fu_tokens\":0}");
+    Ok(commit.into_bytes())
+}
+
+fn internal_error(e: impl std::fmt::Display) -> ApiError {
+    ApiError::new(500, "INTERNAL", e.to_string())
+}
+
 fn json_text<T: serde::Serialize + ?Sized>(value: &T) -> Result<String, ApiError> {
-    serde_json::to_string(value).map_err(|e| ApiError::new(500, "INTERNAL", e.to_string()))
+    serde_json::to_string(value).map_err(internal_error)
 }
 
 fn invalid_request(detail: &str) -> ApiError {
