@@ -12,8 +12,9 @@
 //! timeout, no answer, a 4xx/5xx) is every member's answer; a 200 that is not a batch reply
 //! reads as a 502.
 //!
-//! Pure logic; `wasm.rs` dispatches the batches from the root context (a callout belongs to the
-//! context that made it, and the root outlives every exchange in a batch).
+//! Pure logic; `wasm.rs` dispatches the batches from the root context (the SDK routes a
+//! callout's answer to the context that dispatched it, and the root outlives every exchange in
+//! a batch).
 
 use serde::Deserialize;
 use serde_json::Value;

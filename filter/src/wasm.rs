@@ -2,9 +2,11 @@
 //! [`PipelineAction`]s it returns. No decisions are made here.
 //!
 //! Commits go out in batches ([`CommitQueue`]) from the root context: an exchange queues its
-//! commit and, when the queue was idle, wakes the root through a per-VM shared queue (a
-//! callout belongs to the context that dispatched it, and only the root outlives every exchange
-//! of a batch). The root hands each answer to its exchange with `set_effective_context`.
+//! commit and, when the queue was idle, wakes the root through a per-VM shared queue. Why the
+//! root: the SDK hands a callout's answer to the context that was running when it was
+//! dispatched, and drops it if that context has ended, and any exchange of a batch may end
+//! first (its client goes away); the root lives as long as the VM. The root hands each answer
+//! to its exchange with `set_effective_context`.
 //!
 //! Host calls go through `proxy_wasm::hostcalls` (which return `Result`) rather than the SDK's
 //! context traits (which unwrap), so a host error becomes a log line, not a VM abort.
