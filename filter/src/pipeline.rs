@@ -97,6 +97,16 @@ pub struct CalloutResponse {
     pub body: Vec<u8>,
 }
 
+impl CalloutResponse {
+    /// No answer at all.
+    pub fn none() -> Self {
+        CalloutResponse {
+            status: None,
+            body: Vec::new(),
+        }
+    }
+}
+
 /// A local reply.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Response {
@@ -336,10 +346,7 @@ impl Exchange {
         }
         self.tenant = self.cached_tenant(host);
         if self.tenant.is_none() {
-            return self.call(
-                Call::Tenant,
-                vec![(KEY_HASH_HEADER.into(), self.key_hash.clone())],
-            );
+            return self.look_up_tenant();
         }
         self.advance(host)
     }
@@ -796,8 +803,6 @@ impl Exchange {
     ) -> Action {
         if replay {
             host.count(stats::IDEMPOTENT_HITS);
-        }
-        if replay {
             headers.push((IDEMPOTENCY_HIT_HEADER.into(), "1".into()));
         }
         let Some(settings) = self.settings().cloned() else {
@@ -860,9 +865,11 @@ impl Exchange {
 
     // ---- endings -----------------------------------------------------------------------------
 
-    fn call(&mut self, call: Call, extra_headers: Vec<(String, String)>) -> Action {
-        self.awaiting = Some(call);
-        Action::Call(callout(&self.config, call, None, extra_headers))
+    /// The one callout an exchange makes itself (commits go out in the worker's batches).
+    fn look_up_tenant(&mut self) -> Action {
+        self.awaiting = Some(Call::Tenant);
+        let key_hash = vec![(KEY_HASH_HEADER.into(), self.key_hash.clone())];
+        Action::Call(callout(&self.config, Call::Tenant, None, key_hash))
     }
 
     fn fail(&mut self, host: &mut dyn Host, error: ApiError) -> Action {

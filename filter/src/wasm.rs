@@ -196,10 +196,7 @@ impl SignetRoot {
             if dispatch(&callout) {
                 return;
             }
-            self.deliver(CalloutResponse {
-                status: None,
-                body: Vec::new(),
-            });
+            self.deliver(CalloutResponse::none());
         }
     }
 
@@ -357,10 +354,7 @@ fn dispatch(callout: &Callout) -> bool {
 
 fn read_call_response(num_headers: usize, body_size: usize) -> CalloutResponse {
     if num_headers == 0 {
-        return CalloutResponse {
-            status: None,
-            body: Vec::new(),
-        };
+        return CalloutResponse::none();
     }
     let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
         .ok()
@@ -415,13 +409,9 @@ fn property(path: &[&str]) -> Vec<u8> {
 impl StreamHandle {
     /// Feeds a failed callout to the exchange; its next action.
     fn fail_callout(&self) -> PipelineAction {
-        let failed = CalloutResponse {
-            status: None,
-            body: Vec::new(),
-        };
         match self.stream.try_borrow_mut() {
             Ok(mut s) => match s.exchange.as_mut() {
-                Some(ex) => ex.on_callout_response(&mut WasmHost, failed),
+                Some(ex) => ex.on_callout_response(&mut WasmHost, CalloutResponse::none()),
                 None => PipelineAction::PassThrough,
             },
             Err(_) => PipelineAction::Pause,

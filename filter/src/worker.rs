@@ -35,17 +35,13 @@ impl InFlight {
         self.keys.remove(&(tenant.to_owned(), key.to_owned()));
     }
 
-    pub fn len(&self) -> usize {
-        self.keys.len()
-    }
-
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty()
     }
 }
 
 /// The head of a trace: the hop and hash a next receipt links to.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
 pub struct Head {
     pub hop: u64,
     pub receipt_hash: String,

@@ -29,11 +29,15 @@ fn authorize(cp: &ControlPlane, headers: &HeaderMap) -> Result<(), HttpError> {
 
 /// Records the error in the metrics on its way out.
 fn fail(cp: &ControlPlane, e: HttpError) -> Response {
+    count_error(cp, &e);
+    e.into_response()
+}
+
+fn count_error(cp: &ControlPlane, e: &HttpError) {
     cp.metrics.error(e.code());
     if e.code() == "CHAIN_CONFLICT" {
         cp.metrics.chain_conflicts.inc();
     }
-    e.into_response()
 }
 
 pub async fn tenant(State(cp): AppState, headers: HeaderMap) -> Response {
@@ -139,10 +143,7 @@ pub async fn commits(State(cp): AppState, headers: HeaderMap, body: RawBody) -> 
             match outcome {
                 Ok(reply) => (200, reply),
                 Err(e) => {
-                    cp.metrics.error(e.code());
-                    if e.code() == "CHAIN_CONFLICT" {
-                        cp.metrics.chain_conflicts.inc();
-                    }
+                    count_error(cp, &e);
                     (e.status(), e.to_json().to_string())
                 }
             }
@@ -161,7 +162,6 @@ pub async fn commits(State(cp): AppState, headers: HeaderMap, body: RawBody) -> 
     json_response(StatusCode::OK, out)
 }
 
-/// `{"outcome":<outcome>,"response":<response>}` around a response that is JSON text already.
 /// One commit: validated, its receipt verified, then stored (or replayed, or rejected). The
 /// answer is the 200 body as JSON text.
 async fn commit_one(cp: &ControlPlane, req: CommitBody) -> Result<String, HttpError> {
