@@ -7,9 +7,7 @@
 
 pub mod api;
 pub mod billing;
-pub mod chain;
 pub mod config;
-pub mod idempotency;
 pub mod keys;
 pub mod metrics;
 pub mod storage;

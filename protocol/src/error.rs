@@ -40,16 +40,19 @@ impl ApiError {
     }
 }
 
-/// A request body that is not acceptable JSON: 400 when it is not JSON at all (syntax, UTF-8),
-/// 422 when it is JSON but not I-JSON or beyond the limits (SPEC §4); `code` is the
-/// [`CanonError::code`].
+/// A request body that is not acceptable JSON: 400 `MALFORMED_JSON` when it is not JSON at all
+/// (syntax, UTF-8), 422 with the [`CanonError::code`] when it is JSON but not I-JSON or beyond
+/// the limits (SPEC §4).
 impl From<&CanonError> for ApiError {
     fn from(err: &CanonError) -> Self {
-        let status = match err.code() {
-            "INVALID_JSON" | "INVALID_UTF8" => 400,
-            _ => 422,
-        };
-        ApiError::new(status, err.code(), err.to_string())
+        match err.code() {
+            "INVALID_JSON" | "INVALID_UTF8" => ApiError::new(
+                400,
+                "MALFORMED_JSON",
+                format!("request body is not valid JSON: {err}"),
+            ),
+            code => ApiError::new(422, code, format!("request body is not I-JSON: {err}")),
+        }
     }
 }
 
@@ -189,13 +192,12 @@ mod tests {
         let status = |input: &[u8]| {
             let err = canonicalize(input, Profile::Signet).unwrap_err();
             let api = ApiError::from(&err);
-            assert_eq!(api.code, err.code());
-            api.status
+            (api.status, api.code)
         };
-        assert_eq!(status(b"{"), 400);
-        assert_eq!(status(b"\xff"), 400);
-        assert_eq!(status(br#"{"a":1,"a":1}"#), 422);
-        assert_eq!(status(b"1e400"), 422);
+        assert_eq!(status(b"{"), (400, "MALFORMED_JSON".into()));
+        assert_eq!(status(b"\xff"), (400, "MALFORMED_JSON".into()));
+        assert_eq!(status(br#"{"a":1,"a":1}"#), (422, "DUPLICATE_KEY".into()));
+        assert_eq!(status(b"1e400").0, 422);
     }
 
     #[test]

@@ -7,6 +7,8 @@
 //! - [`keys`]: Ed25519 signing keys from a base64url seed, JWK and JWKS.
 //! - [`receipt`], [`chain`], [`bundle`]: building, signing and verifying SR-1 receipts, chains and
 //!   export bundles.
+//! - [`internal`]: the filter ↔ control-plane API, one definition for both sides, and the commit
+//!   decision both storage backends share.
 //! - [`time`], [`trace`], [`error`]: receipt timestamps, trace ids, the SPEC §4 error body and
 //!   [`VerifyError`].
 //!
@@ -34,6 +36,7 @@ pub mod canonical;
 pub mod chain;
 pub mod cid;
 pub mod error;
+pub mod internal;
 pub mod keys;
 pub mod receipt;
 pub mod time;

@@ -13,9 +13,9 @@ use axum::Router;
 use serde::de::DeserializeOwned;
 use signet_protocol::error::ApiError;
 
-use crate::chain::{Head, Rejection};
 use crate::storage::StoreError;
 use crate::ControlPlane;
+use signet_protocol::internal::{Head, Rejection};
 
 mod admin;
 mod internal;

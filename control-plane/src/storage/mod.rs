@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use serde_json::Value;
 
 use crate::billing::{BillingLine, BillingPlan};
-use crate::chain::{Head, Rejection};
+use signet_protocol::internal::{Candidate, Head, Rejection};
 
 mod postgres;
 mod sqlite;
@@ -38,6 +38,19 @@ pub struct CommitRequest {
     pub now_ms: i64,
     pub chain_max: u64,
     pub plan: Arc<BillingPlan>,
+}
+
+impl CommitRequest {
+    /// What [`signet_protocol::internal::decide`] needs of it.
+    pub fn candidate(&self) -> Candidate<'_> {
+        Candidate {
+            tenant: &self.tenant,
+            fingerprint: &self.fingerprint,
+            hop: self.hop,
+            prev_receipt_hash: self.prev_receipt_hash.as_deref(),
+            chain_max: self.chain_max,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -24,8 +24,7 @@ use tokio_postgres::{NoTls, Row, Statement};
 
 use super::*;
 use crate::billing::lines_for_exchange;
-use crate::chain::{check_append, TraceState};
-use crate::idempotency::{commit_step, CommitStep, Record};
+use signet_protocol::internal::{decide, Decision, Record, TraceState};
 
 /// Any constant shared by every instance: serializes migrations of concurrent starts.
 const MIGRATION_LOCK: i64 = 0x5349_474e_4554; // "SIGNET"
@@ -338,18 +337,14 @@ async fn commit_one_attempt(pool: &Pool, req: &CommitRequest) -> Result<CommitOu
     )
     .map_err(db)?;
 
-    let rejected = match commit_step(record_of(&key_row)?.as_ref(), &req.fingerprint) {
-        CommitStep::Replay(response) => Some(CommitOutcome::Replay { response }),
-        CommitStep::Reject(r) => Some(CommitOutcome::Rejected(r)),
-        CommitStep::Proceed => check_append(
-            trace_of(&trace_row).as_ref(),
-            &req.tenant,
-            req.hop,
-            req.prev_receipt_hash.as_deref(),
-            req.chain_max,
-        )
-        .err()
-        .map(CommitOutcome::Rejected),
+    let rejected = match decide(
+        record_of(&key_row)?.as_ref(),
+        trace_of(&trace_row).as_ref(),
+        &req.candidate(),
+    ) {
+        Decision::Append => None,
+        Decision::Replay(response) => Some(CommitOutcome::Replay { response }),
+        Decision::Reject(r) => Some(CommitOutcome::Rejected(r)),
     };
     if let Some(outcome) = rejected {
         tx.rollback().await.map_err(db)?;
@@ -855,27 +850,20 @@ async fn decide_and_write(
     let mut touched_traces: Vec<&str> = Vec::new();
     for req in requests.iter().copied() {
         let key = (req.tenant.clone(), req.idempotency_key.clone());
-        match commit_step(records.get(&key), &req.fingerprint) {
-            CommitStep::Replay(response) => {
+        match decide(
+            records.get(&key),
+            traces.get(&req.trace_id),
+            &req.candidate(),
+        ) {
+            Decision::Append => {}
+            Decision::Replay(response) => {
                 outcomes.push(CommitOutcome::Replay { response });
                 continue;
             }
-            CommitStep::Reject(r) => {
+            Decision::Reject(r) => {
                 outcomes.push(CommitOutcome::Rejected(r));
                 continue;
             }
-            CommitStep::Proceed => {}
-        }
-        let trace = traces.get(&req.trace_id);
-        if let Err(r) = check_append(
-            trace,
-            &req.tenant,
-            req.hop,
-            req.prev_receipt_hash.as_deref(),
-            req.chain_max,
-        ) {
-            outcomes.push(CommitOutcome::Rejected(r));
-            continue;
         }
         let counters = months
             .get_mut(&(req.tenant.clone(), req.month.clone()))

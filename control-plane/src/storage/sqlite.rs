@@ -22,8 +22,7 @@ use tokio::sync::oneshot;
 
 use super::*;
 use crate::billing::lines_for_exchange;
-use crate::chain::{check_append, TraceState};
-use crate::idempotency::{commit_step, CommitStep, Record};
+use signet_protocol::internal::{decide, Decision, Record, TraceState};
 
 const MAX_BATCH: usize = 512;
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
@@ -412,21 +411,12 @@ fn read_trace(conn: &Connection, trace_id: &str) -> rusqlite::Result<Option<Trac
 }
 
 fn commit(conn: &Connection, req: &CommitRequest) -> rusqlite::Result<(CommitOutcome, bool)> {
-    let existing = read_record(conn, &req.tenant, &req.idempotency_key)?;
-    match commit_step(existing.as_ref(), &req.fingerprint) {
-        CommitStep::Replay(response) => return Ok((CommitOutcome::Replay { response }, false)),
-        CommitStep::Reject(r) => return Ok((CommitOutcome::Rejected(r), false)),
-        CommitStep::Proceed => {}
-    }
+    let record = read_record(conn, &req.tenant, &req.idempotency_key)?;
     let trace = read_trace(conn, &req.trace_id)?;
-    if let Err(r) = check_append(
-        trace.as_ref(),
-        &req.tenant,
-        req.hop,
-        req.prev_receipt_hash.as_deref(),
-        req.chain_max,
-    ) {
-        return Ok((CommitOutcome::Rejected(r), false));
+    match decide(record.as_ref(), trace.as_ref(), &req.candidate()) {
+        Decision::Append => {}
+        Decision::Replay(response) => return Ok((CommitOutcome::Replay { response }, false)),
+        Decision::Reject(r) => return Ok((CommitOutcome::Rejected(r), false)),
     }
     let hop = to_i64(req.hop);
     conn.prepare_cached(
