@@ -59,6 +59,7 @@ enum ErrorKind {
     InvalidUtf8,
     DuplicateKey,
     LoneSurrogate,
+    Noncharacter,
     NumberOutOfRange,
     UnsafeInteger,
     TooDeep,
@@ -90,6 +91,7 @@ impl CanonError {
             ErrorKind::InvalidUtf8 => "INVALID_UTF8",
             ErrorKind::DuplicateKey => "DUPLICATE_KEY",
             ErrorKind::LoneSurrogate => "LONE_SURROGATE",
+            ErrorKind::Noncharacter => "NONCHARACTER",
             ErrorKind::NumberOutOfRange => "NUMBER_OUT_OF_RANGE",
             ErrorKind::UnsafeInteger => "UNSAFE_INTEGER",
             ErrorKind::TooDeep => "TOO_DEEP",
@@ -466,6 +468,7 @@ impl Parser<'_> {
 
     /// Parses a string starting at the opening quote.
     fn parse_string(&mut self) -> Result<String, CanonError> {
+        let string_start = self.pos;
         self.pos += 1; // opening quote
         let mut out = String::new();
         // OR of every byte copied: below 0x80, the string is ASCII and so already NFC
@@ -492,6 +495,16 @@ impl Parser<'_> {
                     ))
                 }
                 None => return Err(self.unexpected_end()),
+            }
+        }
+        if seen >= 0x80 {
+            // RFC 7493 §2.1: I-JSON has no noncharacters (raw or escaped)
+            if let Some(c) = out.chars().find(|&c| is_noncharacter(c)) {
+                return Err(CanonError::new(
+                    ErrorKind::Noncharacter,
+                    format!("noncharacter U+{:04X} in string", u32::from(c)),
+                    Some(string_start),
+                ));
             }
         }
         if self.opts.profile == Profile::Signet && seen >= 0x80 {
@@ -620,10 +633,10 @@ impl Parser<'_> {
         }
         let literal = &self.text[start..self.pos];
 
-        if self.opts.reject_unsafe_integers && alters_integer(literal) {
+        if self.opts.reject_unsafe_integers && exceeds_safe_integer(literal) {
             return Err(CanonError::new(
                 ErrorKind::UnsafeInteger,
-                format!("integer {literal} exceeds 2^53 and would lose precision"),
+                format!("integer {literal} exceeds 2^53 in magnitude (SPEC §1)"),
                 Some(start),
             ));
         }
@@ -653,27 +666,42 @@ impl Parser<'_> {
     }
 }
 
+/// U+FDD0..U+FDEF and the last two code points of every plane (U+FFFE, U+FFFF, U+1FFFE, …).
+fn is_noncharacter(c: char) -> bool {
+    let u = u32::from(c);
+    (0xFDD0..=0xFDEF).contains(&u) || u & 0xFFFE == 0xFFFE
+}
+
 /// Whether a number literal (RFC 8259 grammar, already checked) denotes an integer beyond 2^53
-/// in magnitude that no double holds exactly, in any notation: `9007199254740993`,
-/// `9007199254740993.0` and `9.007199254740993e15` alike (while `1e21` is exact and passes).
-/// Decided on the decimal digits against the double's exact value, so the verdict is exact.
-fn alters_integer(literal: &str) -> bool {
+/// in magnitude, in any notation: `9007199254740993`, `9007199254740994` (a double holds it, but
+/// not every neighbour: SPEC §1 rejects the range), `9007199254740993.0`, `9.007199254740994e15`
+/// and `1e21` alike, while `9007199254740993.5` (not an integer) passes. Decided on the decimal
+/// digits, never through a double.
+fn exceeds_safe_integer(literal: &str) -> bool {
     let unsigned = literal.trim_start_matches('-');
     let (mantissa, exponent) = match unsigned.find(['e', 'E']) {
         Some(at) => (
             &unsigned[..at],
-            unsigned[at + 1..].parse::<i64>().unwrap_or(i64::MAX),
+            // an exponent too large for i64 is beyond any limit either way
+            unsigned[at + 1..].parse::<i64>().unwrap_or_else(|_| {
+                if unsigned[at + 1..].starts_with('-') {
+                    i64::MIN
+                } else {
+                    i64::MAX
+                }
+            }),
         ),
         None => (unsigned, 0),
     };
     let (whole, fraction) = mantissa.split_once('.').unwrap_or((mantissa, ""));
     let fraction = fraction.trim_end_matches('0');
+    let whole = whole.trim_start_matches('0');
+    // value = significant × 10^scale, significant without leading or trailing zeros
     let digits = format!("{whole}{fraction}");
     let digits = digits.trim_start_matches('0');
     if digits.is_empty() {
         return false; // zero
     }
-    // value = significant × 10^scale
     let significant = digits.trim_end_matches('0');
     let scale = exponent
         .saturating_sub(fraction.len() as i64)
@@ -683,20 +711,11 @@ fn alters_integer(literal: &str) -> bool {
     }
     const LIMIT: &str = "9007199254740992"; // 2^53
     let length = (significant.len() as i64).saturating_add(scale);
-    if length < LIMIT.len() as i64 {
-        return false;
-    }
-    if length > 400 {
-        return true; // beyond any double
+    if length != LIMIT.len() as i64 {
+        return length > LIMIT.len() as i64;
     }
     let integer = format!("{significant}{}", "0".repeat(scale as usize));
-    if integer.len() == LIMIT.len() && integer.as_str() <= LIMIT {
-        return false;
-    }
-    // `{:.0}` prints a double's exact decimal value
-    unsigned
-        .parse::<f64>()
-        .map_or(true, |double| format!("{double:.0}") != integer)
+    integer.as_str() > LIMIT
 }
 
 /// The container on top of the stack was just matched by kind; reaching this is a bug.
@@ -1139,22 +1158,58 @@ mod tests {
         assert!(parse(b"9007199254740993.5", &strict).is_ok()); // not an integer
         assert!(parse(b"90071992547409920e-1", &strict).is_ok());
         assert!(parse(b"1e15", &strict).is_ok());
-        assert!(parse(b"1e21", &strict).is_ok()); // exactly a double
-        assert!(parse(b"-18014398509481984", &strict).is_ok()); // 2^54, exact
         assert!(parse(b"0.0e400", &strict).is_ok());
+        assert!(parse(b"1e-400000000000000000000", &strict).is_ok()); // a tiny fraction
+        let huge = parse(b"1e99999999999999999999", &strict).err();
+        assert_eq!(huge.map(|e| e.code()), Some("UNSAFE_INTEGER"));
         for input in [
             "9007199254740993",
             "-9007199254740993",
             "1000000000000000000000000",
-            // the same integers in other notations are altered just the same
+            // a double holds these exactly, but SPEC §1 rejects the whole range beyond 2^53
+            "9007199254740994",
+            "18446744073709551616",
+            "-18446744073709551616",
+            "-18014398509481984",
+            "1e21",
+            // the same integers in other notations
             "9007199254740993.0",
             "9.007199254740993e15",
             "90071992547409930e-1",
+            "0.9007199254740994e16",
             "6.02e23",
         ] {
             let err = parse(input.as_bytes(), &strict).err();
             assert_eq!(err.map(|e| e.code()), Some("UNSAFE_INTEGER"), "{input}");
             assert!(parse(input.as_bytes(), &ParseOptions::default()).is_ok());
+        }
+    }
+
+    #[test]
+    fn noncharacters_are_refused_raw_or_escaped() {
+        for input in [
+            "\"\u{FDD0}\"",
+            "\"a\u{FDEF}\"",
+            "\"\u{FFFE}\"",
+            "\"\u{FFFF}\"",
+            "\"\u{1FFFE}\"",
+            "\"\u{10FFFF}\"",
+            r#""\ufdd0""#,
+            r#""\uffff""#,
+            r#""\ud83f\udffe""#, // U+1FFFE as a surrogate pair
+            "{\"\u{FFFE}\":1}",
+        ] {
+            for profile in [Profile::Signet, Profile::Rfc8785] {
+                let opts = ParseOptions {
+                    profile,
+                    reject_unsafe_integers: false,
+                };
+                let err = parse(input.as_bytes(), &opts).err();
+                assert_eq!(err.map(|e| e.code()), Some("NONCHARACTER"), "{input:?}");
+            }
+        }
+        for fine in ["\"\u{FDCF}\u{FDF0}\u{FFFD}\u{1FFFD}\"", r#""\ufffd\u00e9""#] {
+            assert!(signet(fine).is_ok(), "{fine:?}");
         }
     }
 

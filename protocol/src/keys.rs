@@ -39,7 +39,12 @@ impl SigningKey {
     pub fn from_seed_b64url(seed: &str, kid: impl Into<String>) -> Result<Self, KeyError> {
         let bytes = URL_SAFE_NO_PAD
             .decode(seed.trim().trim_end_matches('='))
-            .map_err(|e| KeyError(format!("signing key seed is not base64url: {e}")))?;
+            // the decoder's message names a symbol of the seed and where it is: say nothing of it
+            .map_err(|_| {
+                KeyError(
+                    "signing key seed is not base64url (URL-safe alphabet, 43 characters)".into(),
+                )
+            })?;
         let seed: [u8; 32] = bytes.try_into().map_err(|bytes: Vec<u8>| {
             KeyError(format!(
                 "signing key seed must be 32 bytes, got {}",
@@ -274,6 +279,28 @@ mod tests {
         assert!(SigningKey::from_seed_b64url("AAAA", "k").is_err());
         assert!(SigningKey::from_seed_b64url("not base64!", "k").is_err());
         assert!(!format!("{key:?}").contains(&key.seed_b64url()));
+    }
+
+    #[test]
+    fn a_bad_seed_is_refused_without_echoing_any_of_it() {
+        let seed = key_seed_with_one_bad_symbol();
+        let message = SigningKey::from_seed_b64url(&seed, "k")
+            .unwrap_err()
+            .to_string();
+        // neither the symbol, nor its code, nor its offset, nor any 4-character run of the seed
+        for leak in ["*", "42", "offset", "symbol"] {
+            assert!(!message.contains(leak), "{message:?} contains {leak:?}");
+        }
+        for window in seed.as_bytes().windows(4) {
+            let run = std::str::from_utf8(window).unwrap();
+            assert!(!message.contains(run), "{message:?} echoes {run:?}");
+        }
+    }
+
+    fn key_seed_with_one_bad_symbol() -> String {
+        let mut seed = rfc8032_key().seed_b64url();
+        seed.replace_range(20..21, "*");
+        seed
     }
 
     #[test]
