@@ -25,6 +25,13 @@ pub(crate) fn cid_of_parts(parts: &[&str]) -> String {
     out
 }
 
+/// Whether `s` has the form of a CID: `sha256:` and 64 lowercase hex digits.
+pub fn is_cid(s: &str) -> bool {
+    s.strip_prefix(PREFIX).is_some_and(|hex| {
+        hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    })
+}
+
 /// Lowercase hex SHA-256 of `bytes`, without prefix (e.g. the API key hash).
 pub fn sha256_hex(bytes: &[u8]) -> String {
     let mut out = String::with_capacity(64);
@@ -43,6 +50,21 @@ fn push_hex(bytes: &[u8], out: &mut String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cid_form() {
+        assert!(is_cid(&cid(b"")));
+        for bad in [
+            "x",
+            "sha256:",
+            "sha256:ABC",
+            &cid(b"")[..70],
+            &cid(b"").to_uppercase(),
+        ] {
+            assert!(!is_cid(bad), "{bad}");
+        }
+        assert!(!is_cid(&format!("{}0", cid(b""))));
+    }
 
     #[test]
     fn known_digests() {

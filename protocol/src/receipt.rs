@@ -7,6 +7,7 @@ use crate::canonical::{self, CanonError, Profile};
 use crate::cid::{self, cid};
 use crate::error::{Rule, VerifyError};
 use crate::keys::{Jwks, SigningKey};
+use crate::time;
 use crate::trace::is_valid_trace_id;
 
 /// The HEL egress decision recorded in a receipt.
@@ -182,18 +183,9 @@ fn verify_fields(
     if !matches!(receipt.get("hop").and_then(Value::as_u64), Some(hop) if hop >= 1) {
         return Err(malformed("hop is not an integer >= 1"));
     }
-    string_member(receipt, "ts")?;
     let claimed_cid = string_member(receipt, "cid")?;
-    match receipt.get("prev_receipt_hash") {
-        Some(Value::Null | Value::String(_)) => {}
-        _ => return Err(malformed("prev_receipt_hash is not null or a string")),
-    }
-    if let Some(algo) = receipt.get("algo") {
-        if algo != ALGO {
-            return Err(malformed(format!("algo is {algo}, expected \"sha256\"")));
-        }
-    }
     let claimed_hash = string_member(receipt, "receipt_hash")?;
+    check_formats(receipt)?;
 
     let profile =
         matching_profile(claimed_hash, |profile| hash_in(receipt, profile))?.ok_or_else(|| {
@@ -243,6 +235,66 @@ fn verify_fields(
     )
     .map_err(not_canonicalizable)?;
     jwks.verify(kid, signed_bytes.as_bytes(), sig)
+}
+
+/// The SR-1 member formats (SPEC §2) beyond the hashes: a receipt whose members are of the wrong
+/// form does not verify, even when its hash and signature match.
+fn check_formats(receipt: &Map<String, Value>) -> Result<(), VerifyError> {
+    let ts = string_member(receipt, "ts")?;
+    if time::parse_rfc3339_utc(ts).is_none() {
+        return Err(malformed(format!(
+            "ts {ts:?} is not an RFC 3339 UTC timestamp"
+        )));
+    }
+    if string_member(receipt, "tenant")?.is_empty() {
+        return Err(malformed("tenant is empty"));
+    }
+    for name in ["cid", "receipt_hash"] {
+        if !cid::is_cid(string_member(receipt, name)?) {
+            return Err(malformed(format!(
+                "{name} is not sha256: and 64 lowercase hex digits"
+            )));
+        }
+    }
+    // whether hop 1 links to nothing is a chain rule (CHAIN_START), checked by `chain::verify`
+    match receipt.get("prev_receipt_hash") {
+        Some(Value::Null) => {}
+        Some(Value::String(prev)) if cid::is_cid(prev) => {}
+        _ => return Err(malformed("prev_receipt_hash is not null or a sha256: hash")),
+    }
+    if receipt.get("algo").and_then(Value::as_str) != Some(ALGO) {
+        return Err(malformed("algo is not \"sha256\""));
+    }
+    let policy = receipt.get("policy").and_then(Value::as_object);
+    let policy_ok = policy.is_some_and(|p| {
+        p.get("engine").and_then(Value::as_str) == Some("HEL")
+            && p.get("allowed") == Some(&Value::Bool(true))
+            && matches!(
+                p.get("reason").and_then(Value::as_str),
+                Some("ok" | "no_forward")
+            )
+    });
+    if !policy_ok {
+        return Err(malformed(
+            r#"policy is not {"engine":"HEL","allowed":true,"reason":"ok"|"no_forward"}"#,
+        ));
+    }
+    if receipt.get("kid").is_some() && string_member(receipt, "kid")?.is_empty() {
+        return Err(malformed("kid is empty"));
+    }
+    for name in ["payload_type", "target_type"] {
+        if receipt.get(name).is_some() {
+            string_member(receipt, name)?;
+        }
+    }
+    let typed = |name: &str, ok: fn(&Value) -> bool, what: &str| match receipt.get(name) {
+        Some(v) if !ok(v) => Err(malformed(format!("{name} is not {what}"))),
+        _ => Ok(()),
+    };
+    typed("fallback_used", Value::is_boolean, "a boolean")?;
+    typed("fu_tokens", Value::is_u64, "a non-negative integer")?;
+    typed("forwarded", Value::is_object, "an object")?;
+    Ok(())
 }
 
 /// The profile in which `compute` yields `claimed`: `signet-jcs` first, then plain RFC 8785 for

@@ -381,3 +381,50 @@ fn any_changed_byte_of_a_bundle_is_detected() {
     .unwrap();
     assert_every_byte_is_protected(&exported, |b| bundle::verify(b, Some(&jwks), true));
 }
+
+#[test]
+fn members_of_the_wrong_form_do_not_verify_even_when_signed() {
+    let key = key("k1", 7);
+    let jwks = jwks_of(&[&key]);
+    let prev = cid(b"hop 1");
+    type Mutation = fn(&mut ReceiptDraft);
+    let mutations: [(&str, Mutation); 11] = [
+        ("cid not a CID, no canon", |d| {
+            d.cid = "x".into();
+            d.canon = None;
+        }),
+        ("cid in upper case, no canon", |d| {
+            d.cid = d.cid.to_uppercase();
+            d.canon = None;
+        }),
+        ("ts not RFC 3339", |d| d.ts = "yesterday".into()),
+        ("ts with an offset", |d| {
+            d.ts = "2026-11-25T18:00:00+01:00".into()
+        }),
+        ("empty tenant", |d| d.tenant = String::new()),
+        ("another engine", |d| d.policy.engine = "OPA".into()),
+        ("a denial", |d| d.policy.allowed = false),
+        ("an unknown reason", |d| d.policy.reason = "maybe".into()),
+        ("negative fu_tokens", |d| {
+            d.extensions.insert("fu_tokens".into(), (-1).into());
+        }),
+        ("fallback_used not a boolean", |d| {
+            d.extensions.insert("fallback_used".into(), "yes".into());
+        }),
+        ("prev_receipt_hash not a hash", |d| {
+            d.prev_receipt_hash = Some("x".into())
+        }),
+    ];
+    for (what, mutate) in mutations {
+        let mut d = draft("trace-1", 2, Some(&prev));
+        mutate(&mut d);
+        let receipt = Value::Object(receipt::sign(&d, &key).unwrap());
+        assert_eq!(
+            code(receipt::verify(&receipt, Some(&jwks), true)),
+            Some("MALFORMED"),
+            "{what}"
+        );
+    }
+    let fine = Value::Object(receipt::sign(&draft("trace-1", 2, Some(&prev)), &key).unwrap());
+    receipt::verify(&fine, Some(&jwks), true).unwrap();
+}
