@@ -57,7 +57,7 @@ pub fn parse_rfc3339_utc(ts: &str) -> Option<u64> {
 /// Days since 1970-01-01 of a Gregorian date (H. Hinnant's `days_from_civil`), `None` when the
 /// date does not exist.
 fn days_from_civil(year: u64, month: u64, day: u64) -> Option<u64> {
-    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+    let leap = year.is_multiple_of(4) && (!year.is_multiple_of(100) || year.is_multiple_of(400));
     let month_days = [
         31,
         if leap { 29 } else { 28 },
