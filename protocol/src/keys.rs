@@ -4,12 +4,8 @@ use std::fmt;
 
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine as _;
-// ed25519-dalek rather than ed25519-compact: in the filter's wasm32 build curve25519-dalek
-// picks its 32-bit field arithmetic (u32×u32→u64, native in Wasm), where ed25519-compact's
-// 64-bit limbs need u128 products that compile to `__multi3` calls. Measured with
-// scripts/wasm-bench (node 20's V8, receipt-sized message): sign 80 → 47 µs, verify 260 → 117
-// µs; natively (the control plane verifies every commit) sign 19 → 20 µs, strict verify 52 → 41
-// µs. Verification is `verify_strict`: S < L, no small-order key or R, cofactorless equation.
+// ed25519-dalek: its 32-bit field arithmetic suits wasm32 (docs/perf.md). Verification is
+// `verify_strict`: S < L, no small-order key or R, cofactorless equation.
 use ed25519_dalek::{Signature, Signer, SigningKey as DalekKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 
