@@ -2,8 +2,17 @@
 //!
 //! The Envoy filter keeps no durable state; it reaches this service through HTTP callouts
 //! (`/v1/internal/*`, see docs/ARCHITECTURE.md) to look up tenants and to commit receipts (one
-//! commit per exchange, which also decides idempotency). Operators and auditors use the public endpoints (JWKS, chains, signed export
-//! bundles, metrics).
+//! commit per exchange, which also decides idempotency). Operators and auditors use the public
+//! endpoints (JWKS, chains, signed export bundles, metrics).
+//!
+//! - [`api`]: the HTTP routes, their handlers, the extractors that authenticate callers and the
+//!   one error answer.
+//! - [`storage`]: the receipt store (SQLite or PostgreSQL): commits, chains, usage, billing queue.
+//! - [`tenants`]: API keys (kept as hashes), what each grants and each tenant's billing plan.
+//! - [`billing`]: SPEC §6 tier math: what one usage event bills.
+//! - [`keys`]: the signing key and the JWKS of every kid ever used.
+//! - [`metrics`]: the Prometheus counters served at `/metrics`.
+//! - [`config`]: the configuration from the environment.
 
 pub mod api;
 pub mod billing;

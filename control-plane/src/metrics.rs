@@ -7,10 +7,11 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use signet_protocol::internal::Code;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CodeLabels {
-    pub code: String,
+    pub code: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -24,7 +25,7 @@ pub struct Metrics {
     backend: &'static str,
     /// Receipts stored.
     pub commits: Counter,
-    /// Commits refused because the receipt did not extend the head.
+    /// Commits refused because the receipt did not extend the head (also in `errors`).
     pub chain_conflicts: Counter,
     /// Commits answered with the stored response of an earlier commit.
     pub idempotent_hits: Counter,
@@ -87,12 +88,16 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
-    pub fn error(&self, code: &str) {
+    /// Counts an error answered, whole response or single commit of a batch.
+    pub fn error(&self, code: Code) {
         self.errors
             .get_or_create(&CodeLabels {
-                code: code.to_owned(),
+                code: code.as_str(),
             })
             .inc();
+        if code == Code::ChainConflict {
+            self.chain_conflicts.inc();
+        }
     }
 
     /// Starts timing a storage operation; the latency is recorded by [`StorageTimer::done`].

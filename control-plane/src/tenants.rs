@@ -10,6 +10,7 @@ use std::sync::Arc;
 use rust_decimal::Decimal;
 use serde::Deserialize;
 use serde_json::Value;
+use signet_protocol::internal::Grant;
 
 use crate::billing::{BillingPlan, MeterPlan, Tier};
 
@@ -18,20 +19,12 @@ pub fn api_key_hash(api_key: &str) -> String {
     signet_protocol::cid::sha256_hex(api_key.as_bytes())
 }
 
-/// What an API key grants: the tenant it belongs to and the settings the filter needs.
-#[derive(Debug, Clone, PartialEq)]
-pub struct KeyGrant {
-    pub tenant: String,
-    /// The key's own allowlist followed by the global `SP_HEL_ALLOWLIST`.
-    pub allowlist: Vec<String>,
-    pub fallback_enabled: bool,
-    pub fu_monthly_limit: Option<u64>,
-}
-
 /// All tenants: the lookup by API-key hash (the filter) and by name (billing).
 #[derive(Debug, Default)]
 pub struct TenantDirectory {
-    grants: HashMap<String, Arc<KeyGrant>>,
+    /// What each key grants, as the filter receives it; its allowlist is the key's own followed
+    /// by the global `SP_HEL_ALLOWLIST`.
+    grants: HashMap<String, Arc<Grant>>,
     plans: HashMap<String, Arc<BillingPlan>>,
 }
 
@@ -88,7 +81,7 @@ impl TenantDirectory {
             items.insert(entry.tenant.clone(), tenant_items);
             grants.insert(
                 api_key_hash(&api_key),
-                Arc::new(KeyGrant {
+                Arc::new(Grant {
                     tenant: entry.tenant,
                     allowlist,
                     fallback_enabled: entry.fallback_enabled,
@@ -127,7 +120,7 @@ impl TenantDirectory {
         Ok(Self { grants, plans })
     }
 
-    pub fn grant_for_key_hash(&self, key_hash: &str) -> Option<Arc<KeyGrant>> {
+    pub fn grant_for_key_hash(&self, key_hash: &str) -> Option<Arc<Grant>> {
         self.grants.get(&key_hash.to_ascii_lowercase()).cloned()
     }
 

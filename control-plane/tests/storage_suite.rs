@@ -283,7 +283,7 @@ async fn traces_belong_to_the_tenant_that_opened_them(backend: Backend) {
         .await;
     assert_eq!(
         (bad.status, bad.body["code"].as_str()),
-        (400, Some("TRACE_ID_INVALID"))
+        (400, Some("BAD_TRACE_ID"))
     );
     server.stop().await;
     db.cleanup().await;
@@ -379,7 +379,7 @@ async fn invalid_receipts_and_callers_are_refused(backend: Backend) {
     let bad_trace = server.commit("demo", "k", &fp, &bad_trace, 0).await;
     assert_eq!(
         (bad_trace.status, bad_trace.body["code"].as_str()),
-        (400, Some("TRACE_ID_INVALID"))
+        (400, Some("BAD_TRACE_ID"))
     );
     let malformed = server
         .http

@@ -1,15 +1,18 @@
 //! Public endpoints: health, metrics, JWKS, and the chain and signed export of a trace for its
-//! owner (the tenant's API key) or an auditor (the admin key).
+//! owner (the tenant's API key) or an auditor (the admin key), as [`ChainReader`] checks.
 
-use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::extract::State;
+use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::Json;
 use serde_json::{json, Value};
-use signet_protocol::{bundle, time, trace};
+use signet_protocol::internal::Code;
+use signet_protocol::{bundle, time};
 
-use super::{json_response, HttpError, State as AppState};
+use super::extract::{ChainReader, TraceId};
+use super::{HttpError, State as AppState};
 use crate::storage::StoredChain;
-use crate::{now_ms, tenants, ControlPlane};
+use crate::{now_ms, ControlPlane};
 
 pub async fn healthz(State(cp): AppState) -> Response {
     let timer = cp.metrics.time("ping");
@@ -17,17 +20,13 @@ pub async fn healthz(State(cp): AppState) -> Response {
     timer.done();
     let storage = cp.storage.kind();
     match ping {
-        Ok(()) => json_response(
-            StatusCode::OK,
-            json!({"status": "ok", "storage": storage, "database": "reachable"}).to_string(),
-        ),
+        Ok(()) => Json(json!({"status": "ok", "storage": storage, "database": "reachable"}))
+            .into_response(),
         Err(e) => {
             tracing::warn!("health check: {e}");
-            json_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                json!({"status": "unavailable", "storage": storage, "database": "unreachable"})
-                    .to_string(),
-            )
+            let body =
+                json!({"status": "unavailable", "storage": storage, "database": "unreachable"});
+            (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
         }
     }
 }
@@ -44,102 +43,65 @@ pub async fn metrics(State(cp): AppState) -> Response {
 }
 
 pub async fn jwks(State(cp): AppState) -> Response {
-    let mut response = json_response(StatusCode::OK, cp.keys.jwks_json().to_owned());
-    response.headers_mut().insert(
-        header::CACHE_CONTROL,
-        HeaderValue::from_static("public, max-age=300"),
-    );
-    response
+    (
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            ),
+            (
+                header::CACHE_CONTROL,
+                HeaderValue::from_static("public, max-age=300"),
+            ),
+        ],
+        cp.keys.jwks_json().to_owned(),
+    )
+        .into_response()
 }
 
-/// The trace's receipts if the caller may read them: the owning tenant's API key
-/// (`X-SIGNET-API-Key` / `X-ODIN-API-Key`) or the admin key (`X-SIGNET-Admin-Key`). A trace of
-/// another tenant is reported as not found, so its existence does not leak.
+/// The trace's receipts if `reader` may read them. A trace of another tenant is reported as not
+/// found, so its existence does not leak.
 async fn readable_chain(
     cp: &ControlPlane,
-    headers: &HeaderMap,
+    reader: &ChainReader,
     trace_id: &str,
 ) -> Result<StoredChain, HttpError> {
-    if !trace::is_valid_trace_id(trace_id) {
-        return Err(HttpError::bad_request(
-            "TRACE_ID_INVALID",
-            "trace_id must be 1 to 128 characters of [A-Za-z0-9._:-]",
-        ));
-    }
-    let admin = super::header(headers, &["x-signet-admin-key"]);
-    let api_key = super::header(headers, &["x-signet-api-key", "x-odin-api-key"]);
-    let tenant = match (admin, api_key) {
-        (Some(k), _) if cp.is_admin_key(k) => None,
-        (Some(_), _) => {
-            return Err(HttpError::new(
-                401,
-                "UNKNOWN_ADMIN_KEY",
-                "unknown admin key",
-            ))
-        }
-        (None, Some(k)) => match cp.tenants().grant_for_key_hash(&tenants::api_key_hash(k)) {
-            Some(grant) => Some(grant.tenant.clone()),
-            None => return Err(HttpError::new(401, "UNKNOWN_API_KEY", "unknown API key")),
-        },
-        (None, None) => {
-            return Err(HttpError::new(
-                401,
-                "MISSING_API_KEY",
-                "missing X-SIGNET-API-Key header",
-            ))
-        }
-    };
     let timer = cp.metrics.time("chain");
     let chain = cp.storage.chain(trace_id).await;
     timer.done();
     match chain.map_err(HttpError::storage)? {
-        Some(chain) if tenant.as_deref().is_none_or(|t| t == chain.tenant) => Ok(chain),
-        _ => Err(HttpError::new(404, "TRACE_NOT_FOUND", "no such trace")),
+        Some(chain) if reader.may_read(&chain.tenant) => Ok(chain),
+        _ => Err(HttpError::new(Code::TraceNotFound, "no such trace")),
     }
 }
 
 pub async fn chain(
     State(cp): AppState,
-    Path(trace_id): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    match readable_chain(&cp, &headers, &trace_id).await {
-        Ok(chain) => json_response(StatusCode::OK, Value::Array(chain.receipts).to_string()),
-        Err(e) => {
-            cp.metrics.error(e.code());
-            e.into_response()
-        }
-    }
+    TraceId(trace_id): TraceId,
+    reader: ChainReader,
+) -> Result<Response, HttpError> {
+    let chain = readable_chain(&cp, &reader, &trace_id).await?;
+    Ok(Json(Value::Array(chain.receipts)).into_response())
 }
 
 pub async fn export(
     State(cp): AppState,
-    Path(trace_id): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    let chain = match readable_chain(&cp, &headers, &trace_id).await {
-        Ok(chain) => chain,
-        Err(e) => {
-            cp.metrics.error(e.code());
-            return e.into_response();
-        }
-    };
+    TraceId(trace_id): TraceId,
+    reader: ChainReader,
+) -> Result<Response, HttpError> {
+    let chain = readable_chain(&cp, &reader, &trace_id).await?;
     let exported_at = time::rfc3339_millis(now_ms().max(0) as u64);
-    let bundle = match bundle::export(
+    let bundle = bundle::export(
         &trace_id,
         chain.receipts,
         &exported_at,
         cp.keys.signing_key(),
-    ) {
-        Ok(b) => b,
-        Err(e) => {
-            // Stored receipts were verified on the way in, so this is not expected.
-            tracing::error!(trace_id, "export failed: {e}");
-            return HttpError::new(500, "EXPORT_FAILED", "the chain could not be exported")
-                .into_response();
-        }
-    };
-    let mut response = json_response(StatusCode::OK, bundle.to_string());
+    )
+    .map_err(|e| {
+        // Stored receipts were verified on the way in, so this is not expected.
+        tracing::error!(trace_id, "export failed: {e}");
+        HttpError::new(Code::ExportFailed, "the chain could not be exported")
+    })?;
     let signed_headers = [
         (
             "bundle_cid",
@@ -148,6 +110,7 @@ pub async fn export(
         ("signature", ["x-signet-signature", "x-odin-signature"]),
         ("kid", ["x-signet-kid", "x-odin-kid"]),
     ];
+    let mut response = Json(&bundle).into_response();
     for (member, names) in signed_headers {
         let value = bundle
             .get(member)
@@ -161,5 +124,5 @@ pub async fn export(
             }
         }
     }
-    response
+    Ok(response)
 }
