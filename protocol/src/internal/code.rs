@@ -51,10 +51,12 @@ codes! {
     TraceNotFound = 404 "TRACE_NOT_FOUND", "No such trace (or not the caller's).";
     ChainConflict = 409 "CHAIN_CONFLICT", "The receipt does not extend the trace's head; the answer names the head.";
     ChainFull = 409 "CHAIN_FULL", "The trace holds `SP_CHAIN_MAX` receipts.";
+    IdempotencyKeyUnknown = 404 "IDEMPOTENCY_KEY_UNKNOWN", "No committed request has this idempotency key.";
     BodyTooLarge = 413 "BODY_TOO_LARGE", "A request body over the endpoint's limit.";
     IdempotencyKeyReused = 422 "IDEMPOTENCY_KEY_REUSED", "The idempotency key was used with another request.";
     ExportFailed = 500 "EXPORT_FAILED", "The export bundle could not be built.";
     StorageUnavailable = 503 "STORAGE_UNAVAILABLE", "The database failed; nothing was stored.";
+    CommitExpired = 504 "COMMIT_EXPIRED", "The commit arrived after its deadline; nothing was stored.";
 }
 
 impl Code {

@@ -41,6 +41,11 @@ pub struct Commit<'a> {
     /// Fallback units the exchange used (SPEC §6).
     #[serde(default)]
     pub fu_tokens: u64,
+    /// Unix milliseconds after which the filter no longer waits for the answer (its client
+    /// got an error): the control plane stores nothing after it, so no receipt exists for a
+    /// request the client saw fail. Absent: no deadline (older filters).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<u64>,
 }
 
 impl Commit<'_> {
@@ -129,6 +134,7 @@ mod tests {
             receipt: json!({"hop": 1}),
             response: &response,
             fu_tokens: 0,
+            deadline_ms: None,
         };
         let text = commit.to_json();
         assert_eq!(

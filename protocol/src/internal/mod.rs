@@ -4,6 +4,8 @@
 //! - [`tenant`]: `GET /v1/internal/tenant`, the key-hash lookup and the [`tenant::Grant`] it answers.
 //! - [`commit`]: `POST /v1/internal/commits`, a [`commit::CommitBatch`] of [`commit::Commit`]s
 //!   answered by one [`commit::CommitResult`] each.
+//! - [`idempotency`]: `POST /v1/internal/idempotency`, the stored answer of a key, and the
+//!   request [`idempotency::fingerprint`].
 //! - [`decide`]: the commit decision (idempotency, then the chain append) as a pure function, the
 //!   one both storage backends and the filter's test fake call.
 //! - [`code`]: every error code the control plane answers, with its status.
@@ -13,6 +15,7 @@
 pub mod code;
 pub mod commit;
 pub mod decide;
+pub mod idempotency;
 pub mod tenant;
 
 pub use code::Code;
