@@ -154,8 +154,9 @@ async fn a_commit_that_does_not_extend_the_head_is_a_conflict(backend: Backend) 
     let db = TestDb::new(backend).await;
     let server = Server::start(&db).await;
     let key = signing_key();
-    // A receipt beyond hop 1 on a trace that does not exist.
-    let orphan = sign_receipt(&key, "t-c", 2, Some("sha256:00"), "demo");
+    // A receipt beyond hop 1 on a trace that does not exist (linked to a hash of the right form).
+    let nowhere = signet_protocol::cid::cid(b"no such receipt");
+    let orphan = sign_receipt(&key, "t-c", 2, Some(&nowhere), "demo");
     let r = server
         .commit("demo", "a", &fingerprint(b"a"), &orphan, 0)
         .await;
@@ -181,7 +182,7 @@ async fn a_commit_that_does_not_extend_the_head_is_a_conflict(backend: Backend) 
         ),
         (
             "wrong link",
-            sign_receipt(&key, "t-c", 2, Some("sha256:ff"), "demo"),
+            sign_receipt(&key, "t-c", 2, Some(&nowhere), "demo"),
         ),
     ] {
         let r = server
