@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use signet_filter::config::Config;
 use signet_filter::host::{Host, LogLevel};
-use signet_filter::pipeline::{Action, CalloutResponse, Exchange};
+use signet_filter::pipeline::{Action, CalloutResponse, CommitJson, Exchange};
 use signet_filter::registry::{RawRegistry, Registry};
 use signet_filter::route::{CachedRoute, RawRouteSettings, RouteSettings};
 use signet_filter::worker::WorkerState;
@@ -62,7 +62,7 @@ fn ok(body: Value) -> CalloutResponse {
 /// One exchange with an answering control plane; returns the response size.
 fn exchange(config: &Rc<Config>, route: &CachedRoute, host: &mut BenchHost) -> usize {
     let worker = Rc::new(RefCell::new(WorkerState::default()));
-    let mut ex = Exchange::new(Rc::clone(config), Rc::clone(route), worker, 0);
+    let mut ex = Exchange::new(Rc::clone(config), route.clone(), worker, 0);
     let headers = |name: &str| match name {
         "x-signet-api-key" => Some("demo-key".to_owned()),
         "x-signet-idempotency-key" => Some("k".to_owned()),
@@ -76,9 +76,9 @@ fn exchange(config: &Rc<Config>, route: &CachedRoute, host: &mut BenchHost) -> u
     let mut action = ex.on_request_body(host, BODY.len(), true, &mut || BODY.as_bytes().to_vec());
     loop {
         action = match action {
-            Action::Commit(commit) => {
+            Action::Commit(CommitJson(commit)) => {
                 // the control plane reads the commit, stores it and says so
-                let _: Value = serde_json::from_slice(&commit).unwrap();
+                let _: Value = serde_json::from_str(commit.get()).unwrap();
                 ex.on_callout_response(host, ok(json!({"outcome":"committed"})))
             }
             Action::Respond(r) => {
@@ -112,12 +112,14 @@ fn main() {
         _ => None,
     };
     let config = Rc::new(Config::load(br#"{"control_plane":{"cluster":"cp"}}"#, &env).unwrap());
-    let route: CachedRoute = Rc::new(RouteSettings::compile(
+    let route: CachedRoute = RouteSettings::compile(
         "bench",
         &RawRouteSettings::default(),
         &RawRouteSettings::default(),
         &config.registry,
-    ));
+    )
+    .map(Rc::new)
+    .map_err(Rc::from);
     let registry = Registry::compile(&RawRegistry::builtin().unwrap()).unwrap();
     let payload: Value = serde_json::from_str::<Value>(BODY).unwrap()["payload"].clone();
     let mut host = BenchHost::default();

@@ -5,13 +5,14 @@
 //!
 //! The exchange is the one `make bench` sends: `scripts/payloads/invoice-toolcall.json` in an
 //! `openai.tooluse.invoice.v1` → `invoice.iso20022.v1` envelope, with the filter's default
-//! registry. It drives the modules the pipeline uses (not `pipeline.rs` itself):
+//! registry. It drives the modules the pipeline uses (not the exchange's state machine itself):
 //!   parse      canonical::parse of the request body, envelope members, body fingerprint
 //!   sanitize   sanitize::sanitize of the payload
 //!   normalize  Registry::normalize (validate, decode/repair, invariants, transform, validate)
 //!   canon+cid  canonical::to_canonical of the normalized payload and its CID
 //!   sign       receipt::sign (Ed25519 over the canonical receipt, receipt_hash)
-//!   response   the 200 body and the commit body as JSON text
+//!   response   the 200 body (`pipeline::exchange_response`) and the commit as JSON text
+//!              (`signet_protocol::internal::Commit::to_json`, as the filter writes it)
 //! and, apart, Ed25519 sign and verify of a receipt-sized message and receipt::verify (what the
 //! control plane does with every commit).
 //!
@@ -27,6 +28,7 @@ use signet_filter::pipeline;
 use signet_filter::registry::{parse_options, RawRegistry, Registry};
 use signet_filter::sanitize::sanitize;
 use signet_protocol::canonical::{self, Profile};
+use signet_protocol::internal::Commit;
 use signet_protocol::receipt::{self, Policy, ReceiptDraft};
 use signet_protocol::{cid, time, Jwks, SigningKey};
 
@@ -104,13 +106,21 @@ fn exchange(b: &Bench, lap: &mut impl FnMut(usize)) -> Value {
     let receipt = receipt::sign(&draft, &b.key).unwrap();
     lap(4);
 
-    // the pipeline's own response and commit writers
+    // the response and commit writers the pipeline uses
     let response = pipeline::exchange_response(&receipt, Some(normalized.value), &policy).unwrap();
-    let body = serde_json::to_string(&response).unwrap();
-    let commit_text = pipeline::commit_text("bench-key", &fingerprint, &receipt, &body).unwrap();
-    black_box((commit_text.len(), body.len()));
+    let body = serde_json::value::to_raw_value(&response).unwrap();
+    let commit = Commit {
+        tenant: "demo".into(),
+        idempotency_key: "bench-key".into(),
+        fingerprint: fingerprint.into(),
+        receipt: Value::Object(receipt),
+        response: &body,
+        fu_tokens: 0,
+    }
+    .to_json();
+    black_box((commit.get().len(), body.get().len()));
     lap(5);
-    serde_json::from_slice(&commit_text).unwrap()
+    serde_json::from_str(commit.get()).unwrap()
 }
 
 fn median(mut values: Vec<f64>) -> f64 {

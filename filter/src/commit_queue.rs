@@ -1,5 +1,6 @@
 //! Group commit: the receipts of one worker's exchanges travel to the control plane together,
-//! one callout per batch instead of one per exchange.
+//! one callout per batch instead of one per exchange. (This is the one place that explains it;
+//! elsewhere a pointer.)
 //!
 //! An exchange ready to commit is queued. When no batch is in flight, everything queued leaves
 //! at once (so a lone request waits for nothing); while one is in flight, the next exchanges
@@ -7,17 +8,20 @@
 //! control-plane round trip, which spreads the cost of a callout (Envoy's side and the control
 //! plane's HTTP handling) over all of them; the control plane stores them in one transaction.
 //!
-//! Wire form (docs/ARCHITECTURE.md): `{"commits":[<commit>, …]}` answered by
-//! `{"results":[{"status":200,"body":{…}}, …]}` in the same order. A whole-batch error (a
-//! timeout, no answer, a 4xx/5xx) is every member's answer; a 200 that is not a batch reply
-//! reads as a 502.
+//! Wire form: a [`CommitBatch`] answered by [`CommitResults`] in the same order
+//! (`signet_protocol::internal::commit`). A whole-batch error (a timeout, no answer, a 4xx/5xx)
+//! is every member's answer; a 200 that is not this batch's results reads as a 502.
 //!
-//! Pure logic; `wasm.rs` dispatches the batches from the root context (the SDK routes a
-//! callout's answer to the context that dispatched it, and the root outlives every exchange in
-//! a batch).
+//! Why batches leave from the root context: the SDK hands a callout's answer to the context that
+//! was running when it was dispatched, and drops it if that context has ended; any exchange of
+//! a batch may end first (its client goes away), while the root lives as long as the VM. The
+//! root hands each answer to its exchange with `set_effective_context` (`wasm/root.rs`).
+//!
+//! Pure logic; `wasm/root.rs` dispatches the batches.
 
-use serde::Deserialize;
-use serde_json::Value;
+use serde_json::value::RawValue;
+use signet_protocol::internal::commit::{MAX_BATCH_BYTES, MAX_COMMITS};
+use signet_protocol::internal::{CommitBatch, CommitResults};
 
 use crate::pipeline::CalloutResponse;
 
@@ -33,66 +37,47 @@ pub struct Batch {
 
 #[derive(Default)]
 pub struct CommitQueue {
-    pending: Vec<(Member, Vec<u8>)>,
+    /// Each member's [`signet_protocol::internal::Commit`], serialized once.
+    pending: Vec<(Member, Box<RawValue>)>,
     in_flight: Option<Vec<Member>>,
     /// The root context was asked to dispatch and has not run yet.
     woken: bool,
 }
 
-#[derive(Deserialize)]
-struct BatchReply {
-    results: Vec<ItemReply>,
-}
-
-#[derive(Deserialize)]
-struct ItemReply {
-    status: u16,
-    body: Value,
-}
-
 impl CommitQueue {
-    /// At most this many commits per batch,
-    pub const MAX_COMMITS: usize = 64;
-    /// and at most about this many bytes (a batch always takes one commit, whatever its size;
-    /// the control plane accepts 16 MiB).
-    pub const MAX_BYTES: usize = 4 << 20;
-
-    /// Queues one exchange's commit (its JSON). True when the caller must wake the root
-    /// context to dispatch (nothing in flight, and it was not woken already).
-    pub fn push(&mut self, member: Member, commit: Vec<u8>) -> bool {
+    /// Queues one exchange's commit. True when the caller must wake the root context to
+    /// dispatch (nothing in flight, and it was not woken already).
+    pub fn push(&mut self, member: Member, commit: Box<RawValue>) -> bool {
         self.pending.push((member, commit));
         let wake = self.in_flight.is_none() && !self.woken;
         self.woken |= wake;
         wake
     }
 
-    /// The batch to dispatch now, if none is in flight and something waits.
+    /// The batch to dispatch now, if none is in flight and something waits: at most
+    /// [`MAX_COMMITS`] commits and about [`MAX_BATCH_BYTES`], but always one.
     pub fn next_batch(&mut self) -> Option<Batch> {
         self.woken = false;
         if self.in_flight.is_some() || self.pending.is_empty() {
             return None;
         }
-        let mut bytes = 0;
+        let mut bytes = 0usize;
         let count = self
             .pending
             .iter()
-            .take(Self::MAX_COMMITS)
+            .take(MAX_COMMITS)
             .take_while(|(_, commit)| {
-                bytes += commit.len() + 1;
-                bytes <= Self::MAX_BYTES
+                bytes = bytes.saturating_add(commit.get().len().saturating_add(1));
+                bytes <= MAX_BATCH_BYTES
             })
             .count()
             .max(1);
-        let taken: Vec<(Member, Vec<u8>)> = self.pending.drain(..count).collect();
-        let mut body = Vec::with_capacity(bytes.min(Self::MAX_BYTES) + 16);
-        body.extend_from_slice(br#"{"commits":["#);
-        for (i, (_, commit)) in taken.iter().enumerate() {
-            if i > 0 {
-                body.push(b',');
-            }
-            body.extend_from_slice(commit);
-        }
-        body.extend_from_slice(b"]}");
+        let taken: Vec<(Member, Box<RawValue>)> = self.pending.drain(..count).collect();
+        let batch = CommitBatch {
+            commits: taken.iter().map(|(_, commit)| commit.as_ref()).collect(),
+        };
+        // raw JSON members in a list: writing cannot fail
+        let body = serde_json::to_vec(&batch).unwrap_or_default();
         let members: Vec<Member> = taken.into_iter().map(|(m, _)| m).collect();
         self.in_flight = Some(members.clone());
         Some(Batch { members, body })
@@ -107,17 +92,17 @@ impl CommitQueue {
                 .map(|member| (member, response.clone()))
                 .collect();
         }
-        let split = serde_json::from_slice::<BatchReply>(&response.body)
+        let split = serde_json::from_slice::<CommitResults<&RawValue>>(&response.body)
             .ok()
             .filter(|reply| reply.results.len() == members.len());
         match split {
             Some(reply) => members
                 .into_iter()
                 .zip(reply.results)
-                .map(|(member, item)| {
+                .map(|(member, result)| {
                     let answer = CalloutResponse {
-                        status: Some(item.status),
-                        body: item.body.to_string().into_bytes(),
+                        status: Some(result.status),
+                        body: result.body.get().as_bytes().to_vec(),
                     };
                     (member, answer)
                 })
@@ -156,7 +141,16 @@ impl CommitQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{json, Value};
+
+    fn raw(json: &str) -> Box<RawValue> {
+        RawValue::from_string(json.to_owned()).unwrap()
+    }
+
+    /// A commit of `bytes` bytes (a JSON string).
+    fn sized(bytes: usize) -> Box<RawValue> {
+        raw(&format!("\"{}\"", "x".repeat(bytes - 2)))
+    }
 
     fn response(status: Option<u16>, body: Value) -> CalloutResponse {
         CalloutResponse {
@@ -168,13 +162,13 @@ mod tests {
     #[test]
     fn a_lone_commit_leaves_at_once_and_later_ones_gather() {
         let mut q = CommitQueue::default();
-        assert!(q.push(1, br#"{"a":1}"#.to_vec()), "wake the root");
+        assert!(q.push(1, raw(r#"{"a":1}"#)), "wake the root");
         let batch = q.next_batch().unwrap();
         assert_eq!(batch.members, vec![1]);
         assert_eq!(batch.body, br#"{"commits":[{"a":1}]}"#);
         // while it is in flight, nobody needs waking and nothing leaves
-        assert!(!q.push(2, b"2".to_vec()));
-        assert!(!q.push(3, b"3".to_vec()));
+        assert!(!q.push(2, raw("2")));
+        assert!(!q.push(3, raw("3")));
         assert_eq!(q.next_batch(), None);
         let answers = q.complete(response(
             Some(200),
@@ -194,27 +188,27 @@ mod tests {
     #[test]
     fn waking_happens_once_until_the_root_runs() {
         let mut q = CommitQueue::default();
-        assert!(q.push(1, b"1".to_vec()));
-        assert!(!q.push(2, b"2".to_vec()), "already woken");
+        assert!(q.push(1, raw("1")));
+        assert!(!q.push(2, raw("2")), "already woken");
         assert_eq!(q.next_batch().unwrap().members, vec![1, 2]);
         q.complete(response(None, json!(null)));
-        assert!(q.push(3, b"3".to_vec()), "idle again");
+        assert!(q.push(3, raw("3")), "idle again");
     }
 
     #[test]
     fn a_withdrawn_commit_does_not_leave() {
         let mut q = CommitQueue::default();
-        assert!(q.push(1, b"1".to_vec()));
+        assert!(q.push(1, raw("1")));
         q.withdraw(1);
         assert_eq!(q.next_batch(), None);
-        assert!(q.push(2, b"2".to_vec()), "idle again");
+        assert!(q.push(2, raw("2")), "idle again");
     }
 
     #[test]
     fn results_go_to_their_members_in_order() {
         let mut q = CommitQueue::default();
-        q.push(7, b"{}".to_vec());
-        q.push(9, b"{}".to_vec());
+        q.push(7, raw("{}"));
+        q.push(9, raw("{}"));
         q.next_batch().unwrap();
         let answers = q.complete(response(
             Some(200),
@@ -245,8 +239,8 @@ mod tests {
             ),
         ] {
             let mut q = CommitQueue::default();
-            q.push(1, b"{}".to_vec());
-            q.push(2, b"{}".to_vec());
+            q.push(1, raw("{}"));
+            q.push(2, raw("{}"));
             q.next_batch().unwrap();
             let answers = q.complete(failure.clone());
             assert_eq!(answers, vec![(1, failure.clone()), (2, failure)]);
@@ -260,8 +254,8 @@ mod tests {
             json!({"outcome":"committed","response":{}}),  // a single commit's answer
         ] {
             let mut q = CommitQueue::default();
-            q.push(1, b"{}".to_vec());
-            q.push(2, b"{}".to_vec());
+            q.push(1, raw("{}"));
+            q.push(2, raw("{}"));
             q.next_batch().unwrap();
             let answers = q.complete(response(Some(200), stray));
             assert!(answers.iter().all(|(_, a)| a.status == Some(502)));
@@ -272,21 +266,18 @@ mod tests {
     #[test]
     fn batches_are_bounded_by_count_and_bytes() {
         let mut q = CommitQueue::default();
-        for i in 0..(CommitQueue::MAX_COMMITS as u32 + 5) {
-            q.push(i, b"{}".to_vec());
+        for i in 0..(MAX_COMMITS as u32 + 5) {
+            q.push(i, raw("{}"));
         }
-        assert_eq!(
-            q.next_batch().unwrap().members.len(),
-            CommitQueue::MAX_COMMITS
-        );
+        assert_eq!(q.next_batch().unwrap().members.len(), MAX_COMMITS);
         q.complete(response(None, json!(null)));
         assert_eq!(q.next_batch().unwrap().members.len(), 5);
         q.complete(response(None, json!(null)));
 
-        let big = vec![b'x'; CommitQueue::MAX_BYTES / 2];
+        let big = sized(MAX_BATCH_BYTES / 2);
         q.push(1, big.clone());
         q.push(2, big.clone());
-        q.push(3, vec![b'x'; CommitQueue::MAX_BYTES * 2]);
+        q.push(3, sized(MAX_BATCH_BYTES * 2));
         assert_eq!(q.next_batch().unwrap().members, vec![1]);
         q.complete(response(None, json!(null)));
         assert_eq!(q.next_batch().unwrap().members, vec![2]);

@@ -169,7 +169,7 @@ impl RouteSettings {
 }
 
 /// A route's settings, or why its metadata is invalid; shared by the requests of the route.
-pub type CachedRoute = Rc<Result<RouteSettings, String>>;
+pub type CachedRoute = Result<Rc<RouteSettings>, Rc<str>>;
 
 /// Parsed settings per route name, with the metadata bytes they came from.
 #[derive(Default)]
@@ -186,12 +186,12 @@ impl RouteCache {
     ) -> CachedRoute {
         if let Some((bytes, settings)) = self.entries.get(name) {
             if bytes.as_slice() == metadata {
-                return Rc::clone(settings);
+                return settings.clone();
             }
         }
-        let settings = Rc::new(parse());
+        let settings: CachedRoute = parse().map(Rc::new).map_err(Rc::from);
         self.entries
-            .insert(name.to_owned(), (metadata.to_vec(), Rc::clone(&settings)));
+            .insert(name.to_owned(), (metadata.to_vec(), settings.clone()));
         settings
     }
 }
@@ -279,8 +279,8 @@ mod tests {
         };
         let a = get(b"one", &mut cache);
         let b = get(b"one", &mut cache);
-        assert!(Rc::ptr_eq(&a, &b));
+        assert!(Rc::ptr_eq(&a.unwrap_err(), &b.unwrap_err()));
         let c = get(b"two", &mut cache);
-        assert_eq!(c.as_ref().clone().unwrap_err(), "parse 2");
+        assert_eq!(&*c.unwrap_err(), "parse 2");
     }
 }

@@ -11,7 +11,11 @@
 //! One instance per Wasm VM (a VM serves one worker thread); nothing here is shared across
 //! workers, so nothing needs locking and everything is bounded.
 
+use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
+use std::rc::Rc;
+
+pub use signet_protocol::internal::Head;
 
 #[derive(Default)]
 pub struct WorkerState {
@@ -40,11 +44,35 @@ impl InFlight {
     }
 }
 
-/// The head of a trace: the hop and hash a next receipt links to.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
-pub struct Head {
-    pub hop: u64,
-    pub receipt_hash: String,
+/// An exchange's hold on its idempotency key in its worker's [`InFlight`] set, released when
+/// dropped: however the exchange ends (an answer, an error, a stream reset), the key is freed.
+pub struct InFlightKey {
+    worker: Rc<RefCell<WorkerState>>,
+    tenant: String,
+    key: String,
+}
+
+impl InFlightKey {
+    /// The hold, or `None` when the key is already in flight on this worker.
+    pub fn enter(worker: &Rc<RefCell<WorkerState>>, tenant: &str, key: &str) -> Option<Self> {
+        // a worker state in use elsewhere cannot be checked: let the control plane decide
+        let entered = worker
+            .try_borrow_mut()
+            .map_or(true, |mut w| w.in_flight.enter(tenant, key));
+        entered.then(|| InFlightKey {
+            worker: Rc::clone(worker),
+            tenant: tenant.to_owned(),
+            key: key.to_owned(),
+        })
+    }
+}
+
+impl Drop for InFlightKey {
+    fn drop(&mut self) {
+        if let Ok(mut w) = self.worker.try_borrow_mut() {
+            w.in_flight.leave(&self.tenant, &self.key);
+        }
+    }
 }
 
 /// Trace heads this worker committed, at most [`HeadCache::CAPACITY`]: two generations, the
@@ -107,6 +135,16 @@ mod tests {
         f.leave("a", "k");
         f.leave("b", "k");
         assert!(f.is_empty());
+    }
+
+    #[test]
+    fn an_in_flight_hold_is_exclusive_and_freed_on_drop() {
+        let worker = Rc::new(RefCell::new(WorkerState::default()));
+        let hold = InFlightKey::enter(&worker, "a", "k");
+        assert!(hold.is_some());
+        assert!(InFlightKey::enter(&worker, "a", "k").is_none());
+        drop(hold);
+        assert!(worker.borrow().in_flight.is_empty());
     }
 
     #[test]

@@ -5,7 +5,13 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 
+use serde_json::value::RawValue;
 use serde_json::{json, Value};
+use signet_protocol::internal::tenant::{self, KEY_HASH_HEADER};
+use signet_protocol::internal::{
+    commit, decide, Candidate, Code, Commit, CommitBatch, CommitReply, CommitResult, CommitResults,
+    Decision, ErrorReply, Grant, Head, Record, TraceState, FILTER_TOKEN_HEADER,
+};
 use signet_protocol::{cid, receipt, Jwks};
 
 use super::*;
@@ -33,11 +39,14 @@ fn exchange_body(extra: Value) -> Vec<u8> {
 
 // ---- an in-memory control plane ----------------------------------------------------------------
 
+/// The chain limit of the fake: more hops than any test makes.
+const CHAIN_MAX: u64 = 1_000;
+
 struct FakeControlPlane {
     jwks: Jwks,
-    tenants: HashMap<String, Value>,
-    /// Done idempotency keys: (tenant, key) → (fingerprint, stored response).
-    slots: HashMap<(String, String), (String, Value)>,
+    tenants: HashMap<String, Grant>,
+    /// Done idempotency keys: (tenant, key) → fingerprint and stored response.
+    slots: HashMap<(String, String), Record>,
     chains: HashMap<String, Vec<Value>>,
     owners: HashMap<String, String>,
     calls: Vec<Call>,
@@ -61,7 +70,7 @@ impl FakeControlPlane {
             },
             tenants: HashMap::from([(
                 cid::sha256_hex(KEY.as_bytes()),
-                json!({"tenant":"demo","allowlist":["*.example.com"],"fallback_enabled":false,"fu_monthly_limit":null}),
+                grant("demo", &["*.example.com"]),
             )]),
             slots: HashMap::new(),
             chains: HashMap::new(),
@@ -83,7 +92,7 @@ impl FakeControlPlane {
                 .find(|(k, _)| k == n)
                 .map(|(_, v)| v.clone())
         };
-        assert_eq!(header("x-signet-filter-token").as_deref(), Some("tok"));
+        assert_eq!(header(FILTER_TOKEN_HEADER).as_deref(), Some("tok"));
         assert_eq!(header(":authority").as_deref(), Some("control-plane"));
         assert_eq!(callout.cluster, "signet_cp");
         if let Some((status, body)) = &self.outage {
@@ -95,110 +104,127 @@ impl FakeControlPlane {
         if let (Call::Tenant, Some((status, body))) = (callout.call, self.scripted.get("tenant")) {
             return reply(*status, body.clone());
         }
-        let body: Value = callout
-            .body
-            .as_ref()
-            .map(|b| serde_json::from_slice(b).unwrap())
-            .unwrap_or(Value::Null);
         match callout.call {
-            Call::Tenant => match self.tenants.get(&header("x-signet-key-hash").unwrap()) {
-                Some(t) => reply(200, t.clone()),
-                None => error(401, "UNKNOWN_API_KEY", "unknown API key"),
-            },
+            Call::Tenant => {
+                assert_eq!(header(":path").as_deref(), Some(tenant::PATH));
+                match self.tenants.get(&header(KEY_HASH_HEADER).unwrap()) {
+                    Some(t) => reply(200, serde_json::to_value(t).unwrap()),
+                    None => error(401, "UNKNOWN_API_KEY", "unknown API key"),
+                }
+            }
             Call::Commit => {
-                assert_eq!(header(":path").as_deref(), Some("/v1/internal/commits"));
-                let results: Vec<Value> = body["commits"]
-                    .as_array()
-                    .unwrap()
+                assert_eq!(header(":path").as_deref(), Some(commit::PATH));
+                let body = callout.body.as_deref().unwrap();
+                let batch: CommitBatch = serde_json::from_slice(body).unwrap();
+                let answers: Vec<CalloutResponse> = batch
+                    .commits
                     .iter()
-                    .map(|c| {
-                        let r = match self.scripted.get("commit") {
-                            Some((status, body)) => reply(*status, body.clone()),
-                            None => self.commit(c),
-                        };
-                        let body: Value = serde_json::from_slice(&r.body).unwrap();
-                        json!({"status": r.status.unwrap(), "body": body})
+                    .map(|c| match self.scripted.get("commit") {
+                        Some((status, body)) => reply(*status, body.clone()),
+                        None => self.commit(&serde_json::from_str(c.get()).unwrap()),
                     })
                     .collect();
-                reply(200, json!({ "results": results }))
+                let bodies: Vec<Box<RawValue>> = answers
+                    .iter()
+                    .map(|a| {
+                        RawValue::from_string(String::from_utf8(a.body.clone()).unwrap()).unwrap()
+                    })
+                    .collect();
+                let results = CommitResults {
+                    results: answers
+                        .iter()
+                        .zip(&bodies)
+                        .map(|(a, body)| CommitResult {
+                            status: a.status.unwrap(),
+                            body: body.as_ref(),
+                        })
+                        .collect(),
+                };
+                CalloutResponse {
+                    status: Some(200),
+                    body: serde_json::to_vec(&results).unwrap(),
+                }
             }
         }
     }
 
-    fn head(&self, trace: &str) -> Value {
-        match self.chains.get(trace).and_then(|c| c.last()) {
-            Some(r) => json!({"hop": r["hop"], "receipt_hash": r["receipt_hash"]}),
-            None => Value::Null,
-        }
+    /// The stored state of `trace`: its owner and last receipt.
+    fn trace(&self, trace: &str) -> Option<TraceState> {
+        let chain = self.chains.get(trace);
+        let tenant = self.owners.get(trace).cloned().or_else(|| {
+            let first = chain?.first()?;
+            first["tenant"].as_str().map(str::to_owned)
+        })?;
+        let head = match chain.and_then(|c| c.last()) {
+            Some(r) => Head {
+                hop: r["hop"].as_u64().unwrap(),
+                receipt_hash: r["receipt_hash"].as_str().unwrap().to_owned(),
+            },
+            None => Head {
+                hop: 0,
+                receipt_hash: String::new(),
+            },
+        };
+        Some(TraceState { tenant, head })
     }
 
-    /// One transaction, in the order of the real control plane: receipt, idempotency, trace
-    /// ownership, head.
-    fn commit(&mut self, body: &Value) -> CalloutResponse {
-        let r = &body["receipt"];
+    /// One transaction, as the real control plane runs it: the receipt verifies, then
+    /// [`decide`] says what to write.
+    fn commit(&mut self, commit: &Commit) -> CalloutResponse {
+        let r = &commit.receipt;
         if receipt::verify(r, Some(&self.jwks), true).is_err() {
             return error(400, "RECEIPT_INVALID", "receipt does not verify");
         }
-        let tenant = body["tenant"].as_str().unwrap().to_owned();
         let slot = (
-            tenant.clone(),
-            body["idempotency_key"].as_str().unwrap().to_owned(),
+            commit.tenant.to_string(),
+            commit.idempotency_key.to_string(),
         );
-        let fingerprint = body["fingerprint"].as_str().unwrap().to_owned();
-        match self.slots.get(&slot) {
-            Some((fp, response)) if *fp == fingerprint => {
-                return reply(200, json!({"outcome":"replay","response":response}))
-            }
-            Some(_) => {
-                return error(
-                    422,
-                    "IDEMPOTENCY_KEY_REUSED",
-                    "idempotency key reused with another body",
-                )
-            }
-            None => {}
-        }
         let trace = r["trace_id"].as_str().unwrap().to_owned();
-        if self.owners.get(&trace).is_some_and(|o| *o != tenant) {
-            return error(403, "TRACE_FORBIDDEN", "trace belongs to another tenant");
-        }
-        if self.racing_writers > 0 {
+        if self.racing_writers > 0 && !self.slots.contains_key(&slot) {
             self.racing_writers -= 1;
             self.append_foreign(&trace);
         }
-        let head = self.head(&trace);
-        let expected_prev = head.get("receipt_hash").cloned().unwrap_or(Value::Null);
-        if r["prev_receipt_hash"] != expected_prev {
-            let mut e: Value =
-                serde_json::from_slice(&error(409, "CHAIN_CONFLICT", "chain conflict").body)
-                    .unwrap();
-            e["head"] = head;
-            return reply(409, e);
+        let candidate = Candidate {
+            tenant: &commit.tenant,
+            fingerprint: &commit.fingerprint,
+            hop: r["hop"].as_u64().unwrap(),
+            prev_receipt_hash: r["prev_receipt_hash"].as_str(),
+            chain_max: CHAIN_MAX,
+        };
+        let state = self.trace(&trace);
+        match decide(self.slots.get(&slot), state.as_ref(), &candidate) {
+            Decision::Append => {
+                self.chains
+                    .entry(trace.clone())
+                    .or_default()
+                    .push(r.clone());
+                self.owners.entry(trace).or_insert(slot.0.clone());
+                let record = Record {
+                    fingerprint: commit.fingerprint.to_string(),
+                    response: commit.response.get().into(),
+                };
+                self.slots.insert(slot, record);
+                raw_reply(200, &CommitReply::committed())
+            }
+            Decision::Replay(stored) => {
+                let stored = RawValue::from_string(stored.to_string()).unwrap();
+                raw_reply(200, &CommitReply::replay(&stored))
+            }
+            Decision::Reject(rejection) => raw_reply(rejection.code().status(), &rejection.reply()),
         }
-        self.chains
-            .entry(trace.clone())
-            .or_default()
-            .push(r.clone());
-        self.owners.entry(trace).or_insert(tenant);
-        self.slots
-            .insert(slot, (fingerprint, body["response"].clone()));
-        reply(200, json!({"outcome":"committed"}))
     }
 
     /// Another filter appends to `trace` (a valid, signed receipt).
     fn append_foreign(&mut self, trace: &str) {
-        let head = self.head(trace);
+        let head = self.trace(trace).map(|t| t.head);
         let draft = receipt::ReceiptDraft {
             trace_id: trace.to_owned(),
-            hop: head.get("hop").and_then(Value::as_u64).unwrap_or(0) + 1,
+            hop: head.as_ref().map_or(0, |h| h.hop) + 1,
             ts: "2026-01-01T00:00:00.000Z".into(),
             tenant: "demo".into(),
             cid: cid::cid(b"{}"),
             canon: Some("{}".into()),
-            prev_receipt_hash: head
-                .get("receipt_hash")
-                .and_then(Value::as_str)
-                .map(str::to_owned),
+            prev_receipt_hash: head.map(|h| h.receipt_hash),
             policy: receipt::Policy {
                 engine: "HEL".into(),
                 allowed: true,
@@ -214,15 +240,30 @@ impl FakeControlPlane {
     }
 }
 
-fn reply(status: u16, body: Value) -> CalloutResponse {
-    CalloutResponse {
-        status: Some(status),
-        body: body.to_string().into_bytes(),
+fn grant(tenant: &str, allowlist: &[&str]) -> Grant {
+    Grant {
+        tenant: tenant.into(),
+        allowlist: allowlist.iter().map(|h| h.to_string()).collect(),
+        fallback_enabled: false,
+        fu_monthly_limit: None,
     }
 }
 
+fn raw_reply(status: u16, body: &impl serde::Serialize) -> CalloutResponse {
+    CalloutResponse {
+        status: Some(status),
+        body: serde_json::to_vec(body).unwrap(),
+    }
+}
+
+fn reply(status: u16, body: Value) -> CalloutResponse {
+    raw_reply(status, &body)
+}
+
 fn error(status: u16, code: &str, detail: &str) -> CalloutResponse {
-    reply(status, json!({"detail": detail, "code": code}))
+    let code = Code::parse(code).unwrap();
+    assert_eq!(code.status(), status);
+    raw_reply(status, &ErrorReply::new(code, detail))
 }
 
 // ---- harness -----------------------------------------------------------------------------------
@@ -259,12 +300,14 @@ impl Harness {
 
     fn route(&self, metadata: Value) -> CachedRoute {
         let raw: RawRouteSettings = serde_json::from_value(metadata).unwrap();
-        Rc::new(RouteSettings::compile(
+        RouteSettings::compile(
             "r",
             &self.config.route_defaults,
             &raw,
             &self.config.registry,
-        ))
+        )
+        .map(Rc::new)
+        .map_err(Rc::from)
     }
 
     /// Answers the exchange's callouts until it acts otherwise; commits travel as the worker
@@ -273,7 +316,7 @@ impl Harness {
         loop {
             let response = match action {
                 Action::Call(callout) => self.cp.handle(&callout),
-                Action::Commit(commit) => {
+                Action::Commit(CommitJson(commit)) => {
                     let mut queue = CommitQueue::default();
                     queue.push(1, commit);
                     let batch = queue.next_batch().unwrap();
@@ -671,10 +714,8 @@ fn status_409_in_flight() {
     );
     assert!(!h.cp.calls.contains(&Call::Commit));
     // another tenant's key of the same name is not this one
-    h.cp.tenants.insert(
-        cid::sha256_hex(b"other-key"),
-        json!({"tenant":"other","allowlist":[]}),
-    );
+    h.cp.tenants
+        .insert(cid::sha256_hex(b"other-key"), grant("other", &[]));
     let other = h.exchange(
         &[
             ("x-signet-api-key", "other-key"),
@@ -879,7 +920,7 @@ fn status_429_when_a_tenant_exceeds_the_route_rate() {
     let route = h.route(json!({"mode":"exchange","tenant_requests_per_second":2}));
     let send = |h: &mut Harness, key: &str| {
         let headers = [("x-signet-api-key", KEY), ("x-signet-idempotency-key", key)];
-        h.send_on(Rc::clone(&route), &headers, &exchange_body(json!({})))
+        h.send_on(route.clone(), &headers, &exchange_body(json!({})))
             .0
     };
     assert_eq!(respond(&send(&mut h, "k-1")).0, 200);
@@ -1091,9 +1132,10 @@ fn inline_original_body_and_dropped_canon() {
     assert!(stored.get("canon").is_none());
     receipt::verify(stored, Some(&h.cp.jwks), true).unwrap();
     // the stored response does not keep the payload either
-    let Some((_, response)) = h.cp.slots.values().next() else {
+    let Some(record) = h.cp.slots.values().next() else {
         panic!()
     };
+    let response: Value = serde_json::from_str(&record.response).unwrap();
     assert!(response.get("normalized").is_none());
 }
 

@@ -1,0 +1,626 @@
+//! [`Exchange`]: one request's way through the pipeline. Its [`State`] says where it is, and each
+//! stage holds what it owns, so no step has to infer its place from which fields are set.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use serde_json::Value;
+use signet_protocol::internal::{Code, CommitReply, ErrorReply, Grant, Head, Outcome};
+use signet_protocol::{cid, trace, ApiError};
+
+use super::actions::{callout, Action, Call, CalloutResponse, CommitJson, Forward, Response};
+use super::headers::{
+    receipt_headers, API_KEY_HEADERS, FORGEABLE_HEADERS, IDEMPOTENCY_HIT_HEADER,
+    IDEMPOTENCY_KEY_HEADERS, TRACE_HEADER,
+};
+use super::reply::{classify, control_plane_error, Reply};
+use super::request::{self, bad_trace_id, Request};
+use super::sign::{self, Signed, Subject};
+use super::tenant_cache;
+use super::verify::{verify, Verified};
+use crate::config::Config;
+use crate::host::{stats, Host, LogLevel};
+use crate::rate_limit;
+use crate::route::{CachedRoute, InlineBody, Mode, RouteSettings};
+use crate::worker::{InFlightKey, WorkerState};
+use signet_protocol::internal::tenant::KEY_HASH_HEADER;
+
+pub struct Exchange {
+    config: Rc<Config>,
+    worker: Rc<RefCell<WorkerState>>,
+    started_ms: u64,
+    state: State,
+}
+
+enum State {
+    /// Created for a request; its headers come next. The route as the cache has it: an invalid
+    /// route is answered at the headers, and never looked at again.
+    New(CachedRoute),
+    /// Between the request headers and the answer.
+    Open(Routed, Stage),
+    /// Answered (or passed on); the headers the upstream's response gets (inline mode).
+    Done(Vec<(String, String)>),
+}
+
+/// What the request headers said, on a valid route.
+struct Routed {
+    route: Rc<RouteSettings>,
+    key_hash: String,
+    /// Empty when the request has none: answered once the API key is known (auth comes first).
+    idempotency_key: String,
+    header_trace: Option<String>,
+}
+
+enum Stage {
+    /// The tenant lookup is out; the body may be complete before its answer.
+    AwaitingTenant { body: Option<Vec<u8>> },
+    /// Admitted; waiting for the end of the body.
+    AwaitingBody(Admitted),
+    // A stage that waits for a callout between the body and the commit slots in here, holding
+    // what it needs to resume, and gets an arm in `on_callout_response`:
+    // - LLM-fallback repair: after deterministic repair fails, before transform
+    //   (`AwaitingRepair { admitted, request, .. }`);
+    // - forward: after HEL allows `forward_url`, before signing; its outcome goes into the
+    //   receipt (`Forwarding { verified: Verified, .. }`).
+    /// The signed receipt is in a commit batch.
+    Committing(Box<Committing>),
+}
+
+/// A tenant that passed the rate and in-flight checks.
+struct Admitted {
+    grant: Grant,
+    /// Frees the idempotency key on this worker when the exchange ends, however it ends.
+    _in_flight: InFlightKey,
+}
+
+/// A verified request, ready to be signed.
+struct Signable {
+    admitted: Admitted,
+    request: Request,
+    verified: Verified,
+}
+
+struct Committing {
+    subject: Signable,
+    signed: Signed,
+    /// Re-signs left for 409 `CHAIN_CONFLICT`: one, plus one when the head was a guess (a trace
+    /// this worker has not seen: the first conflict only tells its head).
+    retries: u8,
+}
+
+impl Exchange {
+    pub fn new(
+        config: Rc<Config>,
+        route: CachedRoute,
+        worker: Rc<RefCell<WorkerState>>,
+        now_ms: u64,
+    ) -> Self {
+        Self {
+            config,
+            worker,
+            started_ms: now_ms,
+            state: State::New(route),
+        }
+    }
+
+    /// Headers to add to the upstream's response (inline mode, after a verified exchange).
+    pub fn response_headers(&self) -> &[(String, String)] {
+        match &self.state {
+            State::Done(headers) => headers,
+            State::New(_) | State::Open(..) => &[],
+        }
+    }
+
+    pub fn on_request_headers(
+        &mut self,
+        host: &mut dyn Host,
+        header: &dyn Fn(&str) -> Option<String>,
+        end_of_stream: bool,
+    ) -> Action {
+        let State::New(route) = &self.state else {
+            return Action::PassThrough;
+        };
+        let route = match route.clone() {
+            Ok(route) => route,
+            Err(e) => {
+                host.log(
+                    LogLevel::Error,
+                    &format!("signet: route metadata invalid: {e}"),
+                );
+                return self.fail(
+                    host,
+                    ApiError::new(
+                        500,
+                        "ROUTE_CONFIG_INVALID",
+                        "the route's signet settings are invalid",
+                    ),
+                );
+            }
+        };
+        let first = |names: &[&str]| {
+            names
+                .iter()
+                .find_map(|n| header(n).filter(|v| !v.trim().is_empty()))
+        };
+        let Some(api_key) = first(&API_KEY_HEADERS) else {
+            return self.fail(
+                host,
+                ApiError::new(401, "MISSING_API_KEY", "X-SIGNET-API-Key is required"),
+            );
+        };
+        let key_hash = cid::sha256_hex(api_key.trim().as_bytes());
+        let idempotency_key = match (first(&IDEMPOTENCY_KEY_HEADERS), route.mode) {
+            (Some(key), _) => key.trim().to_owned(),
+            (None, Mode::Exchange) => String::new(),
+            // inline callers are ordinary API clients: without a key every request is new
+            (None, Mode::Inline) => format!("auto-{}", host.random_hex(16)),
+        };
+        let header_trace = header(TRACE_HEADER);
+        if header_trace
+            .as_deref()
+            .is_some_and(|t| !trace::is_valid_trace_id(t))
+        {
+            return self.fail(host, bad_trace_id());
+        }
+        // a declared length over the limit is refused before anything is buffered or called
+        let declared = header("content-length").and_then(|n| n.trim().parse::<usize>().ok());
+        if let Some(error) = declared.and_then(|n| over_limit(&route, n)) {
+            return self.fail(host, error);
+        }
+        let body = end_of_stream.then(Vec::new);
+        let routed = Routed {
+            route,
+            key_hash,
+            idempotency_key,
+            header_trace,
+        };
+        let ttl_ms = self.config.tenant_cache_ttl_ms;
+        match tenant_cache::get(host, ttl_ms, &routed.key_hash) {
+            Some(grant) => self.admit(host, routed, grant, body),
+            None => {
+                // the one callout an exchange makes itself (commits go out in batches)
+                let key_hash = vec![(KEY_HASH_HEADER.into(), routed.key_hash.clone())];
+                let lookup = callout(&self.config, Call::Tenant, None, key_hash);
+                self.state = State::Open(routed, Stage::AwaitingTenant { body });
+                Action::Call(lookup)
+            }
+        }
+    }
+
+    /// `read_body` returns the whole buffered body; it is only called at the end of the stream.
+    pub fn on_request_body(
+        &mut self,
+        host: &mut dyn Host,
+        buffered_size: usize,
+        end_of_stream: bool,
+        read_body: &mut dyn FnMut() -> Vec<u8>,
+    ) -> Action {
+        let Some((routed, stage)) = self.take_open() else {
+            return Action::PassThrough;
+        };
+        if let Some(error) = over_limit(&routed.route, buffered_size) {
+            return self.fail(host, error);
+        }
+        match stage {
+            Stage::AwaitingTenant { .. } if end_of_stream => {
+                let body = Some(read_body());
+                self.wait(routed, Stage::AwaitingTenant { body })
+            }
+            Stage::AwaitingBody(admitted) if end_of_stream => {
+                let body = read_body();
+                self.on_body(host, routed, admitted, body)
+            }
+            stage => self.wait(routed, stage),
+        }
+    }
+
+    pub fn on_callout_response(
+        &mut self,
+        host: &mut dyn Host,
+        response: CalloutResponse,
+    ) -> Action {
+        let Some((routed, stage)) = self.take_open() else {
+            return Action::Pause; // a stray response (the exchange already answered)
+        };
+        let call = match &stage {
+            Stage::AwaitingTenant { .. } => Call::Tenant,
+            Stage::Committing(_) => Call::Commit,
+            Stage::AwaitingBody(_) => return self.wait(routed, stage),
+        };
+        let reply = match classify(response) {
+            Ok(reply) => reply,
+            Err(why) => {
+                host.count(&stats::callout_failures(call.name()));
+                host.log(
+                    LogLevel::Warn,
+                    &format!("signet: control plane {} call failed: {why}", call.name()),
+                );
+                return self.unavailable(host, &routed.route);
+            }
+        };
+        match stage {
+            Stage::AwaitingTenant { body } => self.on_tenant(host, routed, reply, body),
+            Stage::Committing(committing) => self.on_commit(host, routed, reply, *committing),
+            Stage::AwaitingBody(_) => self.wait(routed, stage),
+        }
+    }
+
+    // ---- steps -------------------------------------------------------------------------------
+
+    fn on_tenant(
+        &mut self,
+        host: &mut dyn Host,
+        routed: Routed,
+        reply: Reply,
+        body: Option<Vec<u8>>,
+    ) -> Action {
+        match reply {
+            Reply::Ok(bytes) => match serde_json::from_slice::<Grant>(&bytes) {
+                Ok(grant) => {
+                    let ttl_ms = self.config.tenant_cache_ttl_ms;
+                    tenant_cache::put(host, ttl_ms, &routed.key_hash, &grant);
+                    self.admit(host, routed, grant, body)
+                }
+                Err(e) => {
+                    host.count(&stats::callout_failures(Call::Tenant.name()));
+                    host.log(
+                        LogLevel::Warn,
+                        &format!("signet: tenant answer unreadable: {e}"),
+                    );
+                    self.unavailable(host, &routed.route)
+                }
+            },
+            Reply::Error(status, e) => {
+                let e = control_plane_error(host, status, e);
+                self.fail(host, e)
+            }
+        }
+    }
+
+    /// Once the tenant is known: the idempotency key (400), the route's rate (429), the key in
+    /// flight on this worker (409); then the body, if it is complete.
+    fn admit(
+        &mut self,
+        host: &mut dyn Host,
+        routed: Routed,
+        grant: Grant,
+        body: Option<Vec<u8>>,
+    ) -> Action {
+        if routed.idempotency_key.is_empty() {
+            return self.fail(
+                host,
+                ApiError::new(
+                    400,
+                    "MISSING_IDEMPOTENCY_KEY",
+                    "X-SIGNET-Idempotency-Key is required",
+                ),
+            );
+        }
+        if let Some(error) = over_rate(host, &routed.route, &grant.tenant) {
+            return self.fail(host, error);
+        }
+        let Some(in_flight) =
+            InFlightKey::enter(&self.worker, &grant.tenant, &routed.idempotency_key)
+        else {
+            return self.fail(
+                host,
+                ApiError::new(
+                    409,
+                    "IDEMPOTENCY_IN_FLIGHT",
+                    "a request with this idempotency key is still being processed",
+                ),
+            );
+        };
+        let admitted = Admitted {
+            grant,
+            _in_flight: in_flight,
+        };
+        match body {
+            Some(body) => self.on_body(host, routed, admitted, body),
+            None => self.wait(routed, Stage::AwaitingBody(admitted)),
+        }
+    }
+
+    /// The complete body of an admitted request: parse, verify, sign on the head this worker
+    /// knows, commit.
+    fn on_body(
+        &mut self,
+        host: &mut dyn Host,
+        routed: Routed,
+        admitted: Admitted,
+        body: Vec<u8>,
+    ) -> Action {
+        let registry = &self.config.registry;
+        let trace = routed.header_trace.as_deref();
+        let mut request = match request::parse(&body, &routed.route, registry, trace) {
+            Ok(request) => request,
+            Err(e) => return self.fail(host, e),
+        };
+        let verified = match verify(host, &self.config, &admitted.grant, &mut request) {
+            Ok(verified) => verified,
+            Err(e) => return self.fail(host, e),
+        };
+        // A callout stage before signing (see `Stage`) returns `self.wait(routed, …)` with its
+        // callout here; its answer continues with the commit below.
+        let head = request
+            .trace_id
+            .as_deref()
+            .and_then(|t| self.known_head(&admitted.grant.tenant, t));
+        let guessed = request.trace_id.is_some() && head.is_none();
+        let subject = Signable {
+            admitted,
+            request,
+            verified,
+        };
+        self.commit(host, routed, subject, head, 1 + u8::from(guessed))
+    }
+
+    /// Signs the receipt on `head` and commits it.
+    fn commit(
+        &mut self,
+        host: &mut dyn Host,
+        routed: Routed,
+        subject: Signable,
+        head: Option<Head>,
+        retries: u8,
+    ) -> Action {
+        let signing = Subject {
+            tenant: &subject.admitted.grant.tenant,
+            idempotency_key: &routed.idempotency_key,
+            request: &subject.request,
+            verified: &subject.verified,
+        };
+        match sign::sign(host, &self.config, &routed.route, &signing, head) {
+            Ok((commit, signed)) => {
+                let committing = Committing {
+                    subject,
+                    signed,
+                    retries,
+                };
+                self.state = State::Open(routed, Stage::Committing(Box::new(committing)));
+                Action::Commit(CommitJson(commit))
+            }
+            Err(e) => self.fail(host, e),
+        }
+    }
+
+    fn on_commit(
+        &mut self,
+        host: &mut dyn Host,
+        routed: Routed,
+        reply: Reply,
+        committing: Committing,
+    ) -> Action {
+        let body = match reply {
+            Reply::Ok(body) => body,
+            Reply::Error(
+                _,
+                ErrorReply {
+                    code,
+                    head: Some(head),
+                    ..
+                },
+            ) if code == Code::ChainConflict.as_str() && committing.retries > 0 => {
+                // Another exchange extended the trace first (or the head was a guess): link
+                // to the head commit reported.
+                host.log(
+                    LogLevel::Debug,
+                    "signet: chain conflict, re-signing on the head the control plane reported",
+                );
+                let retries = committing.retries.saturating_sub(1);
+                return self.commit(host, routed, committing.subject, Some(head), retries);
+            }
+            Reply::Error(status, e) => {
+                let e = control_plane_error(host, status, e);
+                return self.fail(host, e);
+            }
+        };
+        let unreadable = |host: &mut dyn Host, why: &dyn std::fmt::Display| {
+            host.count(&stats::callout_failures(Call::Commit.name()));
+            host.log(
+                LogLevel::Warn,
+                &format!("signet: commit answer unreadable: {why}"),
+            );
+        };
+        match serde_json::from_slice::<CommitReply>(&body) {
+            Ok(CommitReply {
+                outcome: Outcome::Committed,
+                ..
+            }) => {
+                host.count(&stats::exchanges(routed.route.mode.as_str()));
+                let Committing {
+                    subject, signed, ..
+                } = committing;
+                let tenant = &subject.admitted.grant.tenant;
+                self.remember_head(tenant, &subject.verified.trace_id, signed.head);
+                let response = String::from(Box::<str>::from(signed.response)).into_bytes();
+                self.deliver(host, &routed, subject, response, signed.headers, false)
+            }
+            Ok(CommitReply {
+                outcome: Outcome::Replay,
+                response: Some(stored),
+            }) => {
+                // the stored 200 body, verbatim
+                let headers = serde_json::from_str::<Value>(stored.get())
+                    .map(|v| receipt_headers(&v))
+                    .unwrap_or_default();
+                let response = stored.get().as_bytes().to_vec();
+                self.deliver(host, &routed, committing.subject, response, headers, true)
+            }
+            Ok(CommitReply {
+                outcome: Outcome::Replay,
+                response: None,
+            }) => {
+                unreadable(host, &"a replay without its response");
+                self.unavailable(host, &routed.route)
+            }
+            Err(e) => {
+                unreadable(host, &e);
+                self.unavailable(host, &routed.route)
+            }
+        }
+    }
+
+    /// Answers with a verified (or replayed) exchange's 200 body and its receipt headers.
+    fn deliver(
+        &mut self,
+        host: &mut dyn Host,
+        routed: &Routed,
+        subject: Signable,
+        body: Vec<u8>,
+        mut headers: Vec<(String, String)>,
+        replay: bool,
+    ) -> Action {
+        if replay {
+            host.count(stats::IDEMPOTENT_HITS);
+            headers.push((IDEMPOTENCY_HIT_HEADER.into(), "1".into()));
+        }
+        match routed.route.mode {
+            Mode::Exchange => {
+                headers.insert(0, ("content-type".into(), "application/json".into()));
+                let response = Response {
+                    status: 200,
+                    headers,
+                    body,
+                };
+                self.finish(host, Action::Respond(response), Vec::new())
+            }
+            Mode::Inline => {
+                // a replay forwards the same canonical payload: it is deterministic
+                let body = match routed.route.inline_body {
+                    InlineBody::Original => None,
+                    InlineBody::Normalized => Some(subject.verified.canon.into_bytes()),
+                };
+                let response_headers = headers.clone();
+                let mut set_headers = headers;
+                if let Some(b) = &body {
+                    set_headers.push(("content-length".into(), b.len().to_string()));
+                    set_headers.push(("content-type".into(), "application/json".into()));
+                }
+                // set_headers are applied after the removals
+                let remove_headers = API_KEY_HEADERS
+                    .into_iter()
+                    .chain(FORGEABLE_HEADERS)
+                    .collect();
+                let forward = Forward {
+                    set_headers,
+                    remove_headers,
+                    body,
+                };
+                self.finish(host, Action::Continue(forward), response_headers)
+            }
+        }
+    }
+
+    // ---- the worker's memory -----------------------------------------------------------------
+
+    /// The head this worker committed last on the tenant's trace, if any.
+    fn known_head(&self, tenant: &str, trace_id: &str) -> Option<Head> {
+        let worker = self.worker.try_borrow().ok()?;
+        worker.heads.get(tenant, trace_id)
+    }
+
+    /// The committed receipt is its trace's head now: the next hop through this worker links
+    /// to it without asking.
+    fn remember_head(&self, tenant: &str, trace_id: &str, head: Head) {
+        if let Ok(mut w) = self.worker.try_borrow_mut() {
+            w.heads.put(tenant, trace_id, head);
+        }
+    }
+
+    // ---- waiting and endings -----------------------------------------------------------------
+
+    /// The open exchange, taken out of `self` for a step to move on (the step puts it back with
+    /// [`Exchange::wait`] or ends it); `None` before the headers and after the answer.
+    fn take_open(&mut self) -> Option<(Routed, Stage)> {
+        match std::mem::replace(&mut self.state, State::Done(Vec::new())) {
+            State::Open(routed, stage) => Some((routed, stage)),
+            other => {
+                self.state = other;
+                None
+            }
+        }
+    }
+
+    fn wait(&mut self, routed: Routed, stage: Stage) -> Action {
+        self.state = State::Open(routed, stage);
+        Action::Pause
+    }
+
+    fn fail(&mut self, host: &mut dyn Host, error: ApiError) -> Action {
+        host.count(&stats::errors(&error.code));
+        host.log(LogLevel::Debug, &format!("signet: {error}"));
+        let response = Response {
+            status: error.status,
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: error.to_json().into_bytes(),
+        };
+        self.finish(host, Action::Respond(response), Vec::new())
+    }
+
+    /// The control plane cannot be used: 503, or on a fail-open route, the request continues
+    /// as it came (no receipt, nothing counted), only without receipt headers a client may have
+    /// forged: the upstream must never see receipt headers on a request that has no receipt.
+    fn unavailable(&mut self, host: &mut dyn Host, route: &RouteSettings) -> Action {
+        if route.fail_open {
+            host.log(
+                LogLevel::Warn,
+                "signet: control plane unavailable, failing open",
+            );
+            let forward = Forward {
+                remove_headers: FORGEABLE_HEADERS.to_vec(),
+                ..Forward::default()
+            };
+            return self.finish(host, Action::Continue(forward), Vec::new());
+        }
+        self.fail(
+            host,
+            ApiError::new(
+                503,
+                "CONTROL_PLANE_UNAVAILABLE",
+                "the Signet control plane is unavailable",
+            ),
+        )
+    }
+
+    /// Ends the exchange (it was open or new): what it held, such as its in-flight key, is
+    /// dropped with its stage.
+    fn finish(
+        &mut self,
+        host: &mut dyn Host,
+        action: Action,
+        response_headers: Vec<(String, String)>,
+    ) -> Action {
+        self.state = State::Done(response_headers);
+        let elapsed = host.now_millis().saturating_sub(self.started_ms);
+        host.record(stats::EXCHANGE_LATENCY_MS, elapsed);
+        action
+    }
+}
+
+/// 413 when `size` exceeds the route's body limit.
+fn over_limit(route: &RouteSettings, size: usize) -> Option<ApiError> {
+    let limit = route.body_limit;
+    (size > limit).then(|| {
+        ApiError::new(
+            413,
+            "BODY_TOO_LARGE",
+            format!("request body exceeds {limit} bytes"),
+        )
+    })
+}
+
+/// 429 when the tenant has spent this second's budget on the route (before any callout).
+fn over_rate(host: &mut dyn Host, route: &RouteSettings, tenant: &str) -> Option<ApiError> {
+    let per_second = route.tenant_requests_per_second?;
+    (!rate_limit::admit(host, &route.name, tenant, per_second)).then(|| {
+        ApiError::new(
+            429,
+            "RATE_LIMITED",
+            format!(
+                "tenant {tenant} exceeded {per_second} requests per second on route {}",
+                route.name
+            ),
+        )
+    })
+}

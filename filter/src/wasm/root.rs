@@ -1,0 +1,259 @@
+//! The root context: the plugin configuration, this VM's worker state, and the commit batches
+//! ([`CommitQueue`]; why they leave from here: see [`crate::commit_queue`]). An exchange queues
+//! its commit and, when the queue was idle, wakes the root through a per-VM shared queue.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::{Rc, Weak};
+use std::time::Duration;
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{BufferType, ContextType, MapType};
+use serde_json::value::RawValue;
+
+use super::host::WasmHost;
+use super::http::{Phase, SignetHttp, Stream, StreamHandle};
+use crate::commit_queue::CommitQueue;
+use crate::config::Config;
+use crate::host::{Host, LogLevel};
+use crate::pipeline::{self, Call, Callout, CalloutResponse};
+use crate::route::RouteCache;
+use crate::worker::WorkerState;
+
+// ---- commits: shared by the root and the HTTP contexts of one VM -------------------------------
+
+#[derive(Default)]
+pub(super) struct Commits {
+    queue: RefCell<CommitQueue>,
+    /// The shared queue that wakes this VM's root context.
+    doorbell: Cell<Option<u32>>,
+    /// Exchanges with a commit queued or in flight, by context id.
+    streams: RefCell<HashMap<u32, Weak<RefCell<Stream>>>>,
+}
+
+impl Commits {
+    /// Queues a stream's commit; wakes the root when the queue was idle. False when the root
+    /// cannot be woken (the commit is withdrawn).
+    pub(super) fn push(&self, stream: &StreamHandle, commit: Box<RawValue>) -> bool {
+        let Ok(mut queue) = self.queue.try_borrow_mut() else {
+            return false;
+        };
+        if let Ok(mut streams) = self.streams.try_borrow_mut() {
+            streams.insert(stream.id, Rc::downgrade(&stream.stream));
+        }
+        if !queue.push(stream.id, commit) {
+            return true;
+        }
+        let rung = self
+            .doorbell
+            .get()
+            .is_some_and(|q| hostcalls::enqueue_shared_queue(q, Some(b"commit")).is_ok());
+        if !rung {
+            queue.withdraw(stream.id);
+            WasmHost.log(LogLevel::Error, "signet: cannot wake the commit dispatcher");
+        }
+        rung
+    }
+}
+
+// ---- root context ----------------------------------------------------------------------------
+
+#[derive(Default)]
+pub(super) struct SignetRoot {
+    config: Option<Rc<Config>>,
+    routes: Rc<RefCell<RouteCache>>,
+    /// This VM's (this worker's) in-flight keys and trace heads.
+    worker: Rc<RefCell<WorkerState>>,
+    commits: Rc<Commits>,
+}
+
+impl SignetRoot {
+    /// Sends the next batch if none is in flight; a batch that cannot be dispatched is answered
+    /// as a failed callout at once.
+    fn dispatch_commits(&self) {
+        let Some(config) = &self.config else {
+            return;
+        };
+        loop {
+            let batch = match self.commits.queue.try_borrow_mut() {
+                Ok(mut queue) => queue.next_batch(),
+                Err(_) => None,
+            };
+            let Some(batch) = batch else {
+                return;
+            };
+            let callout = pipeline::callout(config, Call::Commit, Some(batch.body), Vec::new());
+            if dispatch(&callout) {
+                return;
+            }
+            self.deliver(CalloutResponse::none());
+        }
+    }
+
+    /// Hands the in-flight batch's answer to its exchanges.
+    fn deliver(&self, response: CalloutResponse) {
+        let answers = match self.commits.queue.try_borrow_mut() {
+            Ok(mut queue) => queue.complete(response),
+            Err(_) => return,
+        };
+        for (id, answer) in answers {
+            let stream = self
+                .commits
+                .streams
+                .try_borrow_mut()
+                .ok()
+                .and_then(|mut streams| streams.remove(&id))
+                .and_then(|weak| weak.upgrade());
+            // gone: the client left; its receipt may still have been stored, as with a
+            // disconnect during any callout
+            let Some(stream) = stream else { continue };
+            if hostcalls::set_effective_context(id).is_err() {
+                continue;
+            }
+            let handle = StreamHandle {
+                id,
+                stream,
+                commits: Rc::clone(&self.commits),
+            };
+            let action = match handle.stream.try_borrow_mut() {
+                Ok(mut s) => match s.exchange.as_mut() {
+                    Some(ex) => ex.on_callout_response(&mut WasmHost, answer),
+                    None => continue,
+                },
+                Err(_) => continue,
+            };
+            handle.apply(action, Phase::Callout);
+        }
+    }
+}
+
+impl Context for SignetRoot {
+    fn on_http_call_response(
+        &mut self,
+        _token_id: u32,
+        num_headers: usize,
+        body_size: usize,
+        _num_trailers: usize,
+    ) {
+        // the root dispatches nothing but commit batches, one at a time
+        self.deliver(read_call_response(num_headers, body_size));
+        self.dispatch_commits();
+    }
+}
+
+impl RootContext for SignetRoot {
+    fn on_configure(&mut self, plugin_configuration_size: usize) -> bool {
+        let json = hostcalls::get_buffer(
+            BufferType::PluginConfiguration,
+            0,
+            plugin_configuration_size,
+        )
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+        // the key and token come from host_env_keys (WASI environ_get); never logged
+        let config = match Config::load(&json, &|name| std::env::var(name).ok()) {
+            Ok(config) => config,
+            Err(e) => {
+                WasmHost.log(
+                    LogLevel::Error,
+                    &format!("signet: invalid plugin configuration: {e}"),
+                );
+                return false;
+            }
+        };
+        if self.commits.doorbell.get().is_none() {
+            // one queue per VM: a name registered again moves the queue to the new registrant
+            let name = format!("signet.commits.{}", WasmHost.random_hex(8));
+            match hostcalls::register_shared_queue(&name) {
+                Ok(id) => self.commits.doorbell.set(Some(id)),
+                Err(status) => {
+                    WasmHost.log(
+                        LogLevel::Error,
+                        &format!("signet: cannot register the commit queue: {status:?}"),
+                    );
+                    return false;
+                }
+            }
+        }
+        WasmHost.log(
+            LogLevel::Info,
+            &format!(
+                "signet: configured (control plane cluster {}, kid {})",
+                config.control_plane.cluster,
+                config.signing_key.kid()
+            ),
+        );
+        self.config = Some(Rc::new(config));
+        self.routes = Rc::new(RefCell::new(RouteCache::default()));
+        self.worker = Rc::new(RefCell::new(WorkerState::default()));
+        true
+    }
+
+    fn on_queue_ready(&mut self, queue_id: u32) {
+        // the messages only wake us; the commits are in the VM's memory
+        while let Ok(Some(_)) = hostcalls::dequeue_shared_queue(queue_id) {}
+        self.dispatch_commits();
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        // the SDK aborts on None: always return a context (it passes through without config)
+        Some(Box::new(SignetHttp::new(
+            self.config.clone(),
+            Rc::clone(&self.routes),
+            Rc::clone(&self.worker),
+            StreamHandle {
+                id: context_id,
+                stream: Rc::new(RefCell::new(Stream::default())),
+                commits: Rc::clone(&self.commits),
+            },
+        )))
+    }
+}
+
+/// Dispatches a callout from the current context (its answer comes back to that context);
+/// false, logged, when Envoy refuses it (e.g. no such cluster).
+pub(super) fn dispatch(callout: &Callout) -> bool {
+    let headers: Vec<(&str, &str)> = callout
+        .headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let dispatched = hostcalls::dispatch_http_call(
+        &callout.cluster,
+        headers,
+        callout.body.as_deref(),
+        Vec::new(),
+        Duration::from_millis(callout.timeout_ms),
+    );
+    if let Err(status) = &dispatched {
+        WasmHost.log(
+            LogLevel::Warn,
+            &format!(
+                "signet: cannot call cluster {:?} ({status:?})",
+                callout.cluster
+            ),
+        );
+    }
+    dispatched.is_ok()
+}
+
+pub(super) fn read_call_response(num_headers: usize, body_size: usize) -> CalloutResponse {
+    if num_headers == 0 {
+        return CalloutResponse::none();
+    }
+    let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
+        .ok()
+        .flatten()
+        .and_then(|s| s.parse().ok());
+    let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    CalloutResponse { status, body }
+}
