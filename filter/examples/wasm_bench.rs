@@ -116,6 +116,7 @@ fn exchange(b: &Bench, lap: &mut impl FnMut(usize)) -> Value {
         receipt: Value::Object(receipt),
         response: &body,
         fu_tokens: 0,
+        deadline_ms: None,
     }
     .to_json();
     black_box((commit.get().len(), body.get().len()));

@@ -91,6 +91,7 @@ pub fn sign(
         receipt: Value::Object(receipt),
         response: &response,
         fu_tokens: 0,
+        deadline_ms: None,
     }
     .to_json();
     let signed = Signed {
