@@ -10,6 +10,7 @@
 pub(crate) const SQLITE: &[&str] = &[
     include_str!("../../migrations/sqlite/0001_initial.sql"),
     include_str!("../../migrations/sqlite/0002_commit_is_the_only_write.sql"),
+    include_str!("../../migrations/sqlite/0003_same_keys_as_postgres.sql"),
 ];
 
 /// Entry `i` takes a PostgreSQL schema from version `i` to `i + 1`.

@@ -612,6 +612,90 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_v2_database_migrates_to_v3_with_its_rows_and_the_keys_postgres_has() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate_to(&mut conn, 2).unwrap();
+        conn.execute_batch(
+            "INSERT INTO traces VALUES ('t1', 'demo', 1, 'sha256:h1', 7);
+             INSERT INTO signing_keys VALUES ('k1', '{\"kty\":\"OKP\"}', 3);
+             INSERT INTO usage_monthly VALUES ('demo', '2025-01', 1, 0);
+             INSERT INTO usage_ledger (tenant, month, trace_id, hop, receipt_hash, vex, fu, created_ms)
+                 VALUES ('demo', '2025-01', 't1', 1, 'sha256:h1', 1, 0, 7);
+             INSERT INTO billing_queue (tenant, month, meter, band, units, idempotency_key, created_ms)
+                 VALUES ('demo', '2025-01', 'vex', 0, 1, 'sha256:h1/vex/0', 7);
+             -- v2 accepted what v3 refuses:
+             INSERT INTO usage_ledger (tenant, month, trace_id, hop, receipt_hash, vex, fu, created_ms)
+                 VALUES ('demo', '2025-01', 't1', 1, 'sha256:h1', 1, 0, 7);
+             INSERT INTO traces VALUES (NULL, 'demo', 1, 'sha256:x', 7);",
+        )
+        .unwrap();
+        // The rows v3 refuses go first (no database holds them: see the migration).
+        conn.execute_batch(
+            "DELETE FROM usage_ledger WHERE id = 2; DELETE FROM traces WHERE trace_id IS NULL;",
+        )
+        .unwrap();
+        migrate(&mut conn).unwrap();
+        let version: i64 = conn
+            .query_row("SELECT max(version) FROM schema_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, 3);
+        assert_eq!(
+            read_trace(&conn, "t1").unwrap(),
+            Some(TraceState {
+                tenant: "demo".into(),
+                head: Head {
+                    hop: 1,
+                    receipt_hash: "sha256:h1".into()
+                }
+            })
+        );
+        let kid: (String, String, i64) = conn
+            .query_row(
+                "SELECT kid, jwk, first_seen_ms FROM signing_keys",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap();
+        assert_eq!(kid, ("k1".into(), r#"{"kty":"OKP"}"#.into(), 3));
+        for refused in [
+            "INSERT INTO usage_ledger (tenant, month, trace_id, hop, receipt_hash, vex, fu, created_ms)
+                 VALUES ('demo', '2025-01', 't1', 1, 'sha256:h1', 1, 0, 7)",
+            "INSERT INTO billing_queue (tenant, month, meter, band, units, idempotency_key, created_ms)
+                 VALUES ('demo', '2025-01', 'vex', 0, 1, 'sha256:h1/vex/0', 7)",
+            "INSERT INTO traces VALUES (NULL, 'demo', 1, 'sha256:x', 7)",
+            "INSERT INTO signing_keys VALUES (NULL, '{}', 3)",
+        ] {
+            let e = conn.execute(refused, []).unwrap_err().to_string();
+            assert!(e.contains("constraint failed"), "{refused}: {e}");
+        }
+        // The migrated database takes the next commit of the trace.
+        let req = CommitRequest {
+            tenant: "demo".into(),
+            idempotency_key: "k2".into(),
+            fingerprint: "sha256:f2".into(),
+            trace_id: "t1".into(),
+            hop: 2,
+            receipt_hash: "sha256:h2".into(),
+            prev_receipt_hash: Some("sha256:h1".into()),
+            receipt: "{}".into(),
+            response: "{}".into(),
+            fu_tokens: 0,
+            month: "2025-01".into(),
+            now_ms: 8,
+            chain_max: 10,
+            plan: Default::default(),
+        };
+        assert_eq!(
+            commit(&conn, &req).unwrap(),
+            (CommitOutcome::Committed, true)
+        );
+        assert_eq!(
+            read_usage(&conn, "demo", "2025-01").unwrap(),
+            Some(Usage { vex: 2, fu: 0 })
+        );
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failing_operation_fails_alone_and_the_rest_of_its_batch_commits() {
         use std::sync::Arc;

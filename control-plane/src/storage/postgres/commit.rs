@@ -437,3 +437,164 @@ async fn commit_one_attempt(pool: &Pool, req: &CommitRequest) -> Result<CommitOu
     }
     result
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use tokio_postgres::NoTls;
+
+    use super::*;
+    use crate::billing::{BillingPlan, MeterPlan};
+    use crate::storage::postgres::PostgresStorage;
+    use signet_protocol::internal::Rejection;
+
+    const PG: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+    fn hash(trace: &str, hop: u64) -> String {
+        format!("sha256:{trace}-{hop}")
+    }
+
+    fn commit(
+        tenant: &str,
+        key: &str,
+        trace: &str,
+        hop: u64,
+        plan: &Arc<BillingPlan>,
+    ) -> CommitRequest {
+        CommitRequest {
+            tenant: tenant.into(),
+            idempotency_key: key.into(),
+            fingerprint: format!("fp-{key}"),
+            trace_id: trace.into(),
+            hop,
+            receipt_hash: hash(trace, hop),
+            prev_receipt_hash: (hop > 1).then(|| hash(trace, hop - 1)),
+            receipt: format!(r#"{{"hop":{hop}}}"#),
+            response: format!(r#"{{"key":"{key}"}}"#).into(),
+            fu_tokens: 1,
+            month: "2025-01".into(),
+            now_ms: 1,
+            chain_max: 10,
+            plan: plan.clone(),
+        }
+    }
+
+    /// The batch and the single commit, on one database: each sees what the other wrote, and
+    /// both write the same rows.
+    #[tokio::test]
+    async fn the_batch_and_the_single_commit_decide_and_write_alike() {
+        let schema = format!("cp_unit_commit_{}", std::process::id());
+        let (admin, conn) = tokio_postgres::connect(PG, NoTls).await.unwrap();
+        tokio::spawn(conn);
+        admin
+            .batch_execute(&format!(
+                "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}"
+            ))
+            .await
+            .unwrap();
+        let url = format!("{PG}?options=-csearch_path%3D{schema}");
+        let storage = PostgresStorage::connect(&url, 2).await.unwrap();
+        let (client, conn) = tokio_postgres::connect(&url, NoTls).await.unwrap();
+        tokio::spawn(conn);
+        let statements = BatchStatements::prepare(&client).await.unwrap();
+        // Two VEx reserved, then every VEx billed to the tenant's item; FU within reservation.
+        let plan = Arc::new(BillingPlan {
+            vex: MeterPlan {
+                reserved: 2,
+                tiers: vec![],
+                default_stripe_item: Some("si_vex".into()),
+            },
+            fu: MeterPlan {
+                reserved: 100,
+                ..MeterPlan::default()
+            },
+        });
+        let c = |key: &str, trace: &str, hop: u64| commit("demo", key, trace, hop, &plan);
+
+        let (a1, a2, b1) = (c("a1", "A", 1), c("a2", "A", 2), c("b1", "B", 1));
+        let batch = [&a1, &a2, &a2, &b1];
+        let outcomes = run_batch(&client, &statements, &batch).await.unwrap();
+        let replay = |key: &str| CommitOutcome::Replay {
+            response: format!(r#"{{"key":"{key}"}}"#).into(),
+        };
+        use CommitOutcome::Committed;
+        assert_eq!(outcomes, [Committed, Committed, replay("a2"), Committed]);
+
+        let a3 = c("a3", "A", 3);
+        assert_eq!(commit_one(&storage.pool, &a3).await, Ok(Committed));
+        assert_eq!(commit_one(&storage.pool, &a3).await, Ok(replay("a3")));
+        assert_eq!(commit_one(&storage.pool, &a1).await, Ok(replay("a1")));
+        let head_3 = Head {
+            hop: 3,
+            receipt_hash: hash("A", 3),
+        };
+        assert_eq!(
+            commit_one(&storage.pool, &c("x", "A", 3)).await,
+            Ok(CommitOutcome::Rejected(Rejection::ChainConflict {
+                head: Some(head_3.clone())
+            }))
+        );
+        let theirs = commit("other", "y", "A", 4, &plan);
+        assert_eq!(
+            commit_one(&storage.pool, &theirs).await,
+            Ok(CommitOutcome::Rejected(Rejection::TraceForbidden))
+        );
+        // The batch sees the single commit's key and head.
+        let (a4, x) = (c("a4", "A", 4), c("x", "A", 3));
+        let outcomes = run_batch(&client, &statements, &[&a3, &x, &a4])
+            .await
+            .unwrap();
+        let conflict = CommitOutcome::Rejected(Rejection::ChainConflict { head: Some(head_3) });
+        assert_eq!(outcomes, [replay("a3"), conflict, Committed]);
+
+        let strings = |sql: &'static str| {
+            let client = &client;
+            async move {
+                let rows = client.query(sql, &[]).await.unwrap();
+                rows.iter().map(|r| r.get(0)).collect::<Vec<String>>()
+            }
+        };
+        assert_eq!(
+            strings("SELECT trace_id || '/' || hop || '/' || coalesce(prev_receipt_hash, '-') FROM receipts ORDER BY trace_id, hop").await,
+            ["A/1/-", "A/2/sha256:A-1", "A/3/sha256:A-2", "A/4/sha256:A-3", "B/1/-"]
+        );
+        assert_eq!(
+            strings("SELECT trace_id || '/' || head_hop || '/' || head_hash FROM traces ORDER BY trace_id").await,
+            ["A/4/sha256:A-4", "B/1/sha256:B-1"]
+        );
+        assert_eq!(
+            strings("SELECT tenant || '/' || vex || '/' || fu FROM usage_monthly WHERE vex > 0")
+                .await,
+            ["demo/5/5"]
+        );
+        assert_eq!(
+            strings("SELECT receipt_hash FROM usage_ledger ORDER BY id").await,
+            [
+                hash("A", 1),
+                hash("A", 2),
+                hash("B", 1),
+                hash("A", 3),
+                hash("A", 4)
+            ]
+        );
+        assert_eq!(
+            strings("SELECT key || '/' || fingerprint FROM idempotency ORDER BY key").await,
+            ["a1/fp-a1", "a2/fp-a2", "a3/fp-a3", "a4/fp-a4", "b1/fp-b1"]
+        );
+        // VEx 3, 4 and 5: B1 from the batch, A3 alone, A4 from the batch.
+        assert_eq!(
+            strings("SELECT idempotency_key || ' ' || units || ' ' || stripe_item FROM billing_queue ORDER BY id").await,
+            [
+                format!("{}/vex/0 1 si_vex", hash("B", 1)),
+                format!("{}/vex/0 1 si_vex", hash("A", 3)),
+                format!("{}/vex/0 1 si_vex", hash("A", 4)),
+            ]
+        );
+        drop((storage, client));
+        admin
+            .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+            .await
+            .unwrap();
+    }
+}
