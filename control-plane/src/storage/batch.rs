@@ -152,25 +152,22 @@ impl<'a> Batch<'a> {
     }
 }
 
+/// Commits for the tests of the backends' commit paths.
 #[cfg(test)]
-mod tests {
-    use std::str::FromStr;
+pub(crate) mod test_commits {
     use std::sync::Arc;
 
-    use rust_decimal::Decimal;
-    use signet_protocol::internal::Rejection;
+    use crate::storage::CommitRequest;
 
-    use super::*;
-    use crate::billing::{BillingPlan, MeterPlan, Tier};
+    pub const MONTH: &str = "2025-01";
 
-    const MONTH: &str = "2025-01";
-
-    fn hash(trace: &str, hop: u64) -> String {
+    pub fn hash(trace: &str, hop: u64) -> String {
         format!("sha256:{trace}-{hop}")
     }
 
-    /// A commit of `key` appending `hop` to `trace`, linked to the previous hop.
-    fn commit(tenant: &str, key: &str, trace: &str, hop: u64) -> CommitRequest {
+    /// A commit of `key` appending `hop` to `trace`, linked to the previous hop, at `hop` ms,
+    /// billed by the default plan.
+    pub fn commit(tenant: &str, key: &str, trace: &str, hop: u64) -> CommitRequest {
         CommitRequest {
             tenant: tenant.into(),
             idempotency_key: key.into(),
@@ -185,9 +182,22 @@ mod tests {
             month: MONTH.into(),
             now_ms: hop as i64,
             chain_max: 10,
-            plan: Arc::new(BillingPlan::default()),
+            plan: Arc::default(),
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::str::FromStr;
+    use std::sync::Arc;
+
+    use rust_decimal::Decimal;
+    use signet_protocol::internal::Rejection;
+
+    use super::test_commits::{commit, hash, MONTH};
+    use super::*;
+    use crate::billing::{BillingPlan, MeterPlan, Tier};
 
     fn trace(tenant: &str, trace: &str, hop: u64) -> TraceState {
         TraceState {

@@ -257,14 +257,15 @@ impl Storage for PostgresStorage {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     const PG: &str = "postgres://postgres@127.0.0.1:5432/test";
 
-    #[tokio::test]
-    async fn the_v3_migration_drops_pending_keys_and_keeps_done_ones() {
-        let schema = format!("cp_unit_migration_{}", std::process::id());
+    /// An empty schema `{prefix}_{pid}` (dropped first if a failed run left it), a connection
+    /// to drop it with, and the URL of a connection that uses it.
+    pub async fn fresh_schema(prefix: &str) -> (tokio_postgres::Client, String, String) {
+        let schema = format!("{prefix}_{}", std::process::id());
         let (admin, conn) = tokio_postgres::connect(PG, NoTls).await.unwrap();
         tokio::spawn(conn);
         admin
@@ -274,6 +275,12 @@ mod tests {
             .await
             .unwrap();
         let url = format!("{PG}?options=-csearch_path%3D{schema}");
+        (admin, schema, url)
+    }
+
+    #[tokio::test]
+    async fn the_v3_migration_drops_pending_keys_and_keeps_done_ones() {
+        let (admin, schema, url) = fresh_schema("cp_unit_migration").await;
         let (mut client, conn) = tokio_postgres::connect(&url, NoTls).await.unwrap();
         tokio::spawn(conn);
         migrate_to(&mut client, 2).await.unwrap();

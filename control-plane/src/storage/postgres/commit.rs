@@ -446,14 +446,10 @@ mod tests {
 
     use super::*;
     use crate::billing::{BillingPlan, MeterPlan};
+    use crate::storage::batch::test_commits::{self, hash};
+    use crate::storage::postgres::tests::fresh_schema;
     use crate::storage::postgres::PostgresStorage;
     use signet_protocol::internal::Rejection;
-
-    const PG: &str = "postgres://postgres@127.0.0.1:5432/test";
-
-    fn hash(trace: &str, hop: u64) -> String {
-        format!("sha256:{trace}-{hop}")
-    }
 
     fn commit(
         tenant: &str,
@@ -463,20 +459,9 @@ mod tests {
         plan: &Arc<BillingPlan>,
     ) -> CommitRequest {
         CommitRequest {
-            tenant: tenant.into(),
-            idempotency_key: key.into(),
-            fingerprint: format!("fp-{key}"),
-            trace_id: trace.into(),
-            hop,
-            receipt_hash: hash(trace, hop),
-            prev_receipt_hash: (hop > 1).then(|| hash(trace, hop - 1)),
-            receipt: format!(r#"{{"hop":{hop}}}"#),
-            response: format!(r#"{{"key":"{key}"}}"#).into(),
             fu_tokens: 1,
-            month: "2025-01".into(),
-            now_ms: 1,
-            chain_max: 10,
             plan: plan.clone(),
+            ..test_commits::commit(tenant, key, trace, hop)
         }
     }
 
@@ -484,16 +469,7 @@ mod tests {
     /// both write the same rows.
     #[tokio::test]
     async fn the_batch_and_the_single_commit_decide_and_write_alike() {
-        let schema = format!("cp_unit_commit_{}", std::process::id());
-        let (admin, conn) = tokio_postgres::connect(PG, NoTls).await.unwrap();
-        tokio::spawn(conn);
-        admin
-            .batch_execute(&format!(
-                "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}"
-            ))
-            .await
-            .unwrap();
-        let url = format!("{PG}?options=-csearch_path%3D{schema}");
+        let (admin, schema, url) = fresh_schema("cp_unit_commit").await;
         let storage = PostgresStorage::connect(&url, 2).await.unwrap();
         let (client, conn) = tokio_postgres::connect(&url, NoTls).await.unwrap();
         tokio::spawn(conn);
