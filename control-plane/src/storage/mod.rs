@@ -1,17 +1,29 @@
 //! Where receipts live: one trait, two backends that behave identically (SQLite and
-//! PostgreSQL). The decisions (idempotency, chain rules, tier math) are the shared pure
-//! functions of `idempotency`, `chain` and `billing`; a backend only reads and writes rows,
-//! atomically.
+//! PostgreSQL).
+//!
+//! - [`batch`]: the commit decision of a whole batch, pure (each commit decided by
+//!   `signet_protocol::internal::decide`, then counted and billed by [`crate::billing`]).
+//! - [`rows`]: the rows it writes, one struct per table.
+//! - [`migrations`]: each backend's schema, the `.sql` files of `control-plane/migrations/`.
+//! - `sqlite`, `postgres`: a backend locks the rows a commit depends on, calls
+//!   [`batch::decide_batch`] and writes its rows, atomically.
+//!
+//! A new table (or column, or constraint) is a new migration file in each of
+//! `migrations/sqlite/` and `migrations/postgres/`, listed in [`migrations`];
+//! `tests/schema_parity.rs` fails until both backends have it alike.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use serde_json::Value;
 
-use crate::billing::{BillingLine, BillingPlan};
+use crate::billing::BillingPlan;
 use signet_protocol::internal::{Candidate, Head, Rejection};
 
+mod batch;
+mod migrations;
 mod postgres;
+mod rows;
 mod sqlite;
 
 pub use postgres::PostgresStorage;
@@ -128,31 +140,6 @@ pub trait Storage: Send + Sync + 'static {
     async fn signing_keys(&self) -> Result<Vec<String>, StoreError>;
     async fn usage(&self, tenant: &str, month: &str) -> Result<Usage, StoreError>;
     async fn billing_queue(&self, tenant: &str) -> Result<Vec<BillingRow>, StoreError>;
-}
-
-/// Columns of a billing-queue row for `line`, identical in both backends.
-pub(crate) struct BillingColumns {
-    pub meter: &'static str,
-    pub band: i32,
-    pub units: i64,
-    pub stripe_item: Option<String>,
-    pub price_per_unit: Option<String>,
-    pub amount: Option<String>,
-    pub idempotency_key: String,
-}
-
-impl BillingColumns {
-    pub fn new(receipt_hash: &str, line: &BillingLine) -> Self {
-        BillingColumns {
-            meter: line.meter.as_str(),
-            band: line.band as i32,
-            units: to_i64(line.units),
-            stripe_item: line.stripe_item.clone(),
-            price_per_unit: line.price_per_unit.map(|p| p.to_string()),
-            amount: line.amount().map(|a| a.normalize().to_string()),
-            idempotency_key: format!("{receipt_hash}/{}/{}", line.meter.as_str(), line.band),
-        }
-    }
 }
 
 /// Counters and hops are stored as signed 64-bit integers; values beyond are saturated (a

@@ -20,107 +20,16 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::Value;
 use tokio::sync::oneshot;
 
+use super::batch::{Batch, Locked};
+use super::rows::Rows;
 use super::*;
-use crate::billing::lines_for_exchange;
-use signet_protocol::internal::{decide, Decision, Record, TraceState};
+use signet_protocol::internal::{Record, TraceState};
 
 const MAX_BATCH: usize = 512;
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 const WAL_RESTART_FRAMES: i64 = 16_384;
 
-/// Versioned schema; entry `i` takes the database from version `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &[
-    r#"
-CREATE TABLE traces (
-    trace_id   TEXT PRIMARY KEY,
-    tenant     TEXT NOT NULL,
-    head_hop   INTEGER NOT NULL,
-    head_hash  TEXT,
-    created_ms INTEGER NOT NULL
-);
-CREATE TABLE receipts (
-    trace_id          TEXT NOT NULL,
-    hop               INTEGER NOT NULL,
-    receipt_hash      TEXT NOT NULL UNIQUE,
-    prev_receipt_hash TEXT,
-    tenant            TEXT NOT NULL,
-    body              TEXT NOT NULL,
-    stored_ms         INTEGER NOT NULL,
-    PRIMARY KEY (trace_id, hop)
-);
-CREATE TRIGGER receipts_no_update BEFORE UPDATE ON receipts
-    BEGIN SELECT RAISE(ABORT, 'receipts are append-only'); END;
-CREATE TRIGGER receipts_no_delete BEFORE DELETE ON receipts
-    BEGIN SELECT RAISE(ABORT, 'receipts are append-only'); END;
-CREATE TABLE idempotency (
-    tenant         TEXT NOT NULL,
-    key            TEXT NOT NULL,
-    fingerprint    TEXT NOT NULL,
-    state          TEXT NOT NULL CHECK (state IN ('pending', 'done')),
-    response       TEXT,
-    lease_until_ms INTEGER NOT NULL,
-    updated_ms     INTEGER NOT NULL,
-    PRIMARY KEY (tenant, key)
-);
-CREATE TABLE usage_ledger (
-    id           INTEGER PRIMARY KEY AUTOINCREMENT,
-    tenant       TEXT NOT NULL,
-    month        TEXT NOT NULL,
-    trace_id     TEXT NOT NULL,
-    hop          INTEGER NOT NULL,
-    receipt_hash TEXT NOT NULL,
-    vex          INTEGER NOT NULL,
-    fu           INTEGER NOT NULL,
-    created_ms   INTEGER NOT NULL
-);
-CREATE INDEX usage_ledger_tenant_month ON usage_ledger (tenant, month);
-CREATE TABLE usage_monthly (
-    tenant TEXT NOT NULL,
-    month  TEXT NOT NULL,
-    vex    INTEGER NOT NULL,
-    fu     INTEGER NOT NULL,
-    PRIMARY KEY (tenant, month)
-);
-CREATE TABLE billing_queue (
-    id              INTEGER PRIMARY KEY AUTOINCREMENT,
-    tenant          TEXT NOT NULL,
-    month           TEXT NOT NULL,
-    meter           TEXT NOT NULL CHECK (meter IN ('vex', 'fu')),
-    band            INTEGER NOT NULL,
-    units           INTEGER NOT NULL CHECK (units > 0),
-    stripe_item     TEXT,
-    price_per_unit  TEXT,
-    amount          TEXT,
-    idempotency_key TEXT NOT NULL,
-    state           TEXT NOT NULL DEFAULT 'pending',
-    attempts        INTEGER NOT NULL DEFAULT 0,
-    created_ms      INTEGER NOT NULL
-);
-CREATE INDEX billing_queue_pending ON billing_queue (id) WHERE state = 'pending';
-CREATE INDEX billing_queue_tenant ON billing_queue (tenant, month);
-CREATE TABLE signing_keys (
-    kid           TEXT PRIMARY KEY,
-    jwk           TEXT NOT NULL,
-    first_seen_ms INTEGER NOT NULL
-);
-"#,
-    r#"
--- Commit is the only write of an exchange: no more reservations. A key left pending by an
--- earlier version stored nothing, so it goes; a done key keeps its response.
-CREATE TABLE idempotency_v2 (
-    tenant      TEXT NOT NULL,
-    key         TEXT NOT NULL,
-    fingerprint TEXT NOT NULL,
-    response    TEXT NOT NULL,
-    created_ms  INTEGER NOT NULL,
-    PRIMARY KEY (tenant, key)
-);
-INSERT INTO idempotency_v2 (tenant, key, fingerprint, response, created_ms)
-    SELECT tenant, key, fingerprint, response, updated_ms FROM idempotency WHERE state = 'done';
-DROP TABLE idempotency;
-ALTER TABLE idempotency_v2 RENAME TO idempotency;
-"#,
-];
+use super::migrations::SQLITE as MIGRATIONS;
 
 pub struct SqliteStorage {
     jobs: mpsc::Sender<Box<dyn Job>>,
@@ -410,93 +319,146 @@ fn read_trace(conn: &Connection, trace_id: &str) -> rusqlite::Result<Option<Trac
         .optional()
 }
 
+fn read_usage(conn: &Connection, tenant: &str, month: &str) -> rusqlite::Result<Option<Usage>> {
+    conn.prepare_cached("SELECT vex, fu FROM usage_monthly WHERE tenant = ?1 AND month = ?2")?
+        .query_row([tenant, month], |r| {
+            Ok(Usage {
+                vex: to_u64(r.get(0)?),
+                fu: to_u64(r.get(1)?),
+            })
+        })
+        .optional()
+}
+
+/// Reads what the commit depends on, decides, writes. Serial on the writer thread: the reads
+/// need no lock.
 fn commit(conn: &Connection, req: &CommitRequest) -> rusqlite::Result<(CommitOutcome, bool)> {
-    let record = read_record(conn, &req.tenant, &req.idempotency_key)?;
-    let trace = read_trace(conn, &req.trace_id)?;
-    match decide(record.as_ref(), trace.as_ref(), &req.candidate()) {
-        Decision::Append => {}
-        Decision::Replay(response) => return Ok((CommitOutcome::Replay { response }, false)),
-        Decision::Reject(r) => return Ok((CommitOutcome::Rejected(r), false)),
+    let locked = Locked::of_one(
+        req,
+        read_record(conn, &req.tenant, &req.idempotency_key)?,
+        read_trace(conn, &req.trace_id)?,
+        read_usage(conn, &req.tenant, &req.month)?,
+    );
+    let mut batch = Batch::new(locked);
+    let outcome = batch.decide(req);
+    let (rows, now_ms) = batch.finish();
+    write(conn, &rows, now_ms)?;
+    let kept = outcome == CommitOutcome::Committed;
+    Ok((outcome, kept))
+}
+
+/// Writes `rows` (of any number of commits) row by row.
+fn write(conn: &Connection, rows: &Rows, now_ms: i64) -> rusqlite::Result<()> {
+    if rows.is_empty() {
+        return Ok(());
     }
-    let hop = to_i64(req.hop);
-    conn.prepare_cached(
+    let r = &rows.receipts;
+    insert_each(
+        conn,
         "INSERT INTO receipts (trace_id, hop, receipt_hash, prev_receipt_hash, tenant, body, stored_ms)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-    )?
-    .execute(params![
-        req.trace_id,
-        hop,
-        req.receipt_hash,
-        req.prev_receipt_hash,
-        req.tenant,
-        req.receipt,
-        req.now_ms
-    ])?;
-    conn.prepare_cached(
+        r.trace_id.len(),
+        |i| {
+            (
+                r.trace_id[i],
+                r.hop[i],
+                r.receipt_hash[i],
+                r.prev_receipt_hash[i],
+                r.tenant[i],
+                r.body[i],
+                now_ms,
+            )
+        },
+    )?;
+    let h = &rows.heads;
+    insert_each(
+        conn,
         "INSERT INTO traces (trace_id, tenant, head_hop, head_hash, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)
          ON CONFLICT (trace_id) DO UPDATE SET head_hop = excluded.head_hop, head_hash = excluded.head_hash",
-    )?
-    .execute(params![req.trace_id, req.tenant, hop, req.receipt_hash, req.now_ms])?;
-    let fu = to_i64(req.fu_tokens);
-    let (vex_after, fu_after): (i64, i64) = conn
-        .prepare_cached(
-            "INSERT INTO usage_monthly (tenant, month, vex, fu) VALUES (?1, ?2, 1, ?3)
-             ON CONFLICT (tenant, month) DO UPDATE SET vex = vex + 1, fu = fu + excluded.fu
-             RETURNING vex, fu",
-        )?
-        .query_row(params![req.tenant, req.month, fu], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })?;
-    conn.prepare_cached(
+        h.trace_id.len(),
+        |i| (h.trace_id[i], h.tenant[i], h.head_hop[i], h.head_hash[i], now_ms),
+    )?;
+    let m = &rows.months;
+    insert_each(
+        conn,
+        "INSERT INTO usage_monthly (tenant, month, vex, fu) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (tenant, month) DO UPDATE SET vex = excluded.vex, fu = excluded.fu",
+        m.tenant.len(),
+        |i| (m.tenant[i], m.month[i], m.vex[i], m.fu[i]),
+    )?;
+    let l = &rows.ledger;
+    insert_each(
+        conn,
         "INSERT INTO usage_ledger (tenant, month, trace_id, hop, receipt_hash, vex, fu, created_ms)
          VALUES (?1, ?2, ?3, ?4, ?5, 1, ?6, ?7)",
-    )?
-    .execute(params![
-        req.tenant,
-        req.month,
-        req.trace_id,
-        hop,
-        req.receipt_hash,
-        fu,
-        req.now_ms
-    ])?;
-    for line in lines_for_exchange(
-        &req.plan,
-        to_u64(vex_after),
-        to_u64(fu_after),
-        req.fu_tokens,
-    ) {
-        let c = BillingColumns::new(&req.receipt_hash, &line);
-        conn.prepare_cached(
-            "INSERT INTO billing_queue (tenant, month, meter, band, units, stripe_item, price_per_unit,
-                                        amount, idempotency_key, created_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-        )?
-        .execute(params![
-            req.tenant,
-            req.month,
-            c.meter,
-            c.band,
-            c.units,
-            c.stripe_item,
-            c.price_per_unit,
-            c.amount,
-            c.idempotency_key,
-            req.now_ms
-        ])?;
-    }
-    conn.prepare_cached(
+        l.tenant.len(),
+        |i| {
+            (
+                l.tenant[i],
+                l.month[i],
+                l.trace_id[i],
+                l.hop[i],
+                l.receipt_hash[i],
+                l.fu[i],
+                now_ms,
+            )
+        },
+    )?;
+    let b = &rows.billing;
+    insert_each(
+        conn,
+        "INSERT INTO billing_queue (tenant, month, meter, band, units, stripe_item, price_per_unit,
+                                    amount, idempotency_key, created_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        b.len(),
+        |i| {
+            (
+                b.tenant[i],
+                b.month[i],
+                b.meter[i],
+                b.band[i],
+                b.units[i],
+                &b.stripe_item[i],
+                &b.price_per_unit[i],
+                &b.amount[i],
+                &b.idempotency_key[i],
+                now_ms,
+            )
+        },
+    )?;
+    let k = &rows.keys;
+    insert_each(
+        conn,
         "INSERT INTO idempotency (tenant, key, fingerprint, response, created_ms)
          VALUES (?1, ?2, ?3, ?4, ?5)",
-    )?
-    .execute(params![
-        req.tenant,
-        req.idempotency_key,
-        req.fingerprint,
-        &*req.response,
-        req.now_ms
-    ])?;
-    Ok((CommitOutcome::Committed, true))
+        k.tenant.len(),
+        |i| {
+            (
+                k.tenant[i],
+                k.key[i],
+                k.fingerprint[i],
+                k.response[i],
+                now_ms,
+            )
+        },
+    )
+}
+
+/// Runs `sql` once for each of `rows` rows, with the parameters `row(i)`.
+fn insert_each<P: rusqlite::Params>(
+    conn: &Connection,
+    sql: &str,
+    rows: usize,
+    row: impl Fn(usize) -> P,
+) -> rusqlite::Result<()> {
+    if rows == 0 {
+        return Ok(());
+    }
+    let mut statement = conn.prepare_cached(sql)?;
+    for i in 0..rows {
+        statement.execute(row(i))?;
+    }
+    Ok(())
 }
 
 #[async_trait]
@@ -572,18 +534,10 @@ impl Storage for SqliteStorage {
     async fn usage(&self, tenant: &str, month: &str) -> Result<Usage, StoreError> {
         let (tenant, month) = (tenant.to_owned(), month.to_owned());
         self.run(move |conn| {
-            let usage = conn
-                .prepare_cached(
-                    "SELECT vex, fu FROM usage_monthly WHERE tenant = ?1 AND month = ?2",
-                )?
-                .query_row([&tenant, &month], |r| {
-                    Ok(Usage {
-                        vex: to_u64(r.get(0)?),
-                        fu: to_u64(r.get(1)?),
-                    })
-                })
-                .optional()?;
-            Ok((usage.unwrap_or_default(), false))
+            Ok((
+                read_usage(conn, &tenant, &month)?.unwrap_or_default(),
+                false,
+            ))
         })
         .await
     }
@@ -655,6 +609,90 @@ mod tests {
                 fingerprint: "sha256:a".into(),
                 response: r#"{"x":1}"#.into(),
             })
+        );
+    }
+
+    #[test]
+    fn a_v2_database_migrates_to_v3_with_its_rows_and_the_keys_postgres_has() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate_to(&mut conn, 2).unwrap();
+        conn.execute_batch(
+            "INSERT INTO traces VALUES ('t1', 'demo', 1, 'sha256:h1', 7);
+             INSERT INTO signing_keys VALUES ('k1', '{\"kty\":\"OKP\"}', 3);
+             INSERT INTO usage_monthly VALUES ('demo', '2025-01', 1, 0);
+             INSERT INTO usage_ledger (tenant, month, trace_id, hop, receipt_hash, vex, fu, created_ms)
+                 VALUES ('demo', '2025-01', 't1', 1, 'sha256:h1', 1, 0, 7);
+             INSERT INTO billing_queue (tenant, month, meter, band, units, idempotency_key, created_ms)
+                 VALUES ('demo', '2025-01', 'vex', 0, 1, 'sha256:h1/vex/0', 7);
+             -- v2 accepted what v3 refuses:
+             INSERT INTO usage_ledger (tenant, month, trace_id, hop, receipt_hash, vex, fu, created_ms)
+                 VALUES ('demo', '2025-01', 't1', 1, 'sha256:h1', 1, 0, 7);
+             INSERT INTO traces VALUES (NULL, 'demo', 1, 'sha256:x', 7);",
+        )
+        .unwrap();
+        // The rows v3 refuses go first (no database holds them: see the migration).
+        conn.execute_batch(
+            "DELETE FROM usage_ledger WHERE id = 2; DELETE FROM traces WHERE trace_id IS NULL;",
+        )
+        .unwrap();
+        migrate(&mut conn).unwrap();
+        let version: i64 = conn
+            .query_row("SELECT max(version) FROM schema_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, 3);
+        assert_eq!(
+            read_trace(&conn, "t1").unwrap(),
+            Some(TraceState {
+                tenant: "demo".into(),
+                head: Head {
+                    hop: 1,
+                    receipt_hash: "sha256:h1".into()
+                }
+            })
+        );
+        let kid: (String, String, i64) = conn
+            .query_row(
+                "SELECT kid, jwk, first_seen_ms FROM signing_keys",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap();
+        assert_eq!(kid, ("k1".into(), r#"{"kty":"OKP"}"#.into(), 3));
+        for refused in [
+            "INSERT INTO usage_ledger (tenant, month, trace_id, hop, receipt_hash, vex, fu, created_ms)
+                 VALUES ('demo', '2025-01', 't1', 1, 'sha256:h1', 1, 0, 7)",
+            "INSERT INTO billing_queue (tenant, month, meter, band, units, idempotency_key, created_ms)
+                 VALUES ('demo', '2025-01', 'vex', 0, 1, 'sha256:h1/vex/0', 7)",
+            "INSERT INTO traces VALUES (NULL, 'demo', 1, 'sha256:x', 7)",
+            "INSERT INTO signing_keys VALUES (NULL, '{}', 3)",
+        ] {
+            let e = conn.execute(refused, []).unwrap_err().to_string();
+            assert!(e.contains("constraint failed"), "{refused}: {e}");
+        }
+        // The migrated database takes the next commit of the trace.
+        let req = CommitRequest {
+            tenant: "demo".into(),
+            idempotency_key: "k2".into(),
+            fingerprint: "sha256:f2".into(),
+            trace_id: "t1".into(),
+            hop: 2,
+            receipt_hash: "sha256:h2".into(),
+            prev_receipt_hash: Some("sha256:h1".into()),
+            receipt: "{}".into(),
+            response: "{}".into(),
+            fu_tokens: 0,
+            month: "2025-01".into(),
+            now_ms: 8,
+            chain_max: 10,
+            plan: Default::default(),
+        };
+        assert_eq!(
+            commit(&conn, &req).unwrap(),
+            (CommitOutcome::Committed, true)
+        );
+        assert_eq!(
+            read_usage(&conn, "demo", "2025-01").unwrap(),
+            Some(Usage { vex: 2, fu: 0 })
         );
     }
 
