@@ -17,10 +17,13 @@ COPY --from=build /src/target/release/signet-control-plane \
 USER signet
 WORKDIR /data
 # Configuration is the environment (control-plane/README.md); these only suit a container:
-# listen on every interface, and keep the SQLite file (when SP_STORAGE=sqlite) in the volume.
+# the public and internal APIs on every interface (the admin API stays on loopback unless
+# SP_ADMIN_BIND says), and the SQLite file (when SP_STORAGE=sqlite) in the volume.
 ENV SP_BIND=0.0.0.0 \
     PORT=8088 \
+    SP_INTERNAL_PORT=8090 \
+    SP_ADMIN_PORT=8091 \
     SP_DB_PATH=/data/signet.db
-EXPOSE 8088
+EXPOSE 8088 8090
 VOLUME ["/data"]
 ENTRYPOINT ["signet-control-plane"]

@@ -14,12 +14,15 @@ BIN="$TARGET_DIR/release"
 
 : "${ENVOY_PORT:=10000}"
 : "${ENVOY_ADMIN_PORT:=9901}"
-: "${CONTROL_PLANE_PORT:=8088}"
+: "${CONTROL_PLANE_PORT:=8088}"           # public API: health, metrics, JWKS, chains, exports
+: "${CONTROL_PLANE_INTERNAL_PORT:=8090}"  # internal API: the filter's callouts (Envoy only)
+: "${CONTROL_PLANE_ADMIN_PORT:=8091}"     # admin API: reload, usage
 : "${UPSTREAM_PORT:=8089}"
 : "${SIGNET_DATA:=$ROOT/data}"        # dev key, filter token, SQLite database
 : "${SIGNET_RUN:=$ROOT/.run}"         # rendered Envoy config, logs
 
-# The demo tenant: API key `demo-key`, may forward to *.example.com.
+# The demo tenant: API key `demo-key`, may forward to *.example.com. (Only here, for `make up`
+# and `make bench` on loopback; docker-compose.yml takes SP_API_KEYS from .env.)
 if [[ -z ${SP_API_KEYS:-} ]]; then
     SP_API_KEYS='{"demo-key":{"tenant":"demo","allowlist":["*.example.com"]}}'
 fi
@@ -97,22 +100,26 @@ wait_http() {
 stack_start() {
     mkdir -p "$SIGNET_RUN"
     local port
-    for port in "$ENVOY_PORT" "$ENVOY_ADMIN_PORT" "$CONTROL_PLANE_PORT" "$UPSTREAM_PORT"; do
+    for port in "$ENVOY_PORT" "$ENVOY_ADMIN_PORT" "$CONTROL_PLANE_PORT" \
+        "$CONTROL_PLANE_INTERNAL_PORT" "$CONTROL_PLANE_ADMIN_PORT" "$UPSTREAM_PORT"; do
         if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
             die "127.0.0.1:$port is already in use (another 'make up'?); set the *_PORT variables"
         fi
     done
 
     start "control plane ($SP_STORAGE) on :$CONTROL_PLANE_PORT" "$SIGNET_RUN/control-plane.log" \
-        env PORT="$CONTROL_PLANE_PORT" SP_BIND=127.0.0.1 "$BIN/signet-control-plane"
+        env PORT="$CONTROL_PLANE_PORT" SP_BIND=127.0.0.1 \
+        SP_INTERNAL_PORT="$CONTROL_PLANE_INTERNAL_PORT" SP_ADMIN_PORT="$CONTROL_PLANE_ADMIN_PORT" \
+        "$BIN/signet-control-plane"
     start "demo upstream on :$UPSTREAM_PORT" "$SIGNET_RUN/upstream.log" \
         "$BIN/demo-upstream" "127.0.0.1:$UPSTREAM_PORT"
     wait_http "control plane" "http://127.0.0.1:$CONTROL_PLANE_PORT/.well-known/jwks.json"
     wait_http "demo upstream" "http://127.0.0.1:$UPSTREAM_PORT/"
 
-    BIND_ADDRESS=127.0.0.1 CONTROL_PLANE_HOST=127.0.0.1 UPSTREAM_HOST=127.0.0.1 \
-        ENVOY_PORT=$ENVOY_PORT ENVOY_ADMIN_PORT=$ENVOY_ADMIN_PORT \
-        CONTROL_PLANE_PORT=$CONTROL_PLANE_PORT UPSTREAM_PORT=$UPSTREAM_PORT SIGNET_FILTER_WASM=$WASM \
+    BIND_ADDRESS=127.0.0.1 ENVOY_ADMIN_ADDRESS=127.0.0.1 CONTROL_PLANE_HOST=127.0.0.1 \
+        UPSTREAM_HOST=127.0.0.1 ENVOY_PORT=$ENVOY_PORT ENVOY_ADMIN_PORT=$ENVOY_ADMIN_PORT \
+        CONTROL_PLANE_INTERNAL_PORT=$CONTROL_PLANE_INTERNAL_PORT UPSTREAM_PORT=$UPSTREAM_PORT \
+        SIGNET_FILTER_WASM=$WASM \
         "$ROOT/scripts/render-envoy-config.sh" >"$SIGNET_RUN/envoy.yaml"
     # The filter reads SP_PRIVATE_KEY_B64, SP_KID and SP_FILTER_TOKEN from this environment.
     start "envoy on :$ENVOY_PORT (admin :$ENVOY_ADMIN_PORT)" "$SIGNET_RUN/envoy.log" \

@@ -4,9 +4,11 @@
 #
 #   Envoy (+ Signet filter)  http://127.0.0.1:10000   admin http://127.0.0.1:9901
 #   control plane            http://127.0.0.1:8088    (SQLite in ./data; SP_STORAGE=postgres …)
+#                            internal API :8090 (the filter's), admin API :8091
 #   demo upstream            http://127.0.0.1:8089    (echoes what reaches it)
 #
-# Settings: ENVOY_PORT, ENVOY_ADMIN_PORT, CONTROL_PLANE_PORT, UPSTREAM_PORT, SIGNET_DATA and any
+# Settings: ENVOY_PORT, ENVOY_ADMIN_PORT, CONTROL_PLANE_PORT, CONTROL_PLANE_INTERNAL_PORT,
+# CONTROL_PLANE_ADMIN_PORT, UPSTREAM_PORT, SIGNET_DATA and any
 # SP_* variable of the control plane (control-plane/README.md).
 set -euo pipefail
 source "$(dirname "$0")/stack.sh"
@@ -22,6 +24,7 @@ stack_start
 
 ENVOY="http://127.0.0.1:$ENVOY_PORT"
 CP="http://127.0.0.1:$CONTROL_PLANE_PORT"
+CP_ADMIN="http://127.0.0.1:$CONTROL_PLANE_ADMIN_PORT"
 
 # One exchange through Envoy, then the trace's bundle verified offline by the signet CLI against
 # the control plane's JWKS.
@@ -64,6 +67,9 @@ The stack is up (storage: $SP_STORAGE, signing key kid: $SP_KID). Try:
   curl -s -H "X-SIGNET-API-Key: demo-key" $CP/v1/receipts/chain/$trace_id
   curl -s -H "X-SIGNET-API-Key: demo-key" $CP/v1/receipts/export/$trace_id > bundle.json
   $BIN/signet verify bundle bundle.json --jwks $CP/.well-known/jwks.json
+
+  # the tenant's usage, from the admin API (needs SP_ADMIN_KEY set when starting)
+  curl -s -H "X-SIGNET-Admin-Key: \$SP_ADMIN_KEY" $CP_ADMIN/v1/admin/usage/demo
 
   # stats with Prometheus labels, control-plane metrics
   curl -s http://127.0.0.1:$ENVOY_ADMIN_PORT/stats/prometheus | grep '^signet_'

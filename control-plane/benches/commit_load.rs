@@ -208,10 +208,15 @@ async fn bench_backend(
         .unwrap();
 
     // Warm-up: connections, prepared statements, page cache.
-    drive(&http, &server.base, chains("warm", clients, 2)).await;
+    drive(&http, &server.bases.internal, chains("warm", clients, 2)).await;
     let baseline_work = vec![vec![vec![("/.well-known/jwks.json", None)]; per_client]; clients];
-    let baseline = drive(&http, &server.base, baseline_work).await;
-    let commit = drive(&http, &server.base, chains("commit", clients, per_client)).await;
+    let baseline = drive(&http, &server.bases.public, baseline_work).await;
+    let commit = drive(
+        &http,
+        &server.bases.internal,
+        chains("commit", clients, per_client),
+    )
+    .await;
 
     let expected = clients * (2 + per_client);
     let usage = server.usage("demo").await;

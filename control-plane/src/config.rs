@@ -3,14 +3,21 @@
 //! Invalid configuration stops the start with a message naming the variable and the problem;
 //! nothing silently falls back to a default.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::time::Duration;
 
 use signet_protocol::keys::{Jwk, Jwks, SigningKey};
 
 use crate::tenants::{api_key_hash, normalize_host_pattern, TenantDirectory};
 
 pub const DEFAULT_PORT: u16 = 8088;
+pub const DEFAULT_INTERNAL_PORT: u16 = 8090;
+pub const DEFAULT_ADMIN_PORT: u16 = 8091;
+pub const DEFAULT_MAX_CONNECTIONS: u64 = 1024;
+pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 30;
+pub const DEFAULT_REQUEST_TIMEOUT_SECS: u64 = 30;
+pub const DEFAULT_RECEIPT_MAX_SKEW_SECS: u64 = 300;
 pub const DEFAULT_DB_PATH: &str = "./data/signet.db";
 pub const DEFAULT_CHAIN_MAX: u64 = 1000;
 pub const DEFAULT_PG_POOL_SIZE: usize = 16;
@@ -30,9 +37,34 @@ impl StorageConfig {
     }
 }
 
+/// Where each API is served: one listener each, so that exposing one (the public JWKS and
+/// exports) never exposes another (the filter's callouts, the operator's reload).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listeners {
+    /// `SP_BIND`:`PORT`: health, metrics, JWKS, chains, exports.
+    pub public: SocketAddr,
+    /// `SP_INTERNAL_BIND`:`SP_INTERNAL_PORT`: `/v1/internal/*`, for the filter only.
+    pub internal: SocketAddr,
+    /// `SP_ADMIN_BIND`:`SP_ADMIN_PORT`: `/v1/admin/*`, loopback unless said otherwise.
+    pub admin: SocketAddr,
+}
+
+/// What one client may hold of a listener (each listener has its own).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// `SP_MAX_CONNECTIONS`: open connections per listener; more wait in the accept backlog.
+    pub max_connections: usize,
+    /// `SP_IDLE_TIMEOUT_SECS`: how long a connection may take to send a request's headers,
+    /// counted from when it opens or finished its previous request (so also the idle
+    /// keep-alive timeout).
+    pub idle_timeout: Duration,
+    /// `SP_REQUEST_TIMEOUT_SECS`: how long a request (its body and its handler) may take.
+    pub request_timeout: Duration,
+}
+
 pub struct Config {
-    pub bind: IpAddr,
-    pub port: u16,
+    pub listeners: Listeners,
+    pub limits: Limits,
     pub storage: StorageConfig,
     pub tenants: TenantDirectory,
     /// `SP_HEL_ALLOWLIST`, kept to rebuild the directory on an admin reload.
@@ -46,6 +78,8 @@ pub struct Config {
     /// SHA-256 hex of `SP_ADMIN_KEY`; `None` disables admin access.
     pub admin_key_hash: Option<String>,
     pub chain_max: u64,
+    /// `SP_RECEIPT_MAX_SKEW_SECS`: how far a committed receipt's `ts` may be from now.
+    pub receipt_max_skew: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,14 +117,29 @@ impl Config {
         // An empty variable counts as unset, as shells and compose files tend to produce them.
         let get = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
 
-        let port =
-            parse_number("PORT", get("PORT"), DEFAULT_PORT as u64, 1, u16::MAX as u64)? as u16;
-        let bind = match get("SP_BIND") {
-            None => IpAddr::from([127, 0, 0, 1]),
-            Some(v) => v
-                .trim()
-                .parse()
-                .map_err(|_| invalid("SP_BIND", format!("{v:?} is not an IP address")))?,
+        let listeners = parse_listeners(&get)?;
+        let limits = Limits {
+            max_connections: parse_number(
+                "SP_MAX_CONNECTIONS",
+                get("SP_MAX_CONNECTIONS"),
+                DEFAULT_MAX_CONNECTIONS,
+                1,
+                1_000_000,
+            )? as usize,
+            idle_timeout: Duration::from_secs(parse_number(
+                "SP_IDLE_TIMEOUT_SECS",
+                get("SP_IDLE_TIMEOUT_SECS"),
+                DEFAULT_IDLE_TIMEOUT_SECS,
+                1,
+                3600,
+            )?),
+            request_timeout: Duration::from_secs(parse_number(
+                "SP_REQUEST_TIMEOUT_SECS",
+                get("SP_REQUEST_TIMEOUT_SECS"),
+                DEFAULT_REQUEST_TIMEOUT_SECS,
+                1,
+                3600,
+            )?),
         };
 
         let storage = match get("SP_STORAGE").as_deref().map(str::trim) {
@@ -198,9 +247,17 @@ impl Config {
             1_000_000,
         )?;
 
+        let receipt_max_skew = Duration::from_secs(parse_number(
+            "SP_RECEIPT_MAX_SKEW_SECS",
+            get("SP_RECEIPT_MAX_SKEW_SECS"),
+            DEFAULT_RECEIPT_MAX_SKEW_SECS,
+            1,
+            86_400,
+        )?);
+
         Ok(Config {
-            bind,
-            port,
+            listeners,
+            limits,
             storage,
             tenants,
             global_allowlist,
@@ -209,8 +266,56 @@ impl Config {
             filter_token_hash: api_key_hash(&filter_token),
             admin_key_hash,
             chain_max,
+            receipt_max_skew,
         })
     }
+}
+
+/// The three listeners: public on `SP_BIND` (default loopback), internal on `SP_INTERNAL_BIND`
+/// (default `SP_BIND`: the filter must reach it wherever the service is exposed), admin on
+/// `SP_ADMIN_BIND` (default loopback, whatever `SP_BIND` says). Three distinct ports.
+fn parse_listeners(get: &impl Fn(&str) -> Option<String>) -> Result<Listeners, ConfigError> {
+    let port = |variable: &'static str, default: u16| {
+        parse_number(variable, get(variable), default as u64, 1, u16::MAX as u64).map(|p| p as u16)
+    };
+    let address = |variable: &'static str, default: IpAddr| match get(variable) {
+        None => Ok(default),
+        Some(v) => v
+            .trim()
+            .parse()
+            .map_err(|_| invalid(variable, format!("{v:?} is not an IP address"))),
+    };
+    let loopback = IpAddr::from([127, 0, 0, 1]);
+    let bind = address("SP_BIND", loopback)?;
+    let listeners = Listeners {
+        public: SocketAddr::new(bind, port("PORT", DEFAULT_PORT)?),
+        internal: SocketAddr::new(
+            address("SP_INTERNAL_BIND", bind)?,
+            port("SP_INTERNAL_PORT", DEFAULT_INTERNAL_PORT)?,
+        ),
+        admin: SocketAddr::new(
+            address("SP_ADMIN_BIND", loopback)?,
+            port("SP_ADMIN_PORT", DEFAULT_ADMIN_PORT)?,
+        ),
+    };
+    let (public, internal, admin) = (
+        listeners.public.port(),
+        listeners.internal.port(),
+        listeners.admin.port(),
+    );
+    if internal == public {
+        return Err(invalid(
+            "SP_INTERNAL_PORT",
+            format!("{internal} is also PORT; each API needs its own port"),
+        ));
+    }
+    if admin == public || admin == internal {
+        return Err(invalid(
+            "SP_ADMIN_PORT",
+            format!("{admin} is also PORT or SP_INTERNAL_PORT; each API needs its own port"),
+        ));
+    }
+    Ok(listeners)
 }
 
 fn parse_number(
@@ -281,8 +386,12 @@ mod tests {
     #[test]
     fn defaults() {
         let c = config(&[]).unwrap();
-        assert_eq!(c.port, 8088);
-        assert_eq!(c.bind.to_string(), "127.0.0.1");
+        assert_eq!(c.listeners.public.to_string(), "127.0.0.1:8088");
+        assert_eq!(c.listeners.internal.to_string(), "127.0.0.1:8090");
+        assert_eq!(c.listeners.admin.to_string(), "127.0.0.1:8091");
+        assert_eq!(c.limits.max_connections, 1024);
+        assert_eq!(c.limits.idle_timeout, Duration::from_secs(30));
+        assert_eq!(c.receipt_max_skew, Duration::from_secs(300));
         assert_eq!(
             c.storage,
             StorageConfig::Sqlite {
@@ -303,6 +412,22 @@ mod tests {
             (&[("PORT", "eighty")], "PORT"),
             (&[("SP_BIND", "localhost:1")], "SP_BIND"),
             (&[("SP_CHAIN_MAX", "0")], "SP_CHAIN_MAX"),
+            (&[("SP_INTERNAL_PORT", "8088")], "SP_INTERNAL_PORT"),
+            (&[("PORT", "8090")], "SP_INTERNAL_PORT"),
+            (&[("SP_ADMIN_PORT", "8090")], "SP_ADMIN_PORT"),
+            (&[("SP_ADMIN_PORT", "8088")], "SP_ADMIN_PORT"),
+            (&[("SP_INTERNAL_BIND", "localhost")], "SP_INTERNAL_BIND"),
+            (&[("SP_ADMIN_BIND", "any")], "SP_ADMIN_BIND"),
+            (&[("SP_MAX_CONNECTIONS", "0")], "SP_MAX_CONNECTIONS"),
+            (&[("SP_IDLE_TIMEOUT_SECS", "0")], "SP_IDLE_TIMEOUT_SECS"),
+            (
+                &[("SP_REQUEST_TIMEOUT_SECS", "x")],
+                "SP_REQUEST_TIMEOUT_SECS",
+            ),
+            (
+                &[("SP_RECEIPT_MAX_SKEW_SECS", "0")],
+                "SP_RECEIPT_MAX_SKEW_SECS",
+            ),
             (&[("SP_KID", "")], "SP_KID"),
             (&[("SP_PRIVATE_KEY_B64", "c2hvcnQ")], "SP_PRIVATE_KEY_B64"),
             (&[("SP_FILTER_TOKEN", "")], "SP_FILTER_TOKEN"),
@@ -329,6 +454,17 @@ mod tests {
                 Err(e) => assert_eq!(e.variable, *variable, "{vars:?}: {e}"),
             }
         }
+    }
+
+    #[test]
+    fn the_internal_api_follows_sp_bind_and_the_admin_api_stays_on_loopback() {
+        let c = config(&[("SP_BIND", "0.0.0.0"), ("SP_INTERNAL_PORT", "9000")]).unwrap();
+        assert_eq!(c.listeners.public.to_string(), "0.0.0.0:8088");
+        assert_eq!(c.listeners.internal.to_string(), "0.0.0.0:9000");
+        assert_eq!(c.listeners.admin.to_string(), "127.0.0.1:8091");
+        let c = config(&[("SP_INTERNAL_BIND", "10.0.0.2"), ("SP_ADMIN_BIND", "::1")]).unwrap();
+        assert_eq!(c.listeners.internal.to_string(), "10.0.0.2:8090");
+        assert_eq!(c.listeners.admin.to_string(), "[::1]:8091");
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! - [`billing`]: SPEC §6 tier math: what one usage event bills.
 //! - [`keys`]: the signing key and the JWKS of every kid ever used.
 //! - [`metrics`]: the Prometheus counters served at `/metrics`.
+//! - [`server`]: one listener per API, with its connection limit and timeouts.
 //! - [`config`]: the configuration from the environment.
 
 pub mod api;
@@ -19,10 +20,12 @@ pub mod billing;
 pub mod config;
 pub mod keys;
 pub mod metrics;
+pub mod server;
 pub mod storage;
 pub mod tenants;
 
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use config::{Config, StorageConfig};
 use keys::KeyRing;
@@ -40,6 +43,10 @@ pub struct ControlPlane {
     filter_token_hash: String,
     admin_key_hash: Option<String>,
     pub chain_max: u64,
+    /// How far a committed receipt's `ts` may be from now (`SP_RECEIPT_MAX_SKEW_SECS`).
+    pub receipt_max_skew: Duration,
+    /// `SP_REQUEST_TIMEOUT_SECS`.
+    pub request_timeout: Duration,
 }
 
 impl ControlPlane {
@@ -57,6 +64,8 @@ impl ControlPlane {
             filter_token_hash: config.filter_token_hash,
             admin_key_hash: config.admin_key_hash,
             chain_max: config.chain_max,
+            receipt_max_skew: config.receipt_max_skew,
+            request_timeout: config.limits.request_timeout,
         }))
     }
 
@@ -89,6 +98,19 @@ pub async fn open_storage(config: &StorageConfig) -> Result<Arc<dyn Storage>, St
             Arc::new(PostgresStorage::connect(url, *pool_size).await?)
         }
     })
+}
+
+/// Checks `json` with the protocol's strict parser (RFC 7493 I-JSON: duplicate member names,
+/// lone surrogates, noncharacters refused) before serde reads it: serde_json silently keeps
+/// the last of two members of one name, so what the control plane reads could differ from
+/// what another reader of the same bytes sees.
+pub fn strict_json(json: &[u8]) -> Result<(), signet_protocol::CanonError> {
+    let options = signet_protocol::canonical::ParseOptions {
+        // names compared as sent: the NFC step would only cost here
+        profile: signet_protocol::Profile::Rfc8785,
+        reject_unsafe_integers: false,
+    };
+    signet_protocol::canonical::parse(json, &options).map(drop)
 }
 
 /// Unix time in milliseconds.

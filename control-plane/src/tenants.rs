@@ -36,6 +36,18 @@ impl TenantDirectory {
         reserved_json: &str,
         global_allowlist: &[String],
     ) -> Result<Self, TenantConfigError> {
+        // The code and offset only: a duplicate's name may be an API key.
+        let strict = |json: &str| {
+            crate::strict_json(json.as_bytes()).map_err(|e| {
+                format!(
+                    "not strict JSON: {} at byte {}",
+                    e.code(),
+                    e.offset().unwrap_or(0)
+                )
+            })
+        };
+        strict(api_keys_json).map_err(TenantConfigError::ApiKeys)?;
+        strict(reserved_json).map_err(TenantConfigError::Reserved)?;
         let keys: BTreeMap<String, KeyEntry> =
             serde_json::from_str(api_keys_json).map_err(|e| {
                 TenantConfigError::ApiKeys(format!("not the expected JSON object: {e}"))
@@ -241,6 +253,12 @@ fn parse_price(value: &Value) -> Result<Decimal, String> {
     if price.is_sign_negative() {
         return Err(format!("price_per_unit {text} is negative"));
     }
+    if price > crate::billing::MAX_PRICE_PER_UNIT {
+        return Err(format!(
+            "price_per_unit {text} is above {} (so that no amount can overflow)",
+            crate::billing::MAX_PRICE_PER_UNIT
+        ));
+    }
     Ok(price.normalize())
 }
 
@@ -333,6 +351,22 @@ mod tests {
             ),
             (
                 "{}",
+                r#"{"t":{"vex_overage_tiers":[{"threshold":1,"price_per_unit":"1000000000.01"}]}}"#,
+                "SP_RESERVED_CONFIG",
+            ),
+            // serde_json would keep the second entry of a duplicated key
+            (
+                r#"{"secret-key":{"tenant":"a"},"secret-key":{"tenant":"b"}}"#,
+                "{}",
+                "SP_API_KEYS",
+            ),
+            (
+                "{}",
+                r#"{"t":{"vex_reserved":1,"vex_reserved":2}}"#,
+                "SP_RESERVED_CONFIG",
+            ),
+            (
+                "{}",
                 r#"{"t":{"vex_overage_tiers":[{"threshold":1,"price_per_unit":1},{"threshold":1,"price_per_unit":2}]}}"#,
                 "SP_RESERVED_CONFIG",
             ),
@@ -341,7 +375,7 @@ mod tests {
             let err = TenantDirectory::parse(keys, reserved, &[]).unwrap_err();
             assert!(err.to_string().starts_with(var), "{keys} {reserved}: {err}");
             assert!(
-                !err.to_string().contains("\"a\""),
+                !err.to_string().contains("\"a\"") && !err.to_string().contains("secret-key"),
                 "API keys never appear in errors"
             );
         }

@@ -35,7 +35,7 @@ fn error_count(metrics: &str, code: &str) -> u64 {
 async fn an_extractor_rejection_is_a_spec_error_body() {
     let db = TestDb::new(Backend::Sqlite).await;
     let server = Server::start(&db).await;
-    let url = |path: &str| format!("{}{path}", server.base);
+    let url = |path: &str| server.url(path);
     let json = "application/json".to_owned();
     let cases = [
         // a path that is not UTF-8 once decoded: axum's own rejection was plain text
@@ -106,9 +106,7 @@ async fn every_error_answer_is_counted_once_by_its_code() {
         401
     );
     assert_eq!(server.get("/v1/no/such/endpoint", &[]).await.status, 404);
-    let no_token = server
-        .http
-        .get(format!("{}/v1/internal/tenant", server.base));
+    let no_token = server.http.get(server.url("/v1/internal/tenant"));
     assert_eq!(raw(no_token).await.0, 401);
     // a refused commit inside a 200 batch answer counts too, the batch answer does not
     let batch = server

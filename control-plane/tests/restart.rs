@@ -8,7 +8,10 @@ use std::time::{Duration, Instant};
 use common::*;
 use signet_protocol::keys::Jwks;
 
-both_backends!(committed_receipts_survive_a_restart);
+both_backends!(
+    committed_receipts_survive_a_restart,
+    each_api_is_served_on_its_own_port_only
+);
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -27,33 +30,37 @@ impl Drop for Process {
     }
 }
 
-/// Starts the binary on a free port and waits until it serves. Another test may grab the same
-/// port between our probe and the bind; then the process exits and we try another port.
+/// Starts the binary on free ports (public, internal, admin) and waits until it serves.
+/// Another test may grab one of them between our probe and the bind; then the process exits
+/// and we try other ports.
 async fn spawn(db: &TestDb) -> (Process, Client) {
     let storage = db.env["SP_STORAGE"].clone();
     for _ in 0..5 {
-        let port = free_port();
+        let ports = [free_port(), free_port(), free_port()];
         let mut process = Process(
             Command::new(env!("CARGO_BIN_EXE_signet-control-plane"))
                 .env_clear()
                 .envs(&db.env)
-                .env("PORT", port.to_string())
+                .env("PORT", ports[0].to_string())
+                .env("SP_INTERNAL_PORT", ports[1].to_string())
+                .env("SP_ADMIN_PORT", ports[2].to_string())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
                 .unwrap(),
         );
-        let client = Client::new(format!("http://127.0.0.1:{port}"));
+        let base = |port: u16| format!("http://127.0.0.1:{port}");
+        let client = Client::new(Bases {
+            public: base(ports[0]),
+            internal: base(ports[1]),
+            admin: base(ports[2]),
+        });
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if process.0.try_wait().unwrap().is_some() {
                 break; // did not start (port taken): next port
             }
-            let health = client
-                .http
-                .get(format!("{}/healthz", client.base))
-                .send()
-                .await;
+            let health = client.http.get(client.url("/healthz")).send().await;
             if let Ok(health) = health {
                 let body: serde_json::Value = health.json().await.unwrap_or_default();
                 // The storage kind tells our instance from another test's on a reused port.
@@ -133,6 +140,54 @@ async fn committed_receipts_survive_a_restart(backend: Backend) {
     )
     .unwrap();
     drop(_process);
+    db.cleanup().await;
+}
+
+/// Each listener serves its API and nothing else: a path of another API is 404 `NOT_FOUND`
+/// there, as an unknown path is (so the public port says nothing about the others).
+async fn each_api_is_served_on_its_own_port_only(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let (process, client) = spawn(&db).await;
+    let b = client.bases.clone();
+    let admin = [("X-SIGNET-Admin-Key", ADMIN_KEY)];
+    let filter = [("X-SIGNET-Filter-Token", FILTER_TOKEN)];
+    type Case<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)], u16);
+    let cases: [Case; 9] = [
+        (&b.internal, "/v1/internal/tenant", &filter, 401),
+        (&b.public, "/v1/internal/tenant", &filter, 404),
+        (&b.admin, "/v1/internal/tenant", &filter, 404),
+        (&b.admin, "/v1/admin/usage/demo", &admin, 200),
+        (&b.public, "/v1/admin/usage/demo", &admin, 404),
+        (&b.internal, "/v1/admin/usage/demo", &admin, 404),
+        (&b.public, "/.well-known/jwks.json", &[], 200),
+        (&b.internal, "/.well-known/jwks.json", &[], 404),
+        (&b.admin, "/healthz", &[], 404),
+    ];
+    for (base, path, headers, status) in cases {
+        let mut request = client.http.get(format!("{base}{path}"));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status().as_u16(), status, "{base}{path}");
+        if status == 404 {
+            let body: serde_json::Value = response.json().await.unwrap();
+            assert_eq!(body["code"], "NOT_FOUND", "{base}{path}");
+        }
+    }
+    // the filter's commit is served on the internal port alone
+    let commit = client.exchange("demo", "k-ports", "t-ports", 0).await;
+    assert_eq!(commit.status, 200, "{:?}", commit.body);
+    let on_public = client
+        .http
+        .post(format!("{}/v1/internal/commits", b.public))
+        .header("X-SIGNET-Filter-Token", FILTER_TOKEN)
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(on_public.status().as_u16(), 404);
+    drop(process);
     db.cleanup().await;
 }
 

@@ -19,21 +19,32 @@ pub enum Storage {
     Postgres,
 }
 
+/// The control plane's three listeners (control-plane/README.md): public (health, metrics,
+/// JWKS, chains, exports), internal (the filter's callouts) and admin.
 pub struct ControlPlane {
     pub port: u16,
+    pub internal_port: u16,
+    pub admin_port: u16,
     pub service: Service,
     env: Vec<(String, String)>,
     dir: std::path::PathBuf,
 }
 
 impl ControlPlane {
-    /// Starts the control plane with `env` (the `SP_*` variables) on a free port and waits until
-    /// it serves its JWKS.
+    /// Starts the control plane with `env` (the `SP_*` variables) on free ports and waits until
+    /// it serves its JWKS and its other listeners accept connections.
     pub fn start(dir: &Path, env: Vec<(String, String)>) -> ControlPlane {
         let port = crate::ports::free_port();
+        let internal_port = crate::ports::free_port();
+        let admin_port = crate::ports::free_port();
+        let mut env = env;
+        env.push(("SP_INTERNAL_PORT".to_owned(), internal_port.to_string()));
+        env.push(("SP_ADMIN_PORT".to_owned(), admin_port.to_string()));
         let service = Self::spawn(dir, port, &env);
         let mut control_plane = ControlPlane {
             port,
+            internal_port,
+            admin_port,
             service,
             env,
             dir: dir.to_path_buf(),
@@ -60,9 +71,12 @@ impl ControlPlane {
     fn wait_ready(&mut self) {
         let client = Client::new();
         let url = self.url("/.well-known/jwks.json");
-        let port = self.port;
+        let ports = [self.port, self.internal_port, self.admin_port];
         self.service.wait_until(Duration::from_secs(20), || {
-            crate::process::accepts_connections(port) && client.get(&url, &[]).status == 200
+            ports
+                .iter()
+                .all(|&p| crate::process::accepts_connections(p))
+                && client.get(&url, &[]).status == 200
         });
     }
 
@@ -71,15 +85,26 @@ impl ControlPlane {
         self.service.stop();
     }
 
-    /// Starts it again on the same port and storage.
+    /// Starts it again on the same ports and storage.
     pub fn restart(&mut self) {
         self.service.stop();
         self.service = Self::spawn(&self.dir, self.port, &self.env);
         self.wait_ready();
     }
 
+    /// A URL of the public API.
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// A URL of the admin API (`/v1/admin/*`).
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.admin_port)
+    }
+
+    /// A URL of the internal API (`/v1/internal/*`), the filter's.
+    pub fn internal_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.internal_port)
     }
 
     pub fn metrics(&self) -> Metrics {

@@ -45,12 +45,13 @@ fn render(dir: &Path, settings: &EnvoySettings, port: u16, admin_port: u16) -> P
         .env("SIGNET_ENVOY_TEMPLATE", &template_path)
         .env("SIGNET_PLUGIN_CONFIG_FILE", &plugin_path)
         .env("BIND_ADDRESS", "127.0.0.1")
+        .env("ENVOY_ADMIN_ADDRESS", "127.0.0.1")
         .env("CONTROL_PLANE_HOST", "127.0.0.1")
         .env("UPSTREAM_HOST", "127.0.0.1")
         .env("ENVOY_PORT", port.to_string())
         .env("ENVOY_ADMIN_PORT", admin_port.to_string())
         .env(
-            "CONTROL_PLANE_PORT",
+            "CONTROL_PLANE_INTERNAL_PORT",
             settings.control_plane_port.to_string(),
         )
         .env("UPSTREAM_PORT", settings.upstream_port.to_string())
@@ -70,6 +71,7 @@ fn render(dir: &Path, settings: &EnvoySettings, port: u16, admin_port: u16) -> P
 /// What differs between the Envoys of the tests.
 #[derive(Clone, Debug)]
 pub struct EnvoySettings {
+    /// The control plane's internal API (`SP_INTERNAL_PORT`), where the filter's callouts go.
     pub control_plane_port: u16,
     pub upstream_port: u16,
     pub plugin_config: serde_json::Value,
@@ -198,6 +200,33 @@ mod tests {
         let decoded: serde_json::Value = serde_json::from_str(&scalar.replace("''", "'")).unwrap();
         assert_eq!(decoded, plugin_config);
         assert!(yaml.contains("port_value: 3") && yaml.contains("port_value: 4"));
+        // the admin API on loopback, the callouts to the control plane's internal port
+        assert!(
+            yaml.contains("{ address: 127.0.0.1, port_value: 4 }"),
+            "{yaml}"
+        );
+        assert!(yaml.contains("port_value: 1 }"), "{yaml}");
         assert!(yaml.contains("filename: /nonexistent/signet_filter.wasm"));
+    }
+
+    /// The renderer refuses an Envoy admin address that is not loopback.
+    #[test]
+    fn renderer_refuses_a_public_admin_address() {
+        let script = binaries::workspace_root().join("scripts/render-envoy-config.sh");
+        let output = Command::new("sh")
+            .arg(&script)
+            .env("BIND_ADDRESS", "0.0.0.0")
+            .env("ENVOY_ADMIN_ADDRESS", "0.0.0.0")
+            .env("CONTROL_PLANE_HOST", "control-plane")
+            .env("UPSTREAM_HOST", "demo-upstream")
+            .env("ENVOY_PORT", "10000")
+            .env("ENVOY_ADMIN_PORT", "9901")
+            .env("CONTROL_PLANE_INTERNAL_PORT", "8090")
+            .env("UPSTREAM_PORT", "8089")
+            .env("SIGNET_FILTER_WASM", "/x.wasm")
+            .output()
+            .expect("run scripts/render-envoy-config.sh");
+        assert!(!output.status.success());
+        assert!(String::from_utf8_lossy(&output.stderr).contains("not loopback"));
     }
 }

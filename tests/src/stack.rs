@@ -107,7 +107,7 @@ impl Stack {
         let control_plane = ControlPlane::start(dir.path(), env);
 
         let settings = EnvoySettings {
-            control_plane_port: control_plane.port,
+            control_plane_port: control_plane.internal_port,
             upstream_port,
             plugin_config: options
                 .plugin_config
@@ -207,7 +207,9 @@ impl Stack {
     /// it also tells what a restarted control plane counted).
     pub fn usage(&self, tenant: &str) -> Value {
         let response = self.client.get(
-            &self.control_plane.url(&format!("/v1/admin/usage/{tenant}")),
+            &self
+                .control_plane
+                .admin_url(&format!("/v1/admin/usage/{tenant}")),
             &[("X-SIGNET-Admin-Key", ADMIN_KEY)],
         );
         assert_eq!(response.status, 200, "usage: {}", response.text());

@@ -13,7 +13,7 @@ use signet_protocol::internal::{Code, FILTER_TOKEN_HEADER};
 use signet_protocol::trace;
 
 use super::HttpError;
-use crate::{tenants, ControlPlane};
+use crate::{strict_json, tenants, ControlPlane};
 
 const ADMIN_KEY_HEADER: &str = "x-signet-admin-key";
 /// A tenant's API key, under its current name or the ODIN one.
@@ -155,8 +155,25 @@ where
 pub struct Body(Bytes);
 
 impl Body {
-    /// The body as JSON of `T`: 400 `BAD_REQUEST` with the reason.
+    /// The body as JSON of `T`, read strictly ([`crate::strict_json`]): 400 `BAD_REQUEST` with the
+    /// reason.
     pub fn parse<'a, T: Deserialize<'a>>(&'a self) -> Result<T, HttpError> {
+        // the code and offset only: the member name may be an API key (an admin reload)
+        strict_json(&self.0).map_err(|e| {
+            let at = e.offset().unwrap_or(0);
+            HttpError::new(
+                Code::BadRequest,
+                format!("invalid request body: {} at byte {at}", e.code()),
+            )
+        })?;
+        serde_json::from_slice(&self.0)
+            .map_err(|e| HttpError::new(Code::BadRequest, format!("invalid request body: {e}")))
+    }
+
+    /// The body as JSON of `T`, read by serde alone: for a commit batch, whose envelope is a
+    /// struct (serde refuses a duplicate member of a struct) and whose commits are each read
+    /// strictly on their own, so that a bad one fails alone.
+    pub fn parse_envelope<'a, T: Deserialize<'a>>(&'a self) -> Result<T, HttpError> {
         serde_json::from_slice(&self.0)
             .map_err(|e| HttpError::new(Code::BadRequest, format!("invalid request body: {e}")))
     }

@@ -18,8 +18,9 @@ use signet_protocol::{receipt, time, trace};
 
 use super::extract::{header, Body, FilterAuth};
 use super::{HttpError, State as AppState};
+use crate::billing::MAX_FU_TOKENS;
 use crate::storage::{CommitOutcome, CommitRequest, StoreError};
-use crate::{now_ms, ControlPlane};
+use crate::{now_ms, strict_json, ControlPlane};
 
 /// `GET /v1/internal/tenant`: the `Grant` of the API key whose hash the filter sends.
 pub async fn tenant(
@@ -43,7 +44,7 @@ pub async fn commits(
     _: FilterAuth,
     body: Body,
 ) -> Result<Response, HttpError> {
-    let batch: CommitBatch = body.parse()?;
+    let batch: CommitBatch = body.parse_envelope()?;
     if batch.commits.is_empty() {
         return Err(HttpError::new(
             Code::BadRequest,
@@ -103,8 +104,22 @@ enum Answer<'a> {
 
 /// One commit: parsed, validated, its receipt verified, then stored (or replayed, or rejected).
 async fn commit_one(cp: &ControlPlane, item: &RawValue) -> Result<Accepted, HttpError> {
-    let commit: Commit = serde_json::from_str(item.get())
-        .map_err(|e| HttpError::new(Code::BadRequest, format!("invalid commit: {e}")))?;
+    let invalid_commit = |e: &dyn std::fmt::Display| {
+        HttpError::new(Code::BadRequest, format!("invalid commit: {e}"))
+    };
+    strict_json(item.get().as_bytes()).map_err(|e| invalid_commit(&e))?;
+    let commit: Commit = serde_json::from_str(item.get()).map_err(|e| invalid_commit(&e))?;
+    // The filter has answered its client with an error by now: storing the receipt would
+    // leave a VEx for a request the client saw fail.
+    if commit
+        .deadline_ms
+        .is_some_and(|deadline| now_ms().max(0) as u64 > deadline)
+    {
+        return Err(HttpError::new(
+            Code::CommitExpired,
+            "the commit arrived after its deadline_ms; nothing was stored",
+        ));
+    }
     validate(cp, &commit)?;
     let r = commit
         .receipt
@@ -120,13 +135,15 @@ async fn commit_one(cp: &ControlPlane, item: &RawValue) -> Result<Accepted, Http
             )
         })?
         .to_owned();
-    // Hash, signature (kid in our JWKS), cid/canon and shape, by the protocol crate.
+    // Hash, signature (kid in our JWKS), cid/canon and the SR-1 member formats (ts, tenant,
+    // cid and hash forms, algo, policy, typed extensions), by the protocol crate.
     receipt::verify(&commit.receipt, Some(cp.keys.jwks()), true).map_err(receipt_invalid)?;
     if text("tenant") != Some(&*commit.tenant) {
         return Err(receipt_invalid("its tenant is not the caller's tenant"));
     }
     let hop = r.get("hop").and_then(Value::as_u64).filter(|h| *h >= 1);
     let hop = hop.ok_or_else(|| receipt_invalid("hop is not an integer >= 1"))?;
+    may_commit(cp, r, hop, commit.fu_tokens)?;
     let prev_receipt_hash = match r.get("prev_receipt_hash") {
         Some(Value::Null) => None,
         Some(Value::String(s)) => Some(s.clone()),
@@ -206,6 +223,51 @@ fn validate(cp: &ControlPlane, commit: &Commit) -> Result<(), HttpError> {
             Code::BadRequest,
             "response must be a JSON object",
         ));
+    }
+    Ok(())
+}
+
+/// What the verifier cannot know: whether this receipt may be committed *now*. Signed with the
+/// current kid (earlier kids stay in the JWKS to verify old receipts, never to sign new ones),
+/// `ts` within `SP_RECEIPT_MAX_SKEW_SECS` of this clock, `hop` within `SP_CHAIN_MAX` (the one
+/// past it is left to the decision, which answers `CHAIN_FULL`), fallback units within
+/// [`MAX_FU_TOKENS`] (so that no counter or amount of billing can overflow).
+fn may_commit(
+    cp: &ControlPlane,
+    r: &serde_json::Map<String, Value>,
+    hop: u64,
+    fu_tokens: u64,
+) -> Result<(), HttpError> {
+    let current = cp.keys.signing_key().kid();
+    let kid = r.get("kid").and_then(Value::as_str).unwrap_or_default();
+    if kid != current {
+        return Err(receipt_invalid(format!(
+            "kid {kid:?} is not the current signing key {current:?}; earlier kids only verify receipts signed before"
+        )));
+    }
+    let ts = r.get("ts").and_then(Value::as_str).unwrap_or_default();
+    let skew = cp.receipt_max_skew.as_millis() as u64;
+    let now = now_ms().max(0) as u64;
+    match time::parse_rfc3339_utc(ts) {
+        Some(at) if at.abs_diff(now) <= skew => {}
+        _ => {
+            return Err(receipt_invalid(format!(
+            "ts {ts:?} is more than {} s from the control plane's clock (SP_RECEIPT_MAX_SKEW_SECS)",
+            skew / 1000
+        )))
+        }
+    }
+    if hop > cp.chain_max.saturating_add(1) {
+        return Err(receipt_invalid(format!(
+            "hop {hop} is beyond SP_CHAIN_MAX ({})",
+            cp.chain_max
+        )));
+    }
+    let signed_fu = r.get("fu_tokens").and_then(Value::as_u64).unwrap_or(0);
+    if fu_tokens > MAX_FU_TOKENS || signed_fu > MAX_FU_TOKENS {
+        return Err(receipt_invalid(format!(
+            "fu_tokens above {MAX_FU_TOKENS}, the bound of one exchange"
+        )));
     }
     Ok(())
 }

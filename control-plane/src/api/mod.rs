@@ -3,6 +3,9 @@
 //! - `internal`: the filter's callouts (`signet_protocol::internal`).
 //! - `public`: health, metrics, JWKS, a trace's chain and signed export.
 //! - `admin`: tenant reload, usage.
+//!
+//! Each of `internal`, `public` and `admin` is its own [`Router`] ([`Routers`]), served on its
+//! own listener (`crate::server`).
 //! - `extract`: who calls and what the request holds, checked before a handler runs.
 //! - `error`: [`HttpError`], the one error answer, and the middleware that counts them.
 //!
@@ -10,9 +13,11 @@
 //! `internal.rs`, its route here.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use axum::extract::DefaultBodyLimit;
-use axum::middleware;
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use signet_protocol::internal::{commit, tenant, Code};
@@ -29,23 +34,70 @@ pub use error::HttpError;
 
 pub type State = axum::extract::State<Arc<ControlPlane>>;
 
-pub fn router(state: Arc<ControlPlane>) -> Router {
-    Router::new()
-        .route(tenant::PATH, get(internal::tenant))
-        .route(commit::PATH, post(internal::commits))
-        .route("/healthz", get(public::healthz))
-        .route("/metrics", get(public::metrics))
-        .route("/.well-known/jwks.json", get(public::jwks))
-        .route("/.well-known/signet-jwks.json", get(public::jwks))
-        .route("/v1/receipts/chain/{trace_id}", get(public::chain))
-        .route("/v1/receipts/export/{trace_id}", get(public::export))
-        .route("/v1/admin/reload", post(admin::reload))
-        .route("/v1/admin/usage/{tenant}", get(admin::usage))
+/// The three APIs, each for its own listener (`config::Listeners`): a path of another API is
+/// 404 `NOT_FOUND` here, as any unknown path.
+pub struct Routers {
+    pub public: Router,
+    pub internal: Router,
+    pub admin: Router,
+}
+
+impl Routers {
+    pub fn new(state: Arc<ControlPlane>) -> Routers {
+        let internal = Router::new()
+            .route(tenant::PATH, get(internal::tenant))
+            .route(commit::PATH, post(internal::commits));
+        let public = Router::new()
+            .route("/healthz", get(public::healthz))
+            .route("/metrics", get(public::metrics))
+            .route("/.well-known/jwks.json", get(public::jwks))
+            .route("/.well-known/signet-jwks.json", get(public::jwks))
+            .route("/v1/receipts/chain/{trace_id}", get(public::chain))
+            .route("/v1/receipts/export/{trace_id}", get(public::export));
+        let admin = Router::new()
+            .route("/v1/admin/reload", post(admin::reload))
+            .route("/v1/admin/usage/{tenant}", get(admin::usage));
+        Routers {
+            public: finish(public, &state),
+            internal: finish(internal, &state),
+            admin: finish(admin, &state),
+        }
+    }
+}
+
+/// What every API has: the 404 fallback, the request timeout, error counting, the body limit.
+fn finish(routes: Router<Arc<ControlPlane>>, state: &Arc<ControlPlane>) -> Router {
+    routes
         .fallback(|| async { HttpError::new(Code::NotFound, "no such endpoint") })
+        .layer(middleware::from_fn_with_state(
+            state.request_timeout,
+            time_limit,
+        ))
         .layer(middleware::map_response_with_state(
             state.clone(),
             error::count_errors,
         ))
         .layer(DefaultBodyLimit::max(commit::MAX_BODY_BYTES))
-        .with_state(state)
+        .with_state(state.clone())
+}
+
+/// `SP_REQUEST_TIMEOUT_SECS`: a request whose body or handler takes longer is answered 503
+/// and its handler dropped, so a slow client or a stuck database holds no task for ever. (A
+/// commit cut here may still be written by storage: its deadline, shorter, is what decides.)
+async fn time_limit(
+    axum::extract::State(limit): axum::extract::State<Duration>,
+    request: Request,
+    next: Next,
+) -> Response {
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => HttpError::new(
+            Code::StorageUnavailable,
+            format!(
+                "the request took longer than {} s (SP_REQUEST_TIMEOUT_SECS)",
+                limit.as_secs()
+            ),
+        )
+        .into_response(),
+    }
 }

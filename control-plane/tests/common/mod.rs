@@ -131,12 +131,12 @@ async fn admin_sql(sql: &str) {
     let _ = task.await;
 }
 
-/// The service on a loopback port, in this process.
+/// The service on three loopback ports (public, internal, admin), in this process.
 pub struct Server {
     pub client: Client,
     pub cp: Arc<ControlPlane>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
+    stop: Option<tokio::sync::watch::Sender<()>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl std::ops::Deref for Server {
@@ -146,50 +146,92 @@ impl std::ops::Deref for Server {
     }
 }
 
-/// Plays the filter (and the operator) against a control plane at `base`.
+/// Plays the filter (and the operator) against a control plane: each path goes to the
+/// listener of its API ([`Client::url`]).
 pub struct Client {
-    pub base: String,
+    pub bases: Bases,
     pub http: reqwest::Client,
+}
+
+/// `http://host:port` of each API.
+#[derive(Clone, Debug)]
+pub struct Bases {
+    pub public: String,
+    pub internal: String,
+    pub admin: String,
 }
 
 impl Server {
     pub async fn start(db: &TestDb) -> Server {
-        let cp = ControlPlane::start(db.config())
+        Self::start_with(db, |_| {}).await
+    }
+
+    /// With the configuration changed by `edit` first (e.g. its limits).
+    pub async fn start_with(db: &TestDb, edit: impl FnOnce(&mut Config)) -> Server {
+        let mut config = db.config();
+        edit(&mut config);
+        let limits = config.limits;
+        let cp = ControlPlane::start(config)
             .await
             .expect("control plane starts");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let router = api::router(cp.clone());
-        let task = tokio::spawn(async move {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(async {
-                    let _ = stopped.await;
-                })
-                .await
-                .unwrap();
-        });
+        let routers = api::Routers::new(cp.clone());
+        let (stop, stopped) = tokio::sync::watch::channel(());
+        let mut bases = Vec::new();
+        let mut tasks = Vec::new();
+        for router in [routers.public, routers.internal, routers.admin] {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            bases.push(format!("http://{}", listener.local_addr().unwrap()));
+            let mut stopped = stopped.clone();
+            tasks.push(tokio::spawn(signet_control_plane::server::serve(
+                listener,
+                router,
+                limits,
+                async move {
+                    let _ = stopped.changed().await;
+                },
+            )));
+        }
+        let [public, internal, admin] = <[String; 3]>::try_from(bases).unwrap();
         Server {
-            client: Client::new(base),
+            client: Client::new(Bases {
+                public,
+                internal,
+                admin,
+            }),
             cp,
             stop: Some(stop),
-            task: Some(task),
+            tasks,
         }
     }
 
     /// Stops serving and releases the storage.
     pub async fn stop(mut self) {
         let _ = self.stop.take().unwrap().send(());
-        self.task.take().unwrap().await.unwrap();
+        for task in self.tasks.drain(..) {
+            task.await.unwrap();
+        }
     }
 }
 
 impl Client {
-    pub fn new(base: String) -> Client {
+    pub fn new(bases: Bases) -> Client {
         Client {
-            base,
+            bases,
             http: reqwest::Client::new(),
         }
+    }
+
+    /// The URL of `path` on the listener of its API: `/v1/internal/*` on the internal one,
+    /// `/v1/admin/*` on the admin one, everything else on the public one.
+    pub fn url(&self, path: &str) -> String {
+        let base = if path.starts_with("/v1/internal/") {
+            &self.bases.internal
+        } else if path.starts_with("/v1/admin/") {
+            &self.bases.admin
+        } else {
+            &self.bases.public
+        };
+        format!("{base}{path}")
     }
 
     async fn send(&self, req: reqwest::RequestBuilder) -> Reply {
@@ -212,7 +254,7 @@ impl Client {
     pub async fn internal(&self, call: &str, body: &Value) -> Reply {
         self.send(
             self.http
-                .post(format!("{}/v1/internal/{call}", self.base))
+                .post(self.url(&format!("/v1/internal/{call}")))
                 .header("X-SIGNET-Filter-Token", FILTER_TOKEN)
                 .json(body),
         )
@@ -243,7 +285,7 @@ impl Client {
     }
 
     pub async fn get(&self, path: &str, headers: &[(&str, &str)]) -> Reply {
-        let mut req = self.http.get(format!("{}{path}", self.base));
+        let mut req = self.http.get(self.url(path));
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
@@ -252,7 +294,7 @@ impl Client {
 
     pub async fn get_text(&self, path: &str) -> String {
         self.http
-            .get(format!("{}{path}", self.base))
+            .get(self.url(path))
             .send()
             .await
             .unwrap()
@@ -322,7 +364,12 @@ pub fn sign_receipt(
     prev: Option<&str>,
     tenant: &str,
 ) -> Value {
-    sign_receipt_at(key, trace_id, hop, prev, tenant, 1_764_090_000_000 + hop)
+    sign_receipt_at(key, trace_id, hop, prev, tenant, ts_base() + hop)
+}
+
+/// A receipt's `ts` near now (the control plane refuses one beyond `SP_RECEIPT_MAX_SKEW_SECS`).
+pub fn ts_base() -> u64 {
+    signet_control_plane::now_ms() as u64
 }
 
 /// A receipt with its `ts` at `unix_ms` (two signers of one hop differ in their ts).

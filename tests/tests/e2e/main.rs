@@ -8,6 +8,7 @@ mod config;
 mod errors;
 mod idempotency;
 mod routes;
+mod shipped;
 mod stats;
 
 use signet_e2e::http::Response;
