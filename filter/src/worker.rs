@@ -67,6 +67,12 @@ impl InFlightKey {
     }
 }
 
+impl InFlightKey {
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+}
+
 impl Drop for InFlightKey {
     fn drop(&mut self) {
         if let Ok(mut w) = self.worker.try_borrow_mut() {

@@ -338,13 +338,7 @@ impl Harness {
         body: &[u8],
     ) -> (Action, Exchange) {
         let mut ex = self.new_exchange(route);
-        let lookup = |name: &str| {
-            headers
-                .iter()
-                .find(|(n, _)| n.eq_ignore_ascii_case(name))
-                .map(|(_, v)| v.to_string())
-        };
-        let first = ex.on_request_headers(&mut self.host, &lookup, body.is_empty());
+        let first = ex.on_request_headers(&mut self.host, &Headers::from(headers), body.is_empty());
         let action = self.drive(&mut ex, first);
         if action != Action::Pause || body.is_empty() {
             return (action, ex);
@@ -693,12 +687,8 @@ fn an_allowed_forward_url_is_not_delivered_yet() {
 fn open_request(h: &mut Harness, key: &str) -> Exchange {
     let route = h.route(json!({"mode":"exchange"}));
     let mut ex = h.new_exchange(route);
-    let headers = |n: &str| match n {
-        "x-signet-api-key" => Some(KEY.to_owned()),
-        "x-signet-idempotency-key" => Some(key.to_owned()),
-        _ => None,
-    };
-    let first = ex.on_request_headers(&mut h.host, &headers, false);
+    let headers = [("x-signet-api-key", KEY), ("x-signet-idempotency-key", key)];
+    let first = ex.on_request_headers(&mut h.host, &Headers::from(&headers[..]), false);
     assert_eq!(h.drive(&mut ex, first), Action::Pause);
     ex
 }
@@ -766,12 +756,8 @@ fn status_413_over_the_route_limit() {
     let route = h.route(json!({"body_limit_bytes": 100}));
     let body = exchange_body(json!({}));
     let mut ex = h.new_exchange(route);
-    let headers = |n: &str| match n {
-        "x-signet-api-key" => Some(KEY.to_owned()),
-        "x-signet-idempotency-key" => Some("k".to_owned()),
-        _ => None,
-    };
-    let first = ex.on_request_headers(&mut h.host, &headers, false);
+    let headers = [("x-signet-api-key", KEY), ("x-signet-idempotency-key", "k")];
+    let first = ex.on_request_headers(&mut h.host, &Headers::from(&headers[..]), false);
     assert!(matches!(
         first,
         Action::Call(Callout {
@@ -1006,6 +992,8 @@ fn fail_open_routes_pass_through_untouched() {
         Action::Continue(Forward {
             set_headers: vec![],
             remove_headers: vec![
+                "x-signet-api-key",
+                "x-odin-api-key",
                 "x-signet-receipt-hash",
                 "x-signet-hop",
                 "x-signet-cid",
@@ -1176,11 +1164,8 @@ fn body_arriving_before_the_tenant_answer() {
     let mut h = Harness::new();
     let route = h.route(json!({}));
     let mut ex = h.new_exchange(route);
-    let headers = |n: &str| match n {
-        "x-signet-api-key" => Some(KEY.to_owned()),
-        "x-signet-idempotency-key" => Some("k".to_owned()),
-        _ => None,
-    };
+    let headers =
+        Headers::from(&[("x-signet-api-key", KEY), ("x-signet-idempotency-key", "k")][..]);
     let Action::Call(tenant_call) = ex.on_request_headers(&mut h.host, &headers, false) else {
         panic!()
     };
@@ -1193,4 +1178,288 @@ fn body_arriving_before_the_tenant_answer() {
     let next = ex.on_callout_response(&mut h.host, response);
     assert!(matches!(next, Action::Commit(_)));
     assert_eq!(respond(&h.drive(&mut ex, next)).0, 200);
+}
+
+// ---- hostile headers and bodies (#13 item 0) ----------------------------------------------------
+
+/// Headers with raw byte values, as the host hands them over.
+fn raw_headers(pairs: &[(&str, &[u8])]) -> Headers {
+    Headers::new(
+        pairs
+            .iter()
+            .map(|(n, v)| (n.as_bytes().to_vec(), v.to_vec()))
+            .collect(),
+    )
+}
+
+fn send_raw(h: &mut Harness, route: CachedRoute, headers: &Headers, body: &[u8]) -> Action {
+    let mut ex = h.new_exchange(route);
+    let first = ex.on_request_headers(&mut h.host, headers, false);
+    let action = h.drive(&mut ex, first);
+    if action != Action::Pause {
+        return action;
+    }
+    let next = ex.on_request_body(&mut h.host, body.len(), true, &mut || body.to_vec());
+    h.drive(&mut ex, next)
+}
+
+#[test]
+fn header_values_are_bytes_and_only_visible_ascii_identifies() {
+    let mut h = Harness::new();
+    let body = exchange_body(json!({}));
+    let exchange = h.route(json!({"mode":"exchange"}));
+    let inline = h.route(json!({"mode":"inline","payload_type":"openai.tooluse.invoice.v1","target_type":"invoice.iso20022.v1"}));
+    for suffix in [
+        &b"\xff"[..],
+        b"\xe9",
+        b"\xc0\xaf",
+        "\u{2028}".as_bytes(),
+        "\u{3000}".as_bytes(),
+        "\u{a0}".as_bytes(),
+    ] {
+        let key = [KEY.as_bytes(), suffix].concat();
+        for name in ["x-signet-api-key", "x-odin-api-key"] {
+            let headers = raw_headers(&[(name, &key), ("x-signet-idempotency-key", b"k-1")]);
+            let action = send_raw(&mut h, exchange.clone(), &headers, &body);
+            assert_eq!(
+                error_of(&action),
+                (401, "INVALID_API_KEY".into()),
+                "{suffix:?}"
+            );
+        }
+        let idem = [b"k-1".as_slice(), suffix].concat();
+        for route in [&exchange, &inline] {
+            let headers = raw_headers(&[
+                ("x-signet-api-key", KEY.as_bytes()),
+                ("x-odin-idempotency-key", &idem),
+            ]);
+            let action = send_raw(&mut h, route.clone(), &headers, &body);
+            assert_eq!(
+                error_of(&action),
+                (400, "IDEMPOTENCY_KEY_INVALID".into()),
+                "{suffix:?}"
+            );
+        }
+        let trace = [b"order-1".as_slice(), suffix].concat();
+        let headers = raw_headers(&[
+            ("x-signet-api-key", KEY.as_bytes()),
+            ("x-signet-idempotency-key", b"k-1"),
+            ("x-signet-trace", &trace),
+        ]);
+        let action = send_raw(&mut h, exchange.clone(), &headers, &body);
+        assert_eq!(
+            error_of(&action),
+            (400, "BAD_TRACE_ID".into()),
+            "{suffix:?}"
+        );
+    }
+    let long = "k".repeat(257);
+    let action = h.exchange(
+        &[
+            ("x-signet-api-key", KEY),
+            ("x-signet-idempotency-key", &long),
+        ],
+        &body,
+    );
+    assert_eq!(error_of(&action), (400, "IDEMPOTENCY_KEY_INVALID".into()));
+    // an invalid idempotency key waits for the API key: auth comes first
+    let action = h.exchange(
+        &[
+            ("x-signet-api-key", "unknown"),
+            ("x-signet-idempotency-key", &long),
+        ],
+        &body,
+    );
+    assert_eq!(error_of(&action).0, 401);
+    assert!(h.cp.chains.is_empty());
+    // ASCII whitespace around a key is not part of it
+    let action = h.exchange(
+        &[
+            ("x-signet-api-key", " \tdemo-key\t "),
+            ("x-signet-idempotency-key", "\tk-1 "),
+        ],
+        &body,
+    );
+    assert_eq!(respond(&action).0, 200);
+    let (status, _, headers) = respond(&h.post("k-1", &body));
+    assert_eq!(
+        (status, headers["x-signet-idempotency-hit"].as_str()),
+        (200, "1")
+    );
+}
+
+#[test]
+fn repeated_credentials_and_ids_are_400() {
+    let mut h = Harness::new();
+    let body = exchange_body(json!({}));
+    for headers in [
+        vec![
+            ("x-signet-api-key", KEY),
+            ("x-signet-api-key", "evil-key"),
+            ("x-signet-idempotency-key", "k"),
+        ],
+        vec![
+            ("x-signet-api-key", KEY),
+            ("x-signet-api-key", KEY),
+            ("x-signet-idempotency-key", "k"),
+        ],
+        vec![
+            ("x-signet-api-key", KEY),
+            ("x-odin-api-key", "evil-key"),
+            ("x-signet-idempotency-key", "k"),
+        ],
+        vec![
+            ("x-signet-api-key", KEY),
+            ("x-signet-idempotency-key", "k"),
+            ("x-signet-idempotency-key", "j"),
+        ],
+        vec![
+            ("x-signet-api-key", KEY),
+            ("x-signet-idempotency-key", "k"),
+            ("x-odin-idempotency-key", "j"),
+        ],
+        vec![
+            ("x-signet-api-key", KEY),
+            ("x-signet-idempotency-key", "k"),
+            ("x-signet-trace", "a"),
+            ("x-signet-trace", "b"),
+        ],
+    ] {
+        let action = h.exchange(&headers, &body);
+        assert_eq!(
+            error_of(&action),
+            (400, "DUPLICATE_HEADER".into()),
+            "{headers:?}"
+        );
+    }
+    assert!(h.cp.calls.is_empty(), "refused before any callout");
+    // aliases that agree are one key
+    let action = h.exchange(
+        &[
+            ("x-signet-api-key", KEY),
+            ("x-odin-api-key", KEY),
+            ("x-signet-idempotency-key", "k"),
+        ],
+        &body,
+    );
+    assert_eq!(respond(&action).0, 200);
+}
+
+#[test]
+fn an_encoded_body_is_415_and_identity_passes() {
+    let mut h = Harness::new();
+    let body = exchange_body(json!({}));
+    for encoding in ["gzip", "br", "gzip, deflate", "x-custom", "identity, gzip"] {
+        let action = h.exchange(
+            &[
+                ("x-signet-api-key", KEY),
+                ("x-signet-idempotency-key", "k"),
+                ("content-encoding", encoding),
+            ],
+            &body,
+        );
+        assert_eq!(
+            error_of(&action),
+            (415, "UNSUPPORTED_CONTENT_ENCODING".into()),
+            "{encoding}"
+        );
+    }
+    let action = h.exchange(
+        &[
+            ("x-signet-api-key", KEY),
+            ("x-signet-idempotency-key", "k"),
+            ("content-encoding", "Identity"),
+        ],
+        &body,
+    );
+    assert_eq!(respond(&action).0, 200);
+}
+
+#[test]
+fn a_declared_length_beyond_32_bits_is_413_at_once() {
+    let mut h = Harness::new();
+    for length in [u64::from(u32::MAX), 1 << 32, u64::MAX] {
+        let route = h.route(json!({"mode":"exchange"}));
+        let mut ex = h.new_exchange(route);
+        let length = length.to_string();
+        let headers = Headers::from(
+            &[
+                ("x-signet-api-key", KEY),
+                ("x-signet-idempotency-key", "k"),
+                ("content-length", length.as_str()),
+            ][..],
+        );
+        let action = ex.on_request_headers(&mut h.host, &headers, false);
+        assert_eq!(
+            error_of(&action),
+            (413, "BODY_TOO_LARGE".into()),
+            "{length}"
+        );
+    }
+    assert!(h.cp.calls.is_empty());
+}
+
+#[test]
+fn integers_beyond_2_pow_53_are_422_everywhere() {
+    let mut h = Harness::new();
+    let inline = h.route(json!({"mode":"inline","payload_type":"openai.tooluse.invoice.v1","target_type":"invoice.iso20022.v1"}));
+    for literal in [
+        "9007199254740994",
+        "18446744073709551616",
+        "-18446744073709551616",
+        "1e21",
+    ] {
+        let envelope = format!(
+            r#"{{"n":{literal},"payload_type":"openai.tooluse.invoice.v1","target_type":"invoice.iso20022.v1","payload":{TOOL_CALL}}}"#
+        );
+        let action = h.post("k", envelope.as_bytes());
+        assert_eq!(
+            error_of(&action),
+            (422, "UNSAFE_INTEGER".into()),
+            "envelope {literal}"
+        );
+        let payload = format!(r#"{{"n":{literal},{}"#, &TOOL_CALL[1..]);
+        let envelope = format!(
+            r#"{{"payload_type":"openai.tooluse.invoice.v1","target_type":"invoice.iso20022.v1","payload":{payload}}}"#
+        );
+        let action = h.post("k", envelope.as_bytes());
+        assert_eq!(
+            error_of(&action),
+            (422, "UNSAFE_INTEGER".into()),
+            "payload {literal}"
+        );
+        let (action, _) = h.send_on(
+            inline.clone(),
+            &[("x-signet-api-key", KEY)],
+            payload.as_bytes(),
+        );
+        assert_eq!(
+            error_of(&action),
+            (422, "UNSAFE_INTEGER".into()),
+            "inline {literal}"
+        );
+    }
+    assert!(h.cp.chains.is_empty());
+}
+
+#[test]
+fn fail_open_never_forwards_the_api_key() {
+    let mut h = Harness::new();
+    h.cp.outage = Some((Some(503), Vec::new()));
+    let route = h.route(json!({"mode":"exchange","fail_open":true}));
+    let (action, _) = h.send_on(
+        route,
+        &[("x-odin-api-key", KEY), ("x-signet-idempotency-key", "k")],
+        &exchange_body(json!({})),
+    );
+    let Action::Continue(forward) = action else {
+        panic!("{action:?}")
+    };
+    for name in [
+        "x-signet-api-key",
+        "x-odin-api-key",
+        "x-signet-receipt-hash",
+    ] {
+        assert!(forward.remove_headers.contains(&name), "{name}");
+    }
 }

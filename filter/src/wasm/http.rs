@@ -8,7 +8,7 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{self, BufferType, MapType};
 
-use super::host::WasmHost;
+use super::host::{header_map, WasmHost};
 use super::root::{dispatch, read_call_response, Commits};
 use crate::config::Config;
 use crate::host::{Host, LogLevel};
@@ -225,13 +225,9 @@ impl HttpContext for SignetHttp {
         if let Ok(mut stream) = self.handle.stream.try_borrow_mut() {
             stream.exchange = Some(exchange);
         }
-        let header = |name: &str| {
-            hostcalls::get_map_value(MapType::HttpRequestHeaders, name)
-                .ok()
-                .flatten()
-        };
+        let headers = header_map(MapType::HttpRequestHeaders);
         self.step(Phase::Callback, |ex, _| {
-            ex.on_request_headers(&mut host, &header, end_of_stream)
+            ex.on_request_headers(&mut host, &headers, end_of_stream)
         })
     }
 

@@ -12,7 +12,7 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{BufferType, ContextType, MapType};
 use serde_json::value::RawValue;
 
-use super::host::WasmHost;
+use super::host::{header_map, WasmHost};
 use super::http::{Phase, SignetHttp, Stream, StreamHandle};
 use crate::commit_queue::CommitQueue;
 use crate::config::Config;
@@ -247,10 +247,12 @@ pub(super) fn read_call_response(num_headers: usize, body_size: usize) -> Callou
     if num_headers == 0 {
         return CalloutResponse::none();
     }
-    let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
+    let headers = header_map(MapType::HttpCallResponseHeaders);
+    let status = headers
+        .single(":status")
         .ok()
         .flatten()
-        .and_then(|s| s.parse().ok());
+        .and_then(|s| std::str::from_utf8(s).ok()?.parse().ok());
     let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
         .ok()
         .flatten()
