@@ -110,6 +110,18 @@ impl HeadCache {
             .insert(trace_id.to_owned(), (tenant.to_owned(), head));
     }
 
+    /// Forgets the head of the tenant's trace (in either generation).
+    pub fn remove(&mut self, tenant: &str, trace_id: &str) {
+        for generation in [&mut self.current, &mut self.previous] {
+            if generation
+                .get(trace_id)
+                .is_some_and(|(owner, _)| owner == tenant)
+            {
+                generation.remove(trace_id);
+            }
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.current.len() + self.previous.len()
     }

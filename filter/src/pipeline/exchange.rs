@@ -289,10 +289,7 @@ impl Exchange {
                 ),
             );
         };
-        let admitted = Admitted {
-            grant,
-            in_flight,
-        };
+        let admitted = Admitted { grant, in_flight };
         match body {
             Some(body) => self.on_body(host, routed, admitted, body),
             None => self.wait(routed, Stage::AwaitingBody(admitted)),
@@ -371,22 +368,24 @@ impl Exchange {
     ) -> Action {
         let body = match reply {
             Reply::Ok(body) => body,
-            Reply::Error(
-                _,
-                ErrorReply {
-                    code,
-                    head: Some(head),
-                    ..
-                },
-            ) if code == Code::ChainConflict.as_str() && committing.retries > 0 => {
+            Reply::Error(_, ErrorReply { code, head, .. })
+                if code == Code::ChainConflict.as_str() && committing.retries > 0 =>
+            {
                 // Another exchange extended the trace first (or the head was a guess): link
-                // to the head commit reported.
+                // to the head commit reported. No head: the control plane has no such trace
+                // although this worker remembers one (its storage rolled back, or the cache
+                // is wrong): forget it and open the trace anew, at hop 1.
                 host.log(
                     LogLevel::Debug,
                     "signet: chain conflict, re-signing on the head the control plane reported",
                 );
+                if head.is_none() {
+                    let subject = &committing.subject;
+                    let tenant = &subject.admitted.grant.tenant;
+                    self.forget_head(tenant, &subject.verified.trace_id);
+                }
                 let retries = committing.retries.saturating_sub(1);
-                return self.commit(host, routed, committing.subject, Some(head), retries);
+                return self.commit(host, routed, committing.subject, head, retries);
             }
             Reply::Error(status, e) => {
                 let e = control_plane_error(host, status, e);
@@ -503,6 +502,13 @@ impl Exchange {
     fn remember_head(&self, tenant: &str, trace_id: &str, head: Head) {
         if let Ok(mut w) = self.worker.try_borrow_mut() {
             w.heads.put(tenant, trace_id, head);
+        }
+    }
+
+    /// The control plane has no such trace: the head this worker remembers is not one.
+    fn forget_head(&self, tenant: &str, trace_id: &str) {
+        if let Ok(mut w) = self.worker.try_borrow_mut() {
+            w.heads.remove(tenant, trace_id);
         }
     }
 

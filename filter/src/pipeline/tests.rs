@@ -540,6 +540,46 @@ fn a_chain_conflict_is_re_signed_on_the_new_head_once() {
 }
 
 #[test]
+fn a_trace_the_control_plane_lost_is_opened_anew_at_hop_1() {
+    let mut h = Harness::new();
+    respond(&h.post("k-1", &exchange_body(json!({"trace_id":"t-1"}))));
+    respond(&h.post("k-2", &exchange_body(json!({"trace_id":"t-1"}))));
+    // the control plane's storage rolled back (a power cut): it has no t-1 any more, while
+    // this worker remembers hop 2
+    h.cp.chains.clear();
+    h.cp.owners.clear();
+    h.cp.slots.clear();
+    let commits = h.cp.calls.len();
+    let (status, body, headers) =
+        respond(&h.post("k-3", &exchange_body(json!({"trace_id":"t-1"}))));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["receipt"]["hop"], 1);
+    assert_eq!(headers["x-signet-hop"], "1");
+    assert_eq!(h.cp.calls.len() - commits, 2, "one conflict, one re-sign");
+    assert_eq!(h.cp.chains["t-1"].len(), 1);
+    // the worker follows the control plane's chain from now on
+    let (_, next, _) = respond(&h.post("k-4", &exchange_body(json!({"trace_id":"t-1"}))));
+    assert_eq!(next["receipt"]["hop"], 2);
+    signet_protocol::chain::verify(&h.cp.chains["t-1"], Some(&h.cp.jwks), true).unwrap();
+}
+
+#[test]
+fn a_lost_trace_that_keeps_conflicting_is_a_409_and_the_cache_is_dropped() {
+    let mut h = Harness::new();
+    respond(&h.post("k-1", &exchange_body(json!({"trace_id":"t-1"}))));
+    h.cp.chains.clear();
+    h.cp.owners.clear();
+    // the control plane answers every commit with a conflict and no head
+    let conflict = ErrorReply::conflict("chain conflict", None);
+    h.cp.scripted
+        .insert("commit", (409, serde_json::to_value(&conflict).unwrap()));
+    let action = h.post("k-2", &exchange_body(json!({"trace_id":"t-1"})));
+    assert_eq!(error_of(&action), (409, "CHAIN_CONFLICT".into()));
+    assert_eq!(h.cp.calls.iter().filter(|c| **c == Call::Commit).count(), 3);
+    assert_eq!(h.worker.borrow().heads.get("demo", "t-1"), None);
+}
+
+#[test]
 fn a_second_conflict_is_a_409_and_the_key_stays_free() {
     let mut h = Harness::new();
     respond(&h.post("k-1", &exchange_body(json!({"trace_id":"t-1"}))));
