@@ -77,7 +77,7 @@ fn exchange(config: &Rc<Config>, route: &CachedRoute, host: &mut BenchHost) -> u
     let mut action = ex.on_request_body(host, BODY.len(), true, &mut || BODY.as_bytes().to_vec());
     loop {
         action = match action {
-            Action::Commit(CommitJson(commit)) => {
+            Action::Commit(CommitJson(commit, _)) => {
                 // the control plane reads the commit, stores it and says so
                 let _: Value = serde_json::from_str(commit.get()).unwrap();
                 ex.on_callout_response(host, ok(json!({"outcome":"committed"})))

@@ -8,7 +8,7 @@ use serde_json::Value;
 use signet_protocol::internal::{Code, CommitReply, ErrorReply, Grant, Head, Outcome};
 use signet_protocol::{cid, trace, ApiError};
 
-use super::actions::{callout, Action, Call, CalloutResponse, CommitJson, Forward, Response};
+use super::actions::{callout, Action, Call, CalloutResponse, Forward, Response};
 use super::headers::{
     receipt_headers, trim_ows, visible_ascii, Headers, API_KEY_HEADERS, FORGEABLE_HEADERS,
     IDEMPOTENCY_HIT_HEADER, IDEMPOTENCY_KEY_HEADERS, MAX_IDEMPOTENCY_KEY_BYTES, TRACE_HEADER,
@@ -353,7 +353,7 @@ impl Exchange {
                     retries,
                 };
                 self.state = State::Open(routed, Stage::Committing(Box::new(committing)));
-                Action::Commit(CommitJson(commit))
+                Action::Commit(commit)
             }
             Err(e) => self.fail(host, e),
         }

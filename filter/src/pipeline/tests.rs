@@ -56,6 +56,8 @@ struct FakeControlPlane {
     scripted: HashMap<&'static str, (u16, Value)>,
     /// Before each of the next N commits another writer extends the chain.
     racing_writers: u32,
+    /// The control plane's clock (Unix ms); 0: it never finds a commit late.
+    clock_ms: u64,
     signer: signet_protocol::SigningKey,
 }
 
@@ -79,6 +81,7 @@ impl FakeControlPlane {
             outage: None,
             scripted: HashMap::new(),
             racing_writers: 0,
+            clock_ms: 0,
             signer,
         }
     }
@@ -172,6 +175,13 @@ impl FakeControlPlane {
     /// [`decide`] says what to write.
     fn commit(&mut self, commit: &Commit) -> CalloutResponse {
         let r = &commit.receipt;
+        if commit.deadline_ms.is_some_and(|d| self.clock_ms > d) {
+            return error(
+                504,
+                "COMMIT_EXPIRED",
+                "the commit arrived after its deadline",
+            );
+        }
         if receipt::verify(r, Some(&self.jwks), true).is_err() {
             return error(400, "RECEIPT_INVALID", "receipt does not verify");
         }
@@ -316,9 +326,9 @@ impl Harness {
         loop {
             let response = match action {
                 Action::Call(callout) => self.cp.handle(&callout),
-                Action::Commit(CommitJson(commit)) => {
+                Action::Commit(CommitJson(commit, deadline_ms)) => {
                     let mut queue = CommitQueue::default();
-                    queue.push(1, commit);
+                    queue.push(1, commit, deadline_ms).unwrap();
                     let batch = queue.next_batch().unwrap();
                     let callout = callout(&self.config, Call::Commit, Some(batch.body), vec![]);
                     let answer = self.cp.handle(&callout);
@@ -1502,4 +1512,50 @@ fn fail_open_never_forwards_the_api_key() {
     ] {
         assert!(forward.remove_headers.contains(&name), "{name}");
     }
+}
+
+// ---- commit deadlines (#13 item 3) --------------------------------------------------------------
+
+#[test]
+fn a_commit_carries_its_deadline_and_a_late_one_is_503_with_nothing_stored() {
+    let mut h = Harness::new();
+    let timeout = h.config.control_plane.timeout_ms;
+    let signed_at = h.host.now;
+    // the control plane sees the commit at its deadline: stored
+    h.cp.clock_ms = signed_at + timeout;
+    assert_eq!(respond(&h.post("k-1", &exchange_body(json!({})))).0, 200);
+    assert_eq!(h.cp.slots.len(), 1);
+    // one millisecond later: refused, nothing stored, and the client gets a 503
+    h.cp.clock_ms = h.host.now + timeout + 1;
+    let action = h.post("k-2", &exchange_body(json!({})));
+    assert_eq!(error_of(&action), (503, "CONTROL_PLANE_UNAVAILABLE".into()));
+    assert_eq!(h.cp.slots.len(), 1);
+    assert_eq!(h.host.counter("signet.callout_failures.call.commit"), 1);
+    assert!(h
+        .host
+        .logs
+        .iter()
+        .any(|(_, l)| l.contains("COMMIT_EXPIRED")));
+    // a commit that expired in the worker's queue is answered the same way
+    let route = h.route(json!({"mode":"exchange"}));
+    let mut ex = h.new_exchange(route);
+    let headers = Headers::from(
+        &[
+            ("x-signet-api-key", KEY),
+            ("x-signet-idempotency-key", "k-3"),
+        ][..],
+    );
+    let first = ex.on_request_headers(&mut h.host, &headers, false);
+    assert_eq!(h.drive(&mut ex, first), Action::Pause);
+    let body = exchange_body(json!({}));
+    let Action::Commit(CommitJson(commit, deadline_ms)) =
+        ex.on_request_body(&mut h.host, body.len(), true, &mut || body.clone())
+    else {
+        panic!("no commit")
+    };
+    assert_eq!(deadline_ms, h.host.now + timeout);
+    let sent: Value = serde_json::from_str(commit.get()).unwrap();
+    assert_eq!(sent["deadline_ms"], deadline_ms);
+    let action = ex.on_callout_response(&mut h.host, expired_commit());
+    assert_eq!(error_of(&action), (503, "CONTROL_PLANE_UNAVAILABLE".into()));
 }

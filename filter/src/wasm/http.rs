@@ -12,7 +12,7 @@ use super::host::{header_map, WasmHost};
 use super::root::{dispatch, read_call_response, Commits};
 use crate::config::Config;
 use crate::host::{Host, LogLevel};
-use crate::pipeline::{Action as PipelineAction, CalloutResponse, CommitJson, Exchange, Forward};
+use crate::pipeline::{Action as PipelineAction, CalloutResponse, Exchange, Forward};
 use crate::route::{CachedRoute, RouteCache, RouteSettings};
 use crate::worker::WorkerState;
 
@@ -70,7 +70,7 @@ impl StreamHandle {
         loop {
             match action {
                 PipelineAction::Pause => return types::Action::Pause,
-                PipelineAction::Commit(CommitJson(commit)) => {
+                PipelineAction::Commit(commit) => {
                     if self.commits.push(self, commit) {
                         return types::Action::Pause;
                     }

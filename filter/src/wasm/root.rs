@@ -10,14 +10,13 @@ use std::time::Duration;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{BufferType, ContextType, MapType};
-use serde_json::value::RawValue;
 
 use super::host::{header_map, WasmHost};
 use super::http::{Phase, SignetHttp, Stream, StreamHandle};
-use crate::commit_queue::CommitQueue;
+use crate::commit_queue::{CommitQueue, Full, MAX_PENDING_BYTES, MAX_PENDING_COMMITS};
 use crate::config::Config;
 use crate::host::{Host, LogLevel};
-use crate::pipeline::{self, Call, Callout, CalloutResponse};
+use crate::pipeline::{self, Call, Callout, CalloutResponse, CommitJson};
 use crate::route::RouteCache;
 use crate::worker::WorkerState;
 
@@ -33,16 +32,31 @@ pub(super) struct Commits {
 }
 
 impl Commits {
-    /// Queues a stream's commit; wakes the root when the queue was idle. False when the root
-    /// cannot be woken (the commit is withdrawn).
-    pub(super) fn push(&self, stream: &StreamHandle, commit: Box<RawValue>) -> bool {
+    /// Queues a stream's commit; wakes the root when the queue was idle. False when the queue
+    /// is full or the root cannot be woken (the commit is withdrawn): the exchange answers as
+    /// for a failed callout.
+    pub(super) fn push(&self, stream: &StreamHandle, commit: CommitJson) -> bool {
         let Ok(mut queue) = self.queue.try_borrow_mut() else {
             return false;
+        };
+        let CommitJson(commit, deadline_ms) = commit;
+        let wake = match queue.push(stream.id, commit, deadline_ms) {
+            Ok(wake) => wake,
+            Err(Full) => {
+                WasmHost.log(
+                    LogLevel::Warn,
+                    &format!(
+                        "signet: commit queue full ({MAX_PENDING_COMMITS} commits or \
+                         {MAX_PENDING_BYTES} bytes waiting)"
+                    ),
+                );
+                return false;
+            }
         };
         if let Ok(mut streams) = self.streams.try_borrow_mut() {
             streams.insert(stream.id, Rc::downgrade(&stream.stream));
         }
-        if !queue.push(stream.id, commit) {
+        if !wake {
             return true;
         }
         let rung = self
@@ -76,10 +90,14 @@ impl SignetRoot {
             return;
         };
         loop {
-            let batch = match self.commits.queue.try_borrow_mut() {
-                Ok(mut queue) => queue.next_batch(),
-                Err(_) => None,
+            let now_ms = WasmHost.now_millis();
+            let (expired, batch) = match self.commits.queue.try_borrow_mut() {
+                Ok(mut queue) => (queue.expire(now_ms), queue.next_batch()),
+                Err(_) => (Vec::new(), None),
             };
+            for id in expired {
+                self.answer(id, pipeline::expired_commit());
+            }
             let Some(batch) = batch else {
                 return;
             };
@@ -98,33 +116,38 @@ impl SignetRoot {
             Err(_) => return,
         };
         for (id, answer) in answers {
-            let stream = self
-                .commits
-                .streams
-                .try_borrow_mut()
-                .ok()
-                .and_then(|mut streams| streams.remove(&id))
-                .and_then(|weak| weak.upgrade());
-            // gone: the client left; its receipt may still have been stored, as with a
-            // disconnect during any callout
-            let Some(stream) = stream else { continue };
-            if hostcalls::set_effective_context(id).is_err() {
-                continue;
-            }
-            let handle = StreamHandle {
-                id,
-                stream,
-                commits: Rc::clone(&self.commits),
-            };
-            let action = match handle.stream.try_borrow_mut() {
-                Ok(mut s) => match s.exchange.as_mut() {
-                    Some(ex) => ex.on_callout_response(&mut WasmHost, answer),
-                    None => continue,
-                },
-                Err(_) => continue,
-            };
-            handle.apply(action, Phase::Callout);
+            self.answer(id, answer);
         }
+    }
+
+    /// Hands one exchange its commit's answer.
+    fn answer(&self, id: u32, answer: CalloutResponse) {
+        let stream = self
+            .commits
+            .streams
+            .try_borrow_mut()
+            .ok()
+            .and_then(|mut streams| streams.remove(&id))
+            .and_then(|weak| weak.upgrade());
+        // gone: the client left; its receipt may still have been stored, as with a
+        // disconnect during any callout
+        let Some(stream) = stream else { return };
+        if hostcalls::set_effective_context(id).is_err() {
+            return;
+        }
+        let handle = StreamHandle {
+            id,
+            stream,
+            commits: Rc::clone(&self.commits),
+        };
+        let action = match handle.stream.try_borrow_mut() {
+            Ok(mut s) => match s.exchange.as_mut() {
+                Some(ex) => ex.on_callout_response(&mut WasmHost, answer),
+                None => return,
+            },
+            Err(_) => return,
+        };
+        handle.apply(action, Phase::Callout);
     }
 }
 
