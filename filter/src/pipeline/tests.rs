@@ -1559,3 +1559,30 @@ fn a_commit_carries_its_deadline_and_a_late_one_is_503_with_nothing_stored() {
     let action = ex.on_callout_response(&mut h.host, expired_commit());
     assert_eq!(error_of(&action), (503, "CONTROL_PLANE_UNAVAILABLE".into()));
 }
+
+// ---- the request fingerprint (#13 item 12) ------------------------------------------------------
+
+#[test]
+fn one_key_with_another_trace_header_is_another_request() {
+    let mut h = Harness::new();
+    let route = h.route(json!({"mode":"inline","payload_type":"openai.tooluse.invoice.v1","target_type":"invoice.iso20022.v1"}));
+    let send = |h: &mut Harness, trace: &str| {
+        let headers = [
+            ("x-signet-api-key", KEY),
+            ("x-signet-idempotency-key", "k-1"),
+            ("x-signet-trace", trace),
+        ];
+        let (action, ex) = h.send_on(route.clone(), &headers, TOOL_CALL.as_bytes());
+        (action, ex.response_headers().to_vec())
+    };
+    let (action, _) = send(&mut h, "order-1");
+    assert!(matches!(action, Action::Continue(_)), "{action:?}");
+    // the same body and key on another trace is not a replay of the first
+    let (action, _) = send(&mut h, "order-2");
+    assert_eq!(error_of(&action), (422, "IDEMPOTENCY_KEY_REUSED".into()));
+    assert!(!h.cp.chains.contains_key("order-2"));
+    // and the same trace is
+    let (action, headers) = send(&mut h, "order-1");
+    assert!(matches!(action, Action::Continue(_)), "{action:?}");
+    assert!(headers.contains(&("x-signet-idempotency-hit".into(), "1".into())));
+}
