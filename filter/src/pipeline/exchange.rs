@@ -16,7 +16,7 @@ use super::headers::{
 use super::reply::{classify, control_plane_error, Reply};
 use super::request::{self, bad_trace_id, Request};
 use super::sign::{self, Signed, Subject};
-use super::tenant_cache;
+use super::tenant_cache::{self, Cached};
 use super::verify::{verify, Verified};
 use crate::config::Config;
 use crate::host::{stats, Host, LogLevel};
@@ -160,7 +160,8 @@ impl Exchange {
         };
         let ttl_ms = self.config.tenant_cache_ttl_ms;
         match tenant_cache::get(host, ttl_ms, &routed.key_hash) {
-            Some(grant) => self.admit(host, routed, grant, body),
+            Some(Cached::Tenant(grant)) => self.admit(host, routed, grant, body),
+            Some(Cached::Unknown) => self.fail(host, unknown_api_key()),
             None => {
                 // the one callout an exchange makes itself (commits go out in batches)
                 let key_hash = vec![(KEY_HASH_HEADER.into(), routed.key_hash.clone())];
@@ -256,6 +257,10 @@ impl Exchange {
                 }
             },
             Reply::Error(status, e) => {
+                if e.code == Code::UnknownApiKey.as_str() {
+                    let ttl_ms = self.config.tenant_cache_ttl_ms;
+                    tenant_cache::put_unknown(host, ttl_ms, &routed.key_hash);
+                }
                 let e = control_plane_error(host, status, e);
                 self.fail(host, e)
             }
@@ -699,4 +704,9 @@ fn read_headers(
         header_trace,
         declared_length,
     })
+}
+
+/// The control plane's answer for a key no tenant has (here from the cache).
+fn unknown_api_key() -> ApiError {
+    ApiError::new(401, Code::UnknownApiKey.as_str(), "unknown API key")
 }

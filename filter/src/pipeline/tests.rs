@@ -14,6 +14,7 @@ use signet_protocol::internal::{
 };
 use signet_protocol::{cid, receipt, Jwks};
 
+use super::tenant_cache;
 use super::*;
 use crate::commit_queue::CommitQueue;
 use crate::config::tests::env;
@@ -1585,4 +1586,28 @@ fn one_key_with_another_trace_header_is_another_request() {
     let (action, headers) = send(&mut h, "order-1");
     assert!(matches!(action, Action::Continue(_)), "{action:?}");
     assert!(headers.contains(&("x-signet-idempotency-hit".into(), "1".into())));
+}
+
+// ---- unknown API keys (#13 item 4) ----------------------------------------------------------------
+
+#[test]
+fn an_unknown_key_is_remembered_for_five_seconds() {
+    let mut h = Harness::new();
+    let body = exchange_body(json!({}));
+    let wrong = [
+        ("x-signet-api-key", "wrong-key"),
+        ("x-signet-idempotency-key", "k"),
+    ];
+    for _ in 0..3 {
+        assert_eq!(
+            error_of(&h.exchange(&wrong, &body)),
+            (401, "UNKNOWN_API_KEY".into())
+        );
+    }
+    assert_eq!(h.cp.calls, vec![Call::Tenant], "one lookup");
+    // the key is created; it is recognised once the negative answer expires
+    h.cp.tenants
+        .insert(cid::sha256_hex(b"wrong-key"), grant("late", &[]));
+    h.host.now += tenant_cache::UNKNOWN_TTL_MS;
+    assert_eq!(respond(&h.exchange(&wrong, &body)).0, 200);
 }
