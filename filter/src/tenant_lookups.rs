@@ -25,11 +25,19 @@ pub enum Join {
     Full,
 }
 
-#[derive(Default)]
 pub struct TenantLookups<L> {
     /// Waiters by key hash, the first one's lookup with them until it is sent.
     waiting: HashMap<String, Vec<Member>>,
     queued: Vec<(String, L)>,
+}
+
+impl<L> Default for TenantLookups<L> {
+    fn default() -> Self {
+        Self {
+            waiting: HashMap::new(),
+            queued: Vec::new(),
+        }
+    }
 }
 
 impl<L> TenantLookups<L> {
