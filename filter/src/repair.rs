@@ -346,4 +346,21 @@ mod tests {
             serde_json::json!({"invoice_id":"INV-1","amount":123.45,"currency":"USD","customer_name":"Acme","description":"Services"})
         );
     }
+
+    #[test]
+    fn mismatched_closers_cost_linear_time() {
+        // each '}' used to scan the whole stack of '[': 3 s natively for this size before
+        let n = 128 << 10;
+        let text = format!("{}{}", "[".repeat(n), "}".repeat(n));
+        let started = std::time::Instant::now();
+        let out = fixed(&text);
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        // the closers stay (the parser rejects them); the brackets are closed at the end
+        assert_eq!(out.len(), 3 * n);
+        assert!(out.ends_with(']'));
+    }
 }
