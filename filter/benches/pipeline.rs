@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use signet_filter::config::Config;
 use signet_filter::host::{Host, LogLevel};
-use signet_filter::pipeline::{Action, CalloutResponse, CommitJson, Exchange};
+use signet_filter::pipeline::{Action, CalloutResponse, CommitJson, Exchange, Headers};
 use signet_filter::registry::{RawRegistry, Registry};
 use signet_filter::route::{CachedRoute, RawRouteSettings, RouteSettings};
 use signet_filter::worker::WorkerState;
@@ -63,11 +63,12 @@ fn ok(body: Value) -> CalloutResponse {
 fn exchange(config: &Rc<Config>, route: &CachedRoute, host: &mut BenchHost) -> usize {
     let worker = Rc::new(RefCell::new(WorkerState::default()));
     let mut ex = Exchange::new(Rc::clone(config), route.clone(), worker, 0);
-    let headers = |name: &str| match name {
-        "x-signet-api-key" => Some("demo-key".to_owned()),
-        "x-signet-idempotency-key" => Some("k".to_owned()),
-        _ => None,
-    };
+    let headers = Headers::from(
+        &[
+            ("x-signet-api-key", "demo-key"),
+            ("x-signet-idempotency-key", "k"),
+        ][..],
+    );
     let mut action = ex.on_request_headers(host, &headers, false);
     if let Action::Call(_) = action {
         action = ex.on_callout_response(host, ok(json!({"tenant":"demo","allowlist":[]})));
@@ -76,7 +77,7 @@ fn exchange(config: &Rc<Config>, route: &CachedRoute, host: &mut BenchHost) -> u
     let mut action = ex.on_request_body(host, BODY.len(), true, &mut || BODY.as_bytes().to_vec());
     loop {
         action = match action {
-            Action::Commit(CommitJson(commit)) => {
+            Action::Commit(CommitJson(commit, _)) => {
                 // the control plane reads the commit, stores it and says so
                 let _: Value = serde_json::from_str(commit.get()).unwrap();
                 ex.on_callout_response(host, ok(json!({"outcome":"committed"})))

@@ -17,6 +17,15 @@
 //! a batch may end first (its client goes away), while the root lives as long as the VM. The
 //! root hands each answer to its exchange with `set_effective_context` (`wasm/root.rs`).
 //!
+//! Bounds: at most [`MAX_PENDING_COMMITS`] commits and [`MAX_PENDING_BYTES`] wait (besides
+//! the batch in flight); a commit that does not fit is refused at once ([`Full`]: the exchange
+//! answers 503), so a slow control plane cannot grow the queue until Wasm allocation fails.
+//! Every commit carries its deadline (`Commit::deadline_ms`: when it was signed plus the
+//! callout timeout, never later than the filter gives up on its batch); the control plane
+//! refuses one that arrives late (504 `COMMIT_EXPIRED`), and one whose deadline passes while it
+//! waits here is never sent ([`CommitQueue::expire`]). So a receipt is stored only while its
+//! client can still receive it.
+//!
 //! Pure logic; `wasm/root.rs` dispatches the batches.
 
 use serde_json::value::RawValue;
@@ -28,6 +37,15 @@ use crate::pipeline::CalloutResponse;
 /// Identifies an exchange (its HTTP context id).
 pub type Member = u32;
 
+/// Most commits waiting for a batch on one worker.
+pub const MAX_PENDING_COMMITS: usize = 1024;
+/// Most bytes of commits waiting for a batch on one worker (one commit alone always fits).
+pub const MAX_PENDING_BYTES: usize = 32 << 20;
+
+/// The queue is at its bound: the commit was not queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Full;
+
 /// A batch ready to dispatch.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Batch {
@@ -35,23 +53,62 @@ pub struct Batch {
     pub body: Vec<u8>,
 }
 
+struct Pending {
+    member: Member,
+    commit: Box<RawValue>,
+    deadline_ms: u64,
+}
+
 #[derive(Default)]
 pub struct CommitQueue {
-    /// Each member's [`signet_protocol::internal::Commit`], serialized once.
-    pending: Vec<(Member, Box<RawValue>)>,
+    /// Each member's [`signet_protocol::internal::Commit`], serialized once, and its deadline.
+    pending: Vec<Pending>,
+    pending_bytes: usize,
     in_flight: Option<Vec<Member>>,
     /// The root context was asked to dispatch and has not run yet.
     woken: bool,
 }
 
 impl CommitQueue {
-    /// Queues one exchange's commit. True when the caller must wake the root context to
-    /// dispatch (nothing in flight, and it was not woken already).
-    pub fn push(&mut self, member: Member, commit: Box<RawValue>) -> bool {
-        self.pending.push((member, commit));
+    /// Queues one exchange's commit, to be sent before `deadline_ms`. True when the caller must
+    /// wake the root context to dispatch (nothing in flight, and it was not woken already).
+    pub fn push(
+        &mut self,
+        member: Member,
+        commit: Box<RawValue>,
+        deadline_ms: u64,
+    ) -> Result<bool, Full> {
+        let size = commit.get().len();
+        let bytes = self.pending_bytes.saturating_add(size);
+        let fits = self.pending.is_empty()
+            || (self.pending.len() < MAX_PENDING_COMMITS && bytes <= MAX_PENDING_BYTES);
+        if !fits {
+            return Err(Full);
+        }
+        self.pending_bytes = bytes;
+        self.pending.push(Pending {
+            member,
+            commit,
+            deadline_ms,
+        });
         let wake = self.in_flight.is_none() && !self.woken;
         self.woken |= wake;
-        wake
+        Ok(wake)
+    }
+
+    /// Takes out the commits whose deadline has passed while they waited: their exchanges have
+    /// given up (they answer 503); sending them would only be refused.
+    pub fn expire(&mut self, now_ms: u64) -> Vec<Member> {
+        let mut expired = Vec::new();
+        self.pending.retain(|p| {
+            let late = p.deadline_ms <= now_ms;
+            if late {
+                expired.push(p.member);
+            }
+            !late
+        });
+        self.recount();
+        expired
     }
 
     /// The batch to dispatch now, if none is in flight and something waits: at most
@@ -66,19 +123,20 @@ impl CommitQueue {
             .pending
             .iter()
             .take(MAX_COMMITS)
-            .take_while(|(_, commit)| {
-                bytes = bytes.saturating_add(commit.get().len().saturating_add(1));
+            .take_while(|p| {
+                bytes = bytes.saturating_add(p.commit.get().len().saturating_add(1));
                 bytes <= MAX_BATCH_BYTES
             })
             .count()
             .max(1);
-        let taken: Vec<(Member, Box<RawValue>)> = self.pending.drain(..count).collect();
+        let taken: Vec<Pending> = self.pending.drain(..count).collect();
+        self.recount();
         let batch = CommitBatch {
-            commits: taken.iter().map(|(_, commit)| commit.as_ref()).collect(),
+            commits: taken.iter().map(|p| p.commit.as_ref()).collect(),
         };
         // raw JSON members in a list: writing cannot fail
         let body = serde_json::to_vec(&batch).unwrap_or_default();
-        let members: Vec<Member> = taken.into_iter().map(|(m, _)| m).collect();
+        let members: Vec<Member> = taken.into_iter().map(|p| p.member).collect();
         self.in_flight = Some(members.clone());
         Some(Batch { members, body })
     }
@@ -123,10 +181,18 @@ impl CommitQueue {
 
     /// Takes a queued commit back (its member could not wake the root context).
     pub fn withdraw(&mut self, member: Member) {
-        self.pending.retain(|(m, _)| *m != member);
+        self.pending.retain(|p| p.member != member);
+        self.recount();
         if self.pending.is_empty() {
             self.woken = false;
         }
+    }
+
+    fn recount(&mut self) {
+        self.pending_bytes = self
+            .pending
+            .iter()
+            .fold(0, |n, p| n.saturating_add(p.commit.get().len()));
     }
 
     pub fn pending(&self) -> usize {
@@ -142,6 +208,13 @@ impl CommitQueue {
 mod tests {
     use super::*;
     use serde_json::{json, Value};
+
+    /// A deadline no test reaches.
+    const FAR: u64 = u64::MAX;
+
+    fn push(q: &mut CommitQueue, member: Member, commit: Box<RawValue>) -> bool {
+        q.push(member, commit, FAR).unwrap()
+    }
 
     fn raw(json: &str) -> Box<RawValue> {
         RawValue::from_string(json.to_owned()).unwrap()
@@ -162,13 +235,13 @@ mod tests {
     #[test]
     fn a_lone_commit_leaves_at_once_and_later_ones_gather() {
         let mut q = CommitQueue::default();
-        assert!(q.push(1, raw(r#"{"a":1}"#)), "wake the root");
+        assert!(push(&mut q, 1, raw(r#"{"a":1}"#)), "wake the root");
         let batch = q.next_batch().unwrap();
         assert_eq!(batch.members, vec![1]);
         assert_eq!(batch.body, br#"{"commits":[{"a":1}]}"#);
         // while it is in flight, nobody needs waking and nothing leaves
-        assert!(!q.push(2, raw("2")));
-        assert!(!q.push(3, raw("3")));
+        assert!(!push(&mut q, 2, raw("2")));
+        assert!(!push(&mut q, 3, raw("3")));
         assert_eq!(q.next_batch(), None);
         let answers = q.complete(response(
             Some(200),
@@ -188,27 +261,27 @@ mod tests {
     #[test]
     fn waking_happens_once_until_the_root_runs() {
         let mut q = CommitQueue::default();
-        assert!(q.push(1, raw("1")));
-        assert!(!q.push(2, raw("2")), "already woken");
+        assert!(push(&mut q, 1, raw("1")));
+        assert!(!push(&mut q, 2, raw("2")), "already woken");
         assert_eq!(q.next_batch().unwrap().members, vec![1, 2]);
         q.complete(response(None, json!(null)));
-        assert!(q.push(3, raw("3")), "idle again");
+        assert!(push(&mut q, 3, raw("3")), "idle again");
     }
 
     #[test]
     fn a_withdrawn_commit_does_not_leave() {
         let mut q = CommitQueue::default();
-        assert!(q.push(1, raw("1")));
+        assert!(push(&mut q, 1, raw("1")));
         q.withdraw(1);
         assert_eq!(q.next_batch(), None);
-        assert!(q.push(2, raw("2")), "idle again");
+        assert!(push(&mut q, 2, raw("2")), "idle again");
     }
 
     #[test]
     fn results_go_to_their_members_in_order() {
         let mut q = CommitQueue::default();
-        q.push(7, raw("{}"));
-        q.push(9, raw("{}"));
+        push(&mut q, 7, raw("{}"));
+        push(&mut q, 9, raw("{}"));
         q.next_batch().unwrap();
         let answers = q.complete(response(
             Some(200),
@@ -239,8 +312,8 @@ mod tests {
             ),
         ] {
             let mut q = CommitQueue::default();
-            q.push(1, raw("{}"));
-            q.push(2, raw("{}"));
+            push(&mut q, 1, raw("{}"));
+            push(&mut q, 2, raw("{}"));
             q.next_batch().unwrap();
             let answers = q.complete(failure.clone());
             assert_eq!(answers, vec![(1, failure.clone()), (2, failure)]);
@@ -254,8 +327,8 @@ mod tests {
             json!({"outcome":"committed","response":{}}),  // a single commit's answer
         ] {
             let mut q = CommitQueue::default();
-            q.push(1, raw("{}"));
-            q.push(2, raw("{}"));
+            push(&mut q, 1, raw("{}"));
+            push(&mut q, 2, raw("{}"));
             q.next_batch().unwrap();
             let answers = q.complete(response(Some(200), stray));
             assert!(answers.iter().all(|(_, a)| a.status == Some(502)));
@@ -267,7 +340,7 @@ mod tests {
     fn batches_are_bounded_by_count_and_bytes() {
         let mut q = CommitQueue::default();
         for i in 0..(MAX_COMMITS as u32 + 5) {
-            q.push(i, raw("{}"));
+            push(&mut q, i, raw("{}"));
         }
         assert_eq!(q.next_batch().unwrap().members.len(), MAX_COMMITS);
         q.complete(response(None, json!(null)));
@@ -275,14 +348,62 @@ mod tests {
         q.complete(response(None, json!(null)));
 
         let big = sized(MAX_BATCH_BYTES / 2);
-        q.push(1, big.clone());
-        q.push(2, big.clone());
-        q.push(3, sized(MAX_BATCH_BYTES * 2));
+        push(&mut q, 1, big.clone());
+        push(&mut q, 2, big.clone());
+        push(&mut q, 3, sized(MAX_BATCH_BYTES * 2));
         assert_eq!(q.next_batch().unwrap().members, vec![1]);
         q.complete(response(None, json!(null)));
         assert_eq!(q.next_batch().unwrap().members, vec![2]);
         q.complete(response(None, json!(null)));
         // one commit over the byte budget still leaves, alone
         assert_eq!(q.next_batch().unwrap().members, vec![3]);
+    }
+
+    #[test]
+    fn a_full_queue_refuses_at_once() {
+        let mut q = CommitQueue::default();
+        push(&mut q, 0, raw("0"));
+        q.next_batch().unwrap(); // in flight: the rest waits
+        for i in 1..=MAX_PENDING_COMMITS as u32 {
+            push(&mut q, i, raw("{}"));
+        }
+        assert_eq!(q.push(9999, raw("{}"), FAR), Err(Full));
+        assert_eq!(q.pending(), MAX_PENDING_COMMITS);
+        // room again once a batch leaves
+        q.complete(response(None, json!(null)));
+        q.next_batch().unwrap();
+        assert_eq!(q.push(9999, raw("{}"), FAR), Ok(false));
+    }
+
+    #[test]
+    fn the_byte_budget_bounds_the_queue_but_one_commit_always_fits() {
+        let mut q = CommitQueue::default();
+        assert!(
+            push(&mut q, 1, sized(MAX_PENDING_BYTES + 10)),
+            "alone, it fits"
+        );
+        assert_eq!(q.push(2, raw("{}"), FAR), Err(Full));
+        q.withdraw(1);
+        push(&mut q, 1, sized(MAX_PENDING_BYTES / 2));
+        push(&mut q, 2, sized(MAX_PENDING_BYTES / 2));
+        assert_eq!(q.push(3, raw("{}"), FAR), Err(Full));
+        // the bytes are released when the commits leave
+        assert_eq!(q.next_batch().unwrap().members, vec![1]);
+        assert_eq!(q.push(3, raw("{}"), FAR), Ok(false));
+    }
+
+    #[test]
+    fn commits_past_their_deadline_never_leave() {
+        let mut q = CommitQueue::default();
+        q.push(1, raw("1"), 100).unwrap();
+        q.push(2, raw("2"), 200).unwrap();
+        q.push(3, raw("3"), 300).unwrap();
+        assert_eq!(q.expire(99), Vec::<Member>::new());
+        assert_eq!(q.expire(200), vec![1, 2]);
+        let batch = q.next_batch().unwrap();
+        assert_eq!(
+            (batch.members, batch.body),
+            (vec![3], br#"{"commits":[3]}"#.to_vec())
+        );
     }
 }

@@ -4,6 +4,7 @@
 //!
 //! - [`pipeline`]: the exchange as a state machine, from the request headers to its answer.
 //! - [`commit_queue`]: group commit, one worker's receipts in one control-plane call.
+//! - [`tenant_lookups`]: single flight, one callout for a worker's concurrent lookups of a key.
 //! - [`worker`]: what one Envoy worker remembers between exchanges (keys in flight, trace heads).
 //! - [`config`]: the plugin configuration and the filter's secrets.
 //! - [`route`]: per-route settings from route metadata, cached per route.
@@ -43,6 +44,7 @@ pub mod repair;
 pub mod route;
 pub mod sanitize;
 pub mod schema;
+pub mod tenant_lookups;
 pub mod transform;
 pub mod worker;
 

@@ -216,15 +216,23 @@ fn push_token(location: &mut String, token: &str) {
 /// business payloads nest a handful of levels.
 pub const MAX_PAYLOAD_DEPTH: usize = 64;
 
-/// Nesting depth of a value (a scalar is 0), computed without recursion.
+/// Nesting depth of a value: the containers on the longest path from the root, each counting
+/// as a level even when empty (a scalar is 0, `[]` and `[1]` are 1, `[[]]` is 2). Without
+/// recursion; linear in the number of values.
 pub fn nesting_depth(value: &Value) -> usize {
     let mut deepest = 0;
     let mut stack = vec![(value, 0usize)];
-    while let Some((node, depth)) = stack.pop() {
-        deepest = deepest.max(depth);
+    while let Some((node, outer)) = stack.pop() {
+        let level = outer.saturating_add(1);
         match node {
-            Value::Array(items) => stack.extend(items.iter().map(|v| (v, depth + 1))),
-            Value::Object(members) => stack.extend(members.values().map(|v| (v, depth + 1))),
+            Value::Array(items) => {
+                deepest = deepest.max(level);
+                stack.extend(items.iter().map(|v| (v, level)));
+            }
+            Value::Object(members) => {
+                deepest = deepest.max(level);
+                stack.extend(members.values().map(|v| (v, level)));
+            }
             _ => {}
         }
     }
@@ -640,6 +648,24 @@ mod tests {
         }
         assert_eq!(nesting_depth(&deep), MAX_PAYLOAD_DEPTH + 1);
         let err = r.normalize(INVOICE, INVOICE, deep.clone()).unwrap_err();
+        assert_eq!(err.code, "TOO_DEEP");
+        // an empty container is a level too
+        for (value, depth) in [
+            (json!(1), 0),
+            (json!([]), 1),
+            (json!({}), 1),
+            (json!([1]), 1),
+            (json!([[]]), 2),
+            (json!({"a": [{}], "b": 1}), 3),
+        ] {
+            assert_eq!(nesting_depth(&value), depth, "{value}");
+        }
+        let mut empty_inside = json!([]);
+        for _ in 0..MAX_PAYLOAD_DEPTH {
+            empty_inside = json!([empty_inside]);
+        }
+        assert_eq!(nesting_depth(&empty_inside), MAX_PAYLOAD_DEPTH + 1);
+        let err = r.normalize(INVOICE, INVOICE, empty_inside).unwrap_err();
         assert_eq!(err.code, "TOO_DEEP");
         // also when the depth hides in an embedded JSON string
         let args = format!(

@@ -67,6 +67,12 @@ impl InFlightKey {
     }
 }
 
+impl InFlightKey {
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+}
+
 impl Drop for InFlightKey {
     fn drop(&mut self) {
         if let Ok(mut w) = self.worker.try_borrow_mut() {
@@ -102,6 +108,18 @@ impl HeadCache {
         }
         self.current
             .insert(trace_id.to_owned(), (tenant.to_owned(), head));
+    }
+
+    /// Forgets the head of the tenant's trace (in either generation).
+    pub fn remove(&mut self, tenant: &str, trace_id: &str) {
+        for generation in [&mut self.current, &mut self.previous] {
+            if generation
+                .get(trace_id)
+                .is_some_and(|(owner, _)| owner == tenant)
+            {
+                generation.remove(trace_id);
+            }
+        }
     }
 
     pub fn len(&self) -> usize {

@@ -14,6 +14,7 @@ pub mod ports;
 pub mod postgres;
 pub mod process;
 pub mod prometheus;
+pub mod raw;
 pub mod stack;
 
 pub use control_plane::Storage;

@@ -87,13 +87,14 @@ pub enum Action {
     PassThrough,
 }
 
-/// One exchange's [`internal::Commit`], serialized once; equal when its JSON text is.
+/// One exchange's [`internal::Commit`], serialized once, and its `deadline_ms` (Unix ms);
+/// equal when its JSON text is.
 #[derive(Debug, Clone)]
-pub struct CommitJson(pub Box<RawValue>);
+pub struct CommitJson(pub Box<RawValue>, pub u64);
 
 impl PartialEq for CommitJson {
     fn eq(&self, other: &Self) -> bool {
-        self.0.get() == other.0.get()
+        self.0.get() == other.0.get() && self.1 == other.1
     }
 }
 

@@ -8,15 +8,15 @@ use serde_json::Value;
 use signet_protocol::internal::{Code, CommitReply, ErrorReply, Grant, Head, Outcome};
 use signet_protocol::{cid, trace, ApiError};
 
-use super::actions::{callout, Action, Call, CalloutResponse, CommitJson, Forward, Response};
+use super::actions::{callout, Action, Call, CalloutResponse, Forward, Response};
 use super::headers::{
-    receipt_headers, API_KEY_HEADERS, FORGEABLE_HEADERS, IDEMPOTENCY_HIT_HEADER,
-    IDEMPOTENCY_KEY_HEADERS, TRACE_HEADER,
+    receipt_headers, trim_ows, visible_ascii, Headers, API_KEY_HEADERS, FORGEABLE_HEADERS,
+    IDEMPOTENCY_HIT_HEADER, IDEMPOTENCY_KEY_HEADERS, MAX_IDEMPOTENCY_KEY_BYTES, TRACE_HEADER,
 };
 use super::reply::{classify, control_plane_error, Reply};
 use super::request::{self, bad_trace_id, Request};
 use super::sign::{self, Signed, Subject};
-use super::tenant_cache;
+use super::tenant_cache::{self, Cached};
 use super::verify::{verify, Verified};
 use crate::config::Config;
 use crate::host::{stats, Host, LogLevel};
@@ -46,8 +46,8 @@ enum State {
 struct Routed {
     route: Rc<RouteSettings>,
     key_hash: String,
-    /// Empty when the request has none: answered once the API key is known (auth comes first).
-    idempotency_key: String,
+    /// Missing or invalid: answered once the API key is known (auth comes first).
+    idempotency_key: Result<String, Box<ApiError>>,
     header_trace: Option<String>,
 }
 
@@ -69,8 +69,8 @@ enum Stage {
 /// A tenant that passed the rate and in-flight checks.
 struct Admitted {
     grant: Grant,
-    /// Frees the idempotency key on this worker when the exchange ends, however it ends.
-    _in_flight: InFlightKey,
+    /// The idempotency key, freed on this worker when the exchange ends, however it ends.
+    in_flight: InFlightKey,
 }
 
 /// A verified request, ready to be signed.
@@ -114,7 +114,7 @@ impl Exchange {
     pub fn on_request_headers(
         &mut self,
         host: &mut dyn Host,
-        header: &dyn Fn(&str) -> Option<String>,
+        headers: &Headers,
         end_of_stream: bool,
     ) -> Action {
         let State::New(route) = &self.state else {
@@ -137,36 +137,20 @@ impl Exchange {
                 );
             }
         };
-        let first = |names: &[&str]| {
-            names
-                .iter()
-                .find_map(|n| header(n).filter(|v| !v.trim().is_empty()))
+        let read = match read_headers(host, headers, route.mode) {
+            Ok(read) => read,
+            Err(e) => return self.fail(host, e),
         };
-        let Some(api_key) = first(&API_KEY_HEADERS) else {
-            return self.fail(
-                host,
-                ApiError::new(401, "MISSING_API_KEY", "X-SIGNET-API-Key is required"),
-            );
-        };
-        let key_hash = cid::sha256_hex(api_key.trim().as_bytes());
-        let idempotency_key = match (first(&IDEMPOTENCY_KEY_HEADERS), route.mode) {
-            (Some(key), _) => key.trim().to_owned(),
-            (None, Mode::Exchange) => String::new(),
-            // inline callers are ordinary API clients: without a key every request is new
-            (None, Mode::Inline) => format!("auto-{}", host.random_hex(16)),
-        };
-        let header_trace = header(TRACE_HEADER);
-        if header_trace
-            .as_deref()
-            .is_some_and(|t| !trace::is_valid_trace_id(t))
-        {
-            return self.fail(host, bad_trace_id());
-        }
         // a declared length over the limit is refused before anything is buffered or called
-        let declared = header("content-length").and_then(|n| n.trim().parse::<usize>().ok());
-        if let Some(error) = declared.and_then(|n| over_limit(&route, n)) {
+        if let Some(error) = read.declared_length.and_then(|n| over_limit(&route, n)) {
             return self.fail(host, error);
         }
+        let ReadHeaders {
+            key_hash,
+            idempotency_key,
+            header_trace,
+            ..
+        } = read;
         let body = end_of_stream.then(Vec::new);
         let routed = Routed {
             route,
@@ -176,7 +160,8 @@ impl Exchange {
         };
         let ttl_ms = self.config.tenant_cache_ttl_ms;
         match tenant_cache::get(host, ttl_ms, &routed.key_hash) {
-            Some(grant) => self.admit(host, routed, grant, body),
+            Some(Cached::Tenant(grant)) => self.admit(host, routed, grant, body),
+            Some(Cached::Unknown) => self.fail(host, unknown_api_key()),
             None => {
                 // the one callout an exchange makes itself (commits go out in batches)
                 let key_hash = vec![(KEY_HASH_HEADER.into(), routed.key_hash.clone())];
@@ -198,7 +183,8 @@ impl Exchange {
         let Some((routed, stage)) = self.take_open() else {
             return Action::PassThrough;
         };
-        if let Some(error) = over_limit(&routed.route, buffered_size) {
+        let buffered = u64::try_from(buffered_size).unwrap_or(u64::MAX);
+        if let Some(error) = over_limit(&routed.route, buffered) {
             return self.fail(host, error);
         }
         match stage {
@@ -271,6 +257,10 @@ impl Exchange {
                 }
             },
             Reply::Error(status, e) => {
+                if e.code == Code::UnknownApiKey.as_str() {
+                    let ttl_ms = self.config.tenant_cache_ttl_ms;
+                    tenant_cache::put_unknown(host, ttl_ms, &routed.key_hash);
+                }
                 let e = control_plane_error(host, status, e);
                 self.fail(host, e)
             }
@@ -286,21 +276,14 @@ impl Exchange {
         grant: Grant,
         body: Option<Vec<u8>>,
     ) -> Action {
-        if routed.idempotency_key.is_empty() {
-            return self.fail(
-                host,
-                ApiError::new(
-                    400,
-                    "MISSING_IDEMPOTENCY_KEY",
-                    "X-SIGNET-Idempotency-Key is required",
-                ),
-            );
-        }
+        let idempotency_key = match &routed.idempotency_key {
+            Ok(key) => key.clone(),
+            Err(e) => return self.fail(host, (**e).clone()),
+        };
         if let Some(error) = over_rate(host, &routed.route, &grant.tenant) {
             return self.fail(host, error);
         }
-        let Some(in_flight) =
-            InFlightKey::enter(&self.worker, &grant.tenant, &routed.idempotency_key)
+        let Some(in_flight) = InFlightKey::enter(&self.worker, &grant.tenant, &idempotency_key)
         else {
             return self.fail(
                 host,
@@ -311,10 +294,7 @@ impl Exchange {
                 ),
             );
         };
-        let admitted = Admitted {
-            grant,
-            _in_flight: in_flight,
-        };
+        let admitted = Admitted { grant, in_flight };
         match body {
             Some(body) => self.on_body(host, routed, admitted, body),
             None => self.wait(routed, Stage::AwaitingBody(admitted)),
@@ -366,7 +346,7 @@ impl Exchange {
     ) -> Action {
         let signing = Subject {
             tenant: &subject.admitted.grant.tenant,
-            idempotency_key: &routed.idempotency_key,
+            idempotency_key: subject.admitted.in_flight.key(),
             request: &subject.request,
             verified: &subject.verified,
         };
@@ -378,7 +358,7 @@ impl Exchange {
                     retries,
                 };
                 self.state = State::Open(routed, Stage::Committing(Box::new(committing)));
-                Action::Commit(CommitJson(commit))
+                Action::Commit(commit)
             }
             Err(e) => self.fail(host, e),
         }
@@ -393,22 +373,24 @@ impl Exchange {
     ) -> Action {
         let body = match reply {
             Reply::Ok(body) => body,
-            Reply::Error(
-                _,
-                ErrorReply {
-                    code,
-                    head: Some(head),
-                    ..
-                },
-            ) if code == Code::ChainConflict.as_str() && committing.retries > 0 => {
+            Reply::Error(_, ErrorReply { code, head, .. })
+                if code == Code::ChainConflict.as_str() && committing.retries > 0 =>
+            {
                 // Another exchange extended the trace first (or the head was a guess): link
-                // to the head commit reported.
+                // to the head commit reported. No head: the control plane has no such trace
+                // although this worker remembers one (its storage rolled back, or the cache
+                // is wrong): forget it and open the trace anew, at hop 1.
                 host.log(
                     LogLevel::Debug,
                     "signet: chain conflict, re-signing on the head the control plane reported",
                 );
+                if head.is_none() {
+                    let subject = &committing.subject;
+                    let tenant = &subject.admitted.grant.tenant;
+                    self.forget_head(tenant, &subject.verified.trace_id);
+                }
                 let retries = committing.retries.saturating_sub(1);
-                return self.commit(host, routed, committing.subject, Some(head), retries);
+                return self.commit(host, routed, committing.subject, head, retries);
             }
             Reply::Error(status, e) => {
                 let e = control_plane_error(host, status, e);
@@ -528,6 +510,13 @@ impl Exchange {
         }
     }
 
+    /// The control plane has no such trace: the head this worker remembers is not one.
+    fn forget_head(&self, tenant: &str, trace_id: &str) {
+        if let Ok(mut w) = self.worker.try_borrow_mut() {
+            w.heads.remove(tenant, trace_id);
+        }
+    }
+
     // ---- waiting and endings -----------------------------------------------------------------
 
     /// The open exchange, taken out of `self` for a step to move on (the step puts it back with
@@ -559,16 +548,21 @@ impl Exchange {
     }
 
     /// The control plane cannot be used: 503, or on a fail-open route, the request continues
-    /// as it came (no receipt, nothing counted), only without receipt headers a client may have
-    /// forged: the upstream must never see receipt headers on a request that has no receipt.
+    /// as it came (no receipt, nothing counted), only without the API key headers (as on every
+    /// path) and receipt headers a client may have forged: the upstream must never see receipt
+    /// headers on a request that has no receipt.
     fn unavailable(&mut self, host: &mut dyn Host, route: &RouteSettings) -> Action {
         if route.fail_open {
             host.log(
                 LogLevel::Warn,
                 "signet: control plane unavailable, failing open",
             );
+            // the tenant's API key is a credential for Signet, never for the upstream
             let forward = Forward {
-                remove_headers: FORGEABLE_HEADERS.to_vec(),
+                remove_headers: API_KEY_HEADERS
+                    .into_iter()
+                    .chain(FORGEABLE_HEADERS)
+                    .collect(),
                 ..Forward::default()
             };
             return self.finish(host, Action::Continue(forward), Vec::new());
@@ -599,9 +593,9 @@ impl Exchange {
 }
 
 /// 413 when `size` exceeds the route's body limit.
-fn over_limit(route: &RouteSettings, size: usize) -> Option<ApiError> {
+fn over_limit(route: &RouteSettings, size: u64) -> Option<ApiError> {
     let limit = route.body_limit;
-    (size > limit).then(|| {
+    (size > u64::try_from(limit).unwrap_or(u64::MAX)).then(|| {
         ApiError::new(
             413,
             "BODY_TOO_LARGE",
@@ -623,4 +617,96 @@ fn over_rate(host: &mut dyn Host, route: &RouteSettings, tenant: &str) -> Option
             ),
         )
     })
+}
+
+/// What the request headers say, each read as bytes and validated.
+struct ReadHeaders {
+    key_hash: String,
+    idempotency_key: Result<String, Box<ApiError>>,
+    header_trace: Option<String>,
+    declared_length: Option<u64>,
+}
+
+/// The credential, idempotency and trace headers (each at most once, aliases agreeing: 400
+/// `DUPLICATE_HEADER`), the API key (401 `MISSING_API_KEY`, `INVALID_API_KEY` unless visible
+/// ASCII), the trace (400 `BAD_TRACE_ID`), the content encoding (415 unless identity: the body
+/// is signed as it came, so it must be the payload), the declared length (as u64: 2^32 and more
+/// are lengths too). The idempotency key's own errors wait for the tenant.
+fn read_headers(
+    host: &mut dyn Host,
+    headers: &Headers,
+    mode: Mode,
+) -> Result<ReadHeaders, ApiError> {
+    let api_key = headers.aliased(&API_KEY_HEADERS)?;
+    let idempotency_key = headers.aliased(&IDEMPOTENCY_KEY_HEADERS)?;
+    let header_trace = headers.single(TRACE_HEADER)?;
+    let Some(api_key) = api_key else {
+        return Err(ApiError::new(
+            401,
+            "MISSING_API_KEY",
+            "X-SIGNET-API-Key is required",
+        ));
+    };
+    let Some(api_key) = visible_ascii(api_key) else {
+        return Err(ApiError::new(
+            401,
+            "INVALID_API_KEY",
+            "X-SIGNET-API-Key must be visible ASCII",
+        ));
+    };
+    let header_trace = match header_trace {
+        None => None,
+        Some(t) => match visible_ascii(t).filter(|t| trace::is_valid_trace_id(t)) {
+            Some(t) => Some(t.to_owned()),
+            None => return Err(bad_trace_id()),
+        },
+    };
+    if headers
+        .all("content-encoding")
+        .any(|e| !e.is_empty() && !e.eq_ignore_ascii_case(b"identity"))
+    {
+        return Err(ApiError::new(
+            415,
+            "UNSUPPORTED_CONTENT_ENCODING",
+            "the body is signed as it comes: send it without a content-encoding",
+        ));
+    }
+    let declared_length = headers
+        .single("content-length")
+        .ok()
+        .flatten()
+        .and_then(|n| std::str::from_utf8(trim_ows(n)).ok()?.parse::<u64>().ok());
+    let idempotency_key = match (idempotency_key, mode) {
+        (Some(key), _) => visible_ascii(key)
+            .filter(|k| k.len() <= MAX_IDEMPOTENCY_KEY_BYTES)
+            .map(str::to_owned)
+            .ok_or_else(|| {
+                Box::new(ApiError::new(
+                    400,
+                    "IDEMPOTENCY_KEY_INVALID",
+                    format!(
+                        "X-SIGNET-Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_BYTES} \
+                         visible ASCII characters"
+                    ),
+                ))
+            }),
+        (None, Mode::Exchange) => Err(Box::new(ApiError::new(
+            400,
+            "MISSING_IDEMPOTENCY_KEY",
+            "X-SIGNET-Idempotency-Key is required",
+        ))),
+        // inline callers are ordinary API clients: without a key every request is new
+        (None, Mode::Inline) => Ok(format!("auto-{}", host.random_hex(16))),
+    };
+    Ok(ReadHeaders {
+        key_hash: cid::sha256_hex(api_key.as_bytes()),
+        idempotency_key,
+        header_trace,
+        declared_length,
+    })
+}
+
+/// The control plane's answer for a key no tenant has (here from the cache).
+fn unknown_api_key() -> ApiError {
+    ApiError::new(401, Code::UnknownApiKey.as_str(), "unknown API key")
 }

@@ -40,6 +40,8 @@ mod verify;
 
 pub use actions::{callout, Action, Call, Callout, CalloutResponse, CommitJson, Forward, Response};
 pub use exchange::Exchange;
+pub use headers::Headers;
+pub use reply::expired_commit;
 pub use sign::exchange_response;
 
 #[cfg(test)]

@@ -20,6 +20,11 @@ pub fn classify(response: CalloutResponse) -> Result<Reply, String> {
     };
     match status {
         200..=299 => Ok(Reply::Ok(response.body)),
+        // the commit reached the control plane (or left this worker's queue) past its deadline:
+        // nothing was stored, like a timeout
+        504 if is_expired(&response.body) => {
+            Err("the commit missed its deadline (COMMIT_EXPIRED); nothing was stored".into())
+        }
         400..=499 => match serde_json::from_slice::<ErrorReply>(&response.body) {
             Ok(e) => Ok(Reply::Error(status, e)),
             Err(_) => Err(format!("status {status} without an error body")),
@@ -40,4 +45,20 @@ pub fn control_plane_error(host: &mut dyn Host, status: u16, reply: ErrorReply) 
         &format!("signet: control plane rejected the filter: {error}"),
     );
     ApiError::new(500, error.code, "the Signet filter is misconfigured")
+}
+
+fn is_expired(body: &[u8]) -> bool {
+    serde_json::from_slice::<ErrorReply>(body).is_ok_and(|e| e.code == Code::CommitExpired.as_str())
+}
+
+/// The answer of a commit whose deadline passed before it left this worker's queue.
+pub fn expired_commit() -> CalloutResponse {
+    let reply = ErrorReply::new(
+        Code::CommitExpired,
+        "the commit's deadline passed while it waited for a batch",
+    );
+    CalloutResponse {
+        status: Some(Code::CommitExpired.status()),
+        body: reply.to_json().into_bytes(),
+    }
 }

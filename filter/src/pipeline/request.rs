@@ -3,7 +3,8 @@
 //! the payload itself (its types come from the route, its trace from `X-SIGNET-Trace`).
 
 use serde_json::Value;
-use signet_protocol::{canonical, cid, trace, ApiError};
+use signet_protocol::internal::idempotency;
+use signet_protocol::{canonical, trace, ApiError};
 
 use crate::registry::{parse_options, Registry};
 use crate::route::RouteSettings;
@@ -14,7 +15,8 @@ pub struct Request {
     pub payload: Value,
     pub trace_id: Option<String>,
     pub forward_url: Option<String>,
-    /// `sha256:` + hex SHA-256 of the body (SPEC §4 idempotency).
+    /// What makes the request distinct for its idempotency key (SPEC §4): the body and the
+    /// `X-SIGNET-Trace` header ([`idempotency::fingerprint`]).
     pub fingerprint: String,
 }
 
@@ -25,7 +27,7 @@ pub fn parse(
     header_trace: Option<&str>,
 ) -> Result<Request, ApiError> {
     let value = canonical::parse(body, &parse_options()).map_err(|e| ApiError::from(&e))?;
-    let fingerprint = format!("sha256:{}", cid::sha256_hex(body));
+    let fingerprint = idempotency::fingerprint(body, header_trace);
     let header_trace = header_trace.map(str::to_owned);
     if let Some((payload_type, target_type)) = &route.inline_types {
         return Ok(Request {

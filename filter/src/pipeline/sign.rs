@@ -7,6 +7,7 @@ use signet_protocol::internal::{Commit, Head};
 use signet_protocol::receipt::{self, Policy, ReceiptDraft};
 use signet_protocol::{time, ApiError};
 
+use super::actions::CommitJson;
 use super::headers::receipt_headers;
 use super::request::Request;
 use super::verify::Verified;
@@ -39,7 +40,7 @@ pub fn sign(
     route: &RouteSettings,
     subject: &Subject,
     head: Option<Head>,
-) -> Result<(Box<RawValue>, Signed), ApiError> {
+) -> Result<(CommitJson, Signed), ApiError> {
     let Subject {
         tenant,
         idempotency_key,
@@ -84,6 +85,10 @@ pub fn sign(
     // the tenant as the receipt stores it (NFC), which the control plane checks it against
     let receipt_tenant = receipt.get("tenant").and_then(Value::as_str);
     let receipt_tenant = receipt_tenant.unwrap_or(tenant).to_owned();
+    // the filter waits for its batch at most the callout timeout after this (commit_queue.rs)
+    let deadline_ms = host
+        .now_millis()
+        .saturating_add(config.control_plane.timeout_ms);
     let commit = Commit {
         tenant: receipt_tenant.into(),
         idempotency_key: (*idempotency_key).into(),
@@ -91,9 +96,10 @@ pub fn sign(
         receipt: Value::Object(receipt),
         response: &response,
         fu_tokens: 0,
-        deadline_ms: None,
+        deadline_ms: Some(deadline_ms),
     }
     .to_json();
+    let commit = CommitJson(commit, deadline_ms);
     let signed = Signed {
         response,
         headers,

@@ -14,6 +14,7 @@ use signet_protocol::internal::{
 };
 use signet_protocol::{cid, receipt, Jwks};
 
+use super::tenant_cache;
 use super::*;
 use crate::commit_queue::CommitQueue;
 use crate::config::tests::env;
@@ -56,6 +57,8 @@ struct FakeControlPlane {
     scripted: HashMap<&'static str, (u16, Value)>,
     /// Before each of the next N commits another writer extends the chain.
     racing_writers: u32,
+    /// The control plane's clock (Unix ms); 0: it never finds a commit late.
+    clock_ms: u64,
     signer: signet_protocol::SigningKey,
 }
 
@@ -79,6 +82,7 @@ impl FakeControlPlane {
             outage: None,
             scripted: HashMap::new(),
             racing_writers: 0,
+            clock_ms: 0,
             signer,
         }
     }
@@ -172,6 +176,13 @@ impl FakeControlPlane {
     /// [`decide`] says what to write.
     fn commit(&mut self, commit: &Commit) -> CalloutResponse {
         let r = &commit.receipt;
+        if commit.deadline_ms.is_some_and(|d| self.clock_ms > d) {
+            return error(
+                504,
+                "COMMIT_EXPIRED",
+                "the commit arrived after its deadline",
+            );
+        }
         if receipt::verify(r, Some(&self.jwks), true).is_err() {
             return error(400, "RECEIPT_INVALID", "receipt does not verify");
         }
@@ -316,9 +327,9 @@ impl Harness {
         loop {
             let response = match action {
                 Action::Call(callout) => self.cp.handle(&callout),
-                Action::Commit(CommitJson(commit)) => {
+                Action::Commit(CommitJson(commit, deadline_ms)) => {
                     let mut queue = CommitQueue::default();
-                    queue.push(1, commit);
+                    queue.push(1, commit, deadline_ms).unwrap();
                     let batch = queue.next_batch().unwrap();
                     let callout = callout(&self.config, Call::Commit, Some(batch.body), vec![]);
                     let answer = self.cp.handle(&callout);
@@ -338,13 +349,7 @@ impl Harness {
         body: &[u8],
     ) -> (Action, Exchange) {
         let mut ex = self.new_exchange(route);
-        let lookup = |name: &str| {
-            headers
-                .iter()
-                .find(|(n, _)| n.eq_ignore_ascii_case(name))
-                .map(|(_, v)| v.to_string())
-        };
-        let first = ex.on_request_headers(&mut self.host, &lookup, body.is_empty());
+        let first = ex.on_request_headers(&mut self.host, &Headers::from(headers), body.is_empty());
         let action = self.drive(&mut ex, first);
         if action != Action::Pause || body.is_empty() {
             return (action, ex);
@@ -546,6 +551,46 @@ fn a_chain_conflict_is_re_signed_on_the_new_head_once() {
 }
 
 #[test]
+fn a_trace_the_control_plane_lost_is_opened_anew_at_hop_1() {
+    let mut h = Harness::new();
+    respond(&h.post("k-1", &exchange_body(json!({"trace_id":"t-1"}))));
+    respond(&h.post("k-2", &exchange_body(json!({"trace_id":"t-1"}))));
+    // the control plane's storage rolled back (a power cut): it has no t-1 any more, while
+    // this worker remembers hop 2
+    h.cp.chains.clear();
+    h.cp.owners.clear();
+    h.cp.slots.clear();
+    let commits = h.cp.calls.len();
+    let (status, body, headers) =
+        respond(&h.post("k-3", &exchange_body(json!({"trace_id":"t-1"}))));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["receipt"]["hop"], 1);
+    assert_eq!(headers["x-signet-hop"], "1");
+    assert_eq!(h.cp.calls.len() - commits, 2, "one conflict, one re-sign");
+    assert_eq!(h.cp.chains["t-1"].len(), 1);
+    // the worker follows the control plane's chain from now on
+    let (_, next, _) = respond(&h.post("k-4", &exchange_body(json!({"trace_id":"t-1"}))));
+    assert_eq!(next["receipt"]["hop"], 2);
+    signet_protocol::chain::verify(&h.cp.chains["t-1"], Some(&h.cp.jwks), true).unwrap();
+}
+
+#[test]
+fn a_lost_trace_that_keeps_conflicting_is_a_409_and_the_cache_is_dropped() {
+    let mut h = Harness::new();
+    respond(&h.post("k-1", &exchange_body(json!({"trace_id":"t-1"}))));
+    h.cp.chains.clear();
+    h.cp.owners.clear();
+    // the control plane answers every commit with a conflict and no head
+    let conflict = ErrorReply::conflict("chain conflict", None);
+    h.cp.scripted
+        .insert("commit", (409, serde_json::to_value(&conflict).unwrap()));
+    let action = h.post("k-2", &exchange_body(json!({"trace_id":"t-1"})));
+    assert_eq!(error_of(&action), (409, "CHAIN_CONFLICT".into()));
+    assert_eq!(h.cp.calls.iter().filter(|c| **c == Call::Commit).count(), 3);
+    assert_eq!(h.worker.borrow().heads.get("demo", "t-1"), None);
+}
+
+#[test]
 fn a_second_conflict_is_a_409_and_the_key_stays_free() {
     let mut h = Harness::new();
     respond(&h.post("k-1", &exchange_body(json!({"trace_id":"t-1"}))));
@@ -693,12 +738,8 @@ fn an_allowed_forward_url_is_not_delivered_yet() {
 fn open_request(h: &mut Harness, key: &str) -> Exchange {
     let route = h.route(json!({"mode":"exchange"}));
     let mut ex = h.new_exchange(route);
-    let headers = |n: &str| match n {
-        "x-signet-api-key" => Some(KEY.to_owned()),
-        "x-signet-idempotency-key" => Some(key.to_owned()),
-        _ => None,
-    };
-    let first = ex.on_request_headers(&mut h.host, &headers, false);
+    let headers = [("x-signet-api-key", KEY), ("x-signet-idempotency-key", key)];
+    let first = ex.on_request_headers(&mut h.host, &Headers::from(&headers[..]), false);
     assert_eq!(h.drive(&mut ex, first), Action::Pause);
     ex
 }
@@ -766,12 +807,8 @@ fn status_413_over_the_route_limit() {
     let route = h.route(json!({"body_limit_bytes": 100}));
     let body = exchange_body(json!({}));
     let mut ex = h.new_exchange(route);
-    let headers = |n: &str| match n {
-        "x-signet-api-key" => Some(KEY.to_owned()),
-        "x-signet-idempotency-key" => Some("k".to_owned()),
-        _ => None,
-    };
-    let first = ex.on_request_headers(&mut h.host, &headers, false);
+    let headers = [("x-signet-api-key", KEY), ("x-signet-idempotency-key", "k")];
+    let first = ex.on_request_headers(&mut h.host, &Headers::from(&headers[..]), false);
     assert!(matches!(
         first,
         Action::Call(Callout {
@@ -1006,6 +1043,8 @@ fn fail_open_routes_pass_through_untouched() {
         Action::Continue(Forward {
             set_headers: vec![],
             remove_headers: vec![
+                "x-signet-api-key",
+                "x-odin-api-key",
                 "x-signet-receipt-hash",
                 "x-signet-hop",
                 "x-signet-cid",
@@ -1176,11 +1215,8 @@ fn body_arriving_before_the_tenant_answer() {
     let mut h = Harness::new();
     let route = h.route(json!({}));
     let mut ex = h.new_exchange(route);
-    let headers = |n: &str| match n {
-        "x-signet-api-key" => Some(KEY.to_owned()),
-        "x-signet-idempotency-key" => Some("k".to_owned()),
-        _ => None,
-    };
+    let headers =
+        Headers::from(&[("x-signet-api-key", KEY), ("x-signet-idempotency-key", "k")][..]);
     let Action::Call(tenant_call) = ex.on_request_headers(&mut h.host, &headers, false) else {
         panic!()
     };
@@ -1193,4 +1229,385 @@ fn body_arriving_before_the_tenant_answer() {
     let next = ex.on_callout_response(&mut h.host, response);
     assert!(matches!(next, Action::Commit(_)));
     assert_eq!(respond(&h.drive(&mut ex, next)).0, 200);
+}
+
+// ---- hostile headers and bodies (#13 item 0) ----------------------------------------------------
+
+/// Headers with raw byte values, as the host hands them over.
+fn raw_headers(pairs: &[(&str, &[u8])]) -> Headers {
+    Headers::new(
+        pairs
+            .iter()
+            .map(|(n, v)| (n.as_bytes().to_vec(), v.to_vec()))
+            .collect(),
+    )
+}
+
+fn send_raw(h: &mut Harness, route: CachedRoute, headers: &Headers, body: &[u8]) -> Action {
+    let mut ex = h.new_exchange(route);
+    let first = ex.on_request_headers(&mut h.host, headers, false);
+    let action = h.drive(&mut ex, first);
+    if action != Action::Pause {
+        return action;
+    }
+    let next = ex.on_request_body(&mut h.host, body.len(), true, &mut || body.to_vec());
+    h.drive(&mut ex, next)
+}
+
+#[test]
+fn header_values_are_bytes_and_only_visible_ascii_identifies() {
+    let mut h = Harness::new();
+    let body = exchange_body(json!({}));
+    let exchange = h.route(json!({"mode":"exchange"}));
+    let inline = h.route(json!({"mode":"inline","payload_type":"openai.tooluse.invoice.v1","target_type":"invoice.iso20022.v1"}));
+    for suffix in [
+        &b"\xff"[..],
+        b"\xe9",
+        b"\xc0\xaf",
+        "\u{2028}".as_bytes(),
+        "\u{3000}".as_bytes(),
+        "\u{a0}".as_bytes(),
+    ] {
+        let key = [KEY.as_bytes(), suffix].concat();
+        for name in ["x-signet-api-key", "x-odin-api-key"] {
+            let headers = raw_headers(&[(name, &key), ("x-signet-idempotency-key", b"k-1")]);
+            let action = send_raw(&mut h, exchange.clone(), &headers, &body);
+            assert_eq!(
+                error_of(&action),
+                (401, "INVALID_API_KEY".into()),
+                "{suffix:?}"
+            );
+        }
+        let idem = [b"k-1".as_slice(), suffix].concat();
+        for route in [&exchange, &inline] {
+            let headers = raw_headers(&[
+                ("x-signet-api-key", KEY.as_bytes()),
+                ("x-odin-idempotency-key", &idem),
+            ]);
+            let action = send_raw(&mut h, route.clone(), &headers, &body);
+            assert_eq!(
+                error_of(&action),
+                (400, "IDEMPOTENCY_KEY_INVALID".into()),
+                "{suffix:?}"
+            );
+        }
+        let trace = [b"order-1".as_slice(), suffix].concat();
+        let headers = raw_headers(&[
+            ("x-signet-api-key", KEY.as_bytes()),
+            ("x-signet-idempotency-key", b"k-1"),
+            ("x-signet-trace", &trace),
+        ]);
+        let action = send_raw(&mut h, exchange.clone(), &headers, &body);
+        assert_eq!(
+            error_of(&action),
+            (400, "BAD_TRACE_ID".into()),
+            "{suffix:?}"
+        );
+    }
+    let long = "k".repeat(257);
+    let action = h.exchange(
+        &[
+            ("x-signet-api-key", KEY),
+            ("x-signet-idempotency-key", &long),
+        ],
+        &body,
+    );
+    assert_eq!(error_of(&action), (400, "IDEMPOTENCY_KEY_INVALID".into()));
+    // an invalid idempotency key waits for the API key: auth comes first
+    let action = h.exchange(
+        &[
+            ("x-signet-api-key", "unknown"),
+            ("x-signet-idempotency-key", &long),
+        ],
+        &body,
+    );
+    assert_eq!(error_of(&action).0, 401);
+    assert!(h.cp.chains.is_empty());
+    // ASCII whitespace around a key is not part of it
+    let action = h.exchange(
+        &[
+            ("x-signet-api-key", " \tdemo-key\t "),
+            ("x-signet-idempotency-key", "\tk-1 "),
+        ],
+        &body,
+    );
+    assert_eq!(respond(&action).0, 200);
+    let (status, _, headers) = respond(&h.post("k-1", &body));
+    assert_eq!(
+        (status, headers["x-signet-idempotency-hit"].as_str()),
+        (200, "1")
+    );
+}
+
+#[test]
+fn repeated_credentials_and_ids_are_400() {
+    let mut h = Harness::new();
+    let body = exchange_body(json!({}));
+    for headers in [
+        vec![
+            ("x-signet-api-key", KEY),
+            ("x-signet-api-key", "evil-key"),
+            ("x-signet-idempotency-key", "k"),
+        ],
+        vec![
+            ("x-signet-api-key", KEY),
+            ("x-signet-api-key", KEY),
+            ("x-signet-idempotency-key", "k"),
+        ],
+        vec![
+            ("x-signet-api-key", KEY),
+            ("x-odin-api-key", "evil-key"),
+            ("x-signet-idempotency-key", "k"),
+        ],
+        vec![
+            ("x-signet-api-key", KEY),
+            ("x-signet-idempotency-key", "k"),
+            ("x-signet-idempotency-key", "j"),
+        ],
+        vec![
+            ("x-signet-api-key", KEY),
+            ("x-signet-idempotency-key", "k"),
+            ("x-odin-idempotency-key", "j"),
+        ],
+        vec![
+            ("x-signet-api-key", KEY),
+            ("x-signet-idempotency-key", "k"),
+            ("x-signet-trace", "a"),
+            ("x-signet-trace", "b"),
+        ],
+    ] {
+        let action = h.exchange(&headers, &body);
+        assert_eq!(
+            error_of(&action),
+            (400, "DUPLICATE_HEADER".into()),
+            "{headers:?}"
+        );
+    }
+    assert!(h.cp.calls.is_empty(), "refused before any callout");
+    // aliases that agree are one key
+    let action = h.exchange(
+        &[
+            ("x-signet-api-key", KEY),
+            ("x-odin-api-key", KEY),
+            ("x-signet-idempotency-key", "k"),
+        ],
+        &body,
+    );
+    assert_eq!(respond(&action).0, 200);
+}
+
+#[test]
+fn an_encoded_body_is_415_and_identity_passes() {
+    let mut h = Harness::new();
+    let body = exchange_body(json!({}));
+    for encoding in ["gzip", "br", "gzip, deflate", "x-custom", "identity, gzip"] {
+        let action = h.exchange(
+            &[
+                ("x-signet-api-key", KEY),
+                ("x-signet-idempotency-key", "k"),
+                ("content-encoding", encoding),
+            ],
+            &body,
+        );
+        assert_eq!(
+            error_of(&action),
+            (415, "UNSUPPORTED_CONTENT_ENCODING".into()),
+            "{encoding}"
+        );
+    }
+    let action = h.exchange(
+        &[
+            ("x-signet-api-key", KEY),
+            ("x-signet-idempotency-key", "k"),
+            ("content-encoding", "Identity"),
+        ],
+        &body,
+    );
+    assert_eq!(respond(&action).0, 200);
+}
+
+#[test]
+fn a_declared_length_beyond_32_bits_is_413_at_once() {
+    let mut h = Harness::new();
+    for length in [u64::from(u32::MAX), 1 << 32, u64::MAX] {
+        let route = h.route(json!({"mode":"exchange"}));
+        let mut ex = h.new_exchange(route);
+        let length = length.to_string();
+        let headers = Headers::from(
+            &[
+                ("x-signet-api-key", KEY),
+                ("x-signet-idempotency-key", "k"),
+                ("content-length", length.as_str()),
+            ][..],
+        );
+        let action = ex.on_request_headers(&mut h.host, &headers, false);
+        assert_eq!(
+            error_of(&action),
+            (413, "BODY_TOO_LARGE".into()),
+            "{length}"
+        );
+    }
+    assert!(h.cp.calls.is_empty());
+}
+
+#[test]
+fn integers_beyond_2_pow_53_are_422_everywhere() {
+    let mut h = Harness::new();
+    let inline = h.route(json!({"mode":"inline","payload_type":"openai.tooluse.invoice.v1","target_type":"invoice.iso20022.v1"}));
+    for literal in [
+        "9007199254740994",
+        "18446744073709551616",
+        "-18446744073709551616",
+        "1e21",
+    ] {
+        let envelope = format!(
+            r#"{{"n":{literal},"payload_type":"openai.tooluse.invoice.v1","target_type":"invoice.iso20022.v1","payload":{TOOL_CALL}}}"#
+        );
+        let action = h.post("k", envelope.as_bytes());
+        assert_eq!(
+            error_of(&action),
+            (422, "UNSAFE_INTEGER".into()),
+            "envelope {literal}"
+        );
+        let payload = format!(r#"{{"n":{literal},{}"#, &TOOL_CALL[1..]);
+        let envelope = format!(
+            r#"{{"payload_type":"openai.tooluse.invoice.v1","target_type":"invoice.iso20022.v1","payload":{payload}}}"#
+        );
+        let action = h.post("k", envelope.as_bytes());
+        assert_eq!(
+            error_of(&action),
+            (422, "UNSAFE_INTEGER".into()),
+            "payload {literal}"
+        );
+        let (action, _) = h.send_on(
+            inline.clone(),
+            &[("x-signet-api-key", KEY)],
+            payload.as_bytes(),
+        );
+        assert_eq!(
+            error_of(&action),
+            (422, "UNSAFE_INTEGER".into()),
+            "inline {literal}"
+        );
+    }
+    assert!(h.cp.chains.is_empty());
+}
+
+#[test]
+fn fail_open_never_forwards_the_api_key() {
+    let mut h = Harness::new();
+    h.cp.outage = Some((Some(503), Vec::new()));
+    let route = h.route(json!({"mode":"exchange","fail_open":true}));
+    let (action, _) = h.send_on(
+        route,
+        &[("x-odin-api-key", KEY), ("x-signet-idempotency-key", "k")],
+        &exchange_body(json!({})),
+    );
+    let Action::Continue(forward) = action else {
+        panic!("{action:?}")
+    };
+    for name in [
+        "x-signet-api-key",
+        "x-odin-api-key",
+        "x-signet-receipt-hash",
+    ] {
+        assert!(forward.remove_headers.contains(&name), "{name}");
+    }
+}
+
+// ---- commit deadlines (#13 item 3) --------------------------------------------------------------
+
+#[test]
+fn a_commit_carries_its_deadline_and_a_late_one_is_503_with_nothing_stored() {
+    let mut h = Harness::new();
+    let timeout = h.config.control_plane.timeout_ms;
+    let signed_at = h.host.now;
+    // the control plane sees the commit at its deadline: stored
+    h.cp.clock_ms = signed_at + timeout;
+    assert_eq!(respond(&h.post("k-1", &exchange_body(json!({})))).0, 200);
+    assert_eq!(h.cp.slots.len(), 1);
+    // one millisecond later: refused, nothing stored, and the client gets a 503
+    h.cp.clock_ms = h.host.now + timeout + 1;
+    let action = h.post("k-2", &exchange_body(json!({})));
+    assert_eq!(error_of(&action), (503, "CONTROL_PLANE_UNAVAILABLE".into()));
+    assert_eq!(h.cp.slots.len(), 1);
+    assert_eq!(h.host.counter("signet.callout_failures.call.commit"), 1);
+    assert!(h
+        .host
+        .logs
+        .iter()
+        .any(|(_, l)| l.contains("COMMIT_EXPIRED")));
+    // a commit that expired in the worker's queue is answered the same way
+    let route = h.route(json!({"mode":"exchange"}));
+    let mut ex = h.new_exchange(route);
+    let headers = Headers::from(
+        &[
+            ("x-signet-api-key", KEY),
+            ("x-signet-idempotency-key", "k-3"),
+        ][..],
+    );
+    let first = ex.on_request_headers(&mut h.host, &headers, false);
+    assert_eq!(h.drive(&mut ex, first), Action::Pause);
+    let body = exchange_body(json!({}));
+    let Action::Commit(CommitJson(commit, deadline_ms)) =
+        ex.on_request_body(&mut h.host, body.len(), true, &mut || body.clone())
+    else {
+        panic!("no commit")
+    };
+    assert_eq!(deadline_ms, h.host.now + timeout);
+    let sent: Value = serde_json::from_str(commit.get()).unwrap();
+    assert_eq!(sent["deadline_ms"], deadline_ms);
+    let action = ex.on_callout_response(&mut h.host, expired_commit());
+    assert_eq!(error_of(&action), (503, "CONTROL_PLANE_UNAVAILABLE".into()));
+}
+
+// ---- the request fingerprint (#13 item 12) ------------------------------------------------------
+
+#[test]
+fn one_key_with_another_trace_header_is_another_request() {
+    let mut h = Harness::new();
+    let route = h.route(json!({"mode":"inline","payload_type":"openai.tooluse.invoice.v1","target_type":"invoice.iso20022.v1"}));
+    let send = |h: &mut Harness, trace: &str| {
+        let headers = [
+            ("x-signet-api-key", KEY),
+            ("x-signet-idempotency-key", "k-1"),
+            ("x-signet-trace", trace),
+        ];
+        let (action, ex) = h.send_on(route.clone(), &headers, TOOL_CALL.as_bytes());
+        (action, ex.response_headers().to_vec())
+    };
+    let (action, _) = send(&mut h, "order-1");
+    assert!(matches!(action, Action::Continue(_)), "{action:?}");
+    // the same body and key on another trace is not a replay of the first
+    let (action, _) = send(&mut h, "order-2");
+    assert_eq!(error_of(&action), (422, "IDEMPOTENCY_KEY_REUSED".into()));
+    assert!(!h.cp.chains.contains_key("order-2"));
+    // and the same trace is
+    let (action, headers) = send(&mut h, "order-1");
+    assert!(matches!(action, Action::Continue(_)), "{action:?}");
+    assert!(headers.contains(&("x-signet-idempotency-hit".into(), "1".into())));
+}
+
+// ---- unknown API keys (#13 item 4) ----------------------------------------------------------------
+
+#[test]
+fn an_unknown_key_is_remembered_for_five_seconds() {
+    let mut h = Harness::new();
+    let body = exchange_body(json!({}));
+    let wrong = [
+        ("x-signet-api-key", "wrong-key"),
+        ("x-signet-idempotency-key", "k"),
+    ];
+    for _ in 0..3 {
+        assert_eq!(
+            error_of(&h.exchange(&wrong, &body)),
+            (401, "UNKNOWN_API_KEY".into())
+        );
+    }
+    assert_eq!(h.cp.calls, vec![Call::Tenant], "one lookup");
+    // the key is created; it is recognised once the negative answer expires
+    h.cp.tenants
+        .insert(cid::sha256_hex(b"wrong-key"), grant("late", &[]));
+    h.host.now += tenant_cache::UNKNOWN_TTL_MS;
+    assert_eq!(respond(&h.exchange(&wrong, &body)).0, 200);
 }

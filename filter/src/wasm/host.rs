@@ -5,9 +5,10 @@ use std::collections::HashMap;
 use std::time::UNIX_EPOCH;
 
 use proxy_wasm::hostcalls;
-use proxy_wasm::types::{self, MetricType};
+use proxy_wasm::types::{self, MapType, MetricType};
 
 use crate::host::{Host, LogLevel};
+use crate::pipeline::Headers;
 
 thread_local! {
     /// Metric ids by name: defined on first use, once per VM.
@@ -100,4 +101,32 @@ impl Host for WasmHost {
         };
         let _ = hostcalls::log(level, message);
     }
+}
+
+#[link(wasm_import_module = "env")]
+extern "C" {
+    // The SDK's getters of header maps turn a value that is not UTF-8 into a panic (and a
+    // status it does not expect into another); this one returns the bytes and lets us decide.
+    fn proxy_get_header_map_pairs(
+        map_type: u32,
+        return_map_data: *mut *mut u8,
+        return_map_size: *mut usize,
+    ) -> u32;
+}
+
+/// A header map (request headers, a callout's response headers) as bytes; empty when the host
+/// has none to give.
+pub fn header_map(map: MapType) -> Headers {
+    let mut data: *mut u8 = std::ptr::null_mut();
+    let mut size: usize = 0;
+    // SAFETY: the host writes a buffer it allocated through the SDK's exported allocator
+    // (`proxy_on_memory_allocate`, a `Vec<u8>` of capacity `size`), which we now own and free
+    // as that `Vec`, as the SDK's own getters do.
+    let status = unsafe { proxy_get_header_map_pairs(map as u32, &mut data, &mut size) };
+    if status != 0 || data.is_null() {
+        return Headers::default();
+    }
+    // SAFETY: see above; `data` is non-null and owns `size` initialized bytes.
+    let bytes = unsafe { Vec::from_raw_parts(data, size, size) };
+    Headers::from_serialized(&bytes)
 }

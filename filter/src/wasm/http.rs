@@ -8,11 +8,11 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{self, BufferType, MapType};
 
-use super::host::WasmHost;
-use super::root::{dispatch, read_call_response, Commits};
+use super::host::{header_map, WasmHost};
+use super::root::RootCallouts;
 use crate::config::Config;
 use crate::host::{Host, LogLevel};
-use crate::pipeline::{Action as PipelineAction, CalloutResponse, CommitJson, Exchange, Forward};
+use crate::pipeline::{Action as PipelineAction, CalloutResponse, Exchange, Forward};
 use crate::route::{CachedRoute, RouteCache, RouteSettings};
 use crate::worker::WorkerState;
 
@@ -28,7 +28,7 @@ pub(super) struct Stream {
 pub(super) struct StreamHandle {
     pub(super) id: u32,
     pub(super) stream: Rc<RefCell<Stream>>,
-    pub(super) commits: Rc<Commits>,
+    pub(super) callouts: Rc<RootCallouts>,
 }
 
 pub(super) struct SignetHttp {
@@ -70,14 +70,15 @@ impl StreamHandle {
         loop {
             match action {
                 PipelineAction::Pause => return types::Action::Pause,
-                PipelineAction::Commit(CommitJson(commit)) => {
-                    if self.commits.push(self, commit) {
+                PipelineAction::Commit(commit) => {
+                    if self.callouts.push(self, commit) {
                         return types::Action::Pause;
                     }
                     action = self.fail_callout();
                 }
+                // the one callout an exchange makes itself, sent from the root (single flight)
                 PipelineAction::Call(callout) => {
-                    if dispatch(&callout) {
+                    if self.callouts.look_up(self, callout) {
                         return types::Action::Pause;
                     }
                     action = self.fail_callout();
@@ -193,21 +194,8 @@ impl SignetHttp {
     }
 }
 
-impl Context for SignetHttp {
-    fn on_http_call_response(
-        &mut self,
-        _token_id: u32,
-        num_headers: usize,
-        body_size: usize,
-        _num_trailers: usize,
-    ) {
-        // the tenant lookup (commits are answered through the root)
-        let response = read_call_response(num_headers, body_size);
-        self.step(Phase::Callout, |ex, _| {
-            ex.on_callout_response(&mut WasmHost, response)
-        });
-    }
-}
+// Every callout leaves from the root context and is answered there (`root.rs`).
+impl Context for SignetHttp {}
 
 impl HttpContext for SignetHttp {
     fn on_http_request_headers(
@@ -225,13 +213,9 @@ impl HttpContext for SignetHttp {
         if let Ok(mut stream) = self.handle.stream.try_borrow_mut() {
             stream.exchange = Some(exchange);
         }
-        let header = |name: &str| {
-            hostcalls::get_map_value(MapType::HttpRequestHeaders, name)
-                .ok()
-                .flatten()
-        };
+        let headers = header_map(MapType::HttpRequestHeaders);
         self.step(Phase::Callback, |ex, _| {
-            ex.on_request_headers(&mut host, &header, end_of_stream)
+            ex.on_request_headers(&mut host, &headers, end_of_stream)
         })
     }
 

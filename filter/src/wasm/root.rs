@@ -10,48 +10,119 @@ use std::time::Duration;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{BufferType, ContextType, MapType};
-use serde_json::value::RawValue;
+use signet_protocol::internal::tenant::KEY_HASH_HEADER;
 
-use super::host::WasmHost;
+use super::host::{header_map, WasmHost};
 use super::http::{Phase, SignetHttp, Stream, StreamHandle};
-use crate::commit_queue::CommitQueue;
+use crate::commit_queue::{CommitQueue, Full, MAX_PENDING_BYTES, MAX_PENDING_COMMITS};
 use crate::config::Config;
 use crate::host::{Host, LogLevel};
-use crate::pipeline::{self, Call, Callout, CalloutResponse};
+use crate::pipeline::{self, Call, Callout, CalloutResponse, CommitJson};
 use crate::route::RouteCache;
+use crate::tenant_lookups::{Join, TenantLookups, MAX_LOOKUPS};
 use crate::worker::WorkerState;
 
-// ---- commits: shared by the root and the HTTP contexts of one VM -------------------------------
+// ---- callouts that leave from the root: shared by the root and the HTTP contexts of one VM ----
 
+/// Commit batches and tenant lookups: an exchange queues them here and the root sends them, so
+/// their answers reach the root, which lives as long as the VM (see [`crate::commit_queue`]).
 #[derive(Default)]
-pub(super) struct Commits {
+pub(super) struct RootCallouts {
     queue: RefCell<CommitQueue>,
+    lookups: RefCell<TenantLookups<Callout>>,
+    /// Lookups out, by callout token: the key hash they answer for.
+    lookup_tokens: RefCell<HashMap<u32, String>>,
     /// The shared queue that wakes this VM's root context.
     doorbell: Cell<Option<u32>>,
-    /// Exchanges with a commit queued or in flight, by context id.
+    /// Exchanges waiting for a commit or a lookup, by context id.
     streams: RefCell<HashMap<u32, Weak<RefCell<Stream>>>>,
 }
 
-impl Commits {
-    /// Queues a stream's commit; wakes the root when the queue was idle. False when the root
-    /// cannot be woken (the commit is withdrawn).
-    pub(super) fn push(&self, stream: &StreamHandle, commit: Box<RawValue>) -> bool {
+impl RootCallouts {
+    /// Queues a stream's commit; wakes the root when the queue was idle. False when the queue
+    /// is full or the root cannot be woken (the commit is withdrawn): the exchange answers as
+    /// for a failed callout.
+    pub(super) fn push(&self, stream: &StreamHandle, commit: CommitJson) -> bool {
         let Ok(mut queue) = self.queue.try_borrow_mut() else {
             return false;
         };
+        let CommitJson(commit, deadline_ms) = commit;
+        let wake = match queue.push(stream.id, commit, deadline_ms) {
+            Ok(wake) => wake,
+            Err(Full) => {
+                WasmHost.log(
+                    LogLevel::Warn,
+                    &format!(
+                        "signet: commit queue full ({MAX_PENDING_COMMITS} commits or \
+                         {MAX_PENDING_BYTES} bytes waiting)"
+                    ),
+                );
+                return false;
+            }
+        };
+        self.wait(stream);
+        if !wake {
+            return true;
+        }
+        let rung = self.ring();
+        if !rung {
+            queue.withdraw(stream.id);
+        }
+        rung
+    }
+
+    /// Joins (or queues) the lookup of the callout's API key. False when it cannot be sent
+    /// (too many keys at once, or the root cannot be woken): the exchange answers as for a
+    /// failed callout.
+    pub(super) fn look_up(&self, stream: &StreamHandle, callout: Callout) -> bool {
+        let key_hash = callout
+            .headers
+            .iter()
+            .find(|(name, _)| name == KEY_HASH_HEADER)
+            .map(|(_, value)| value.clone());
+        let Some(key_hash) = key_hash else {
+            return false;
+        };
+        let Ok(mut lookups) = self.lookups.try_borrow_mut() else {
+            return false;
+        };
+        match lookups.join(&key_hash, stream.id, callout) {
+            Join::Wait => {
+                self.wait(stream);
+                true
+            }
+            Join::Send => {
+                self.wait(stream);
+                let rung = self.ring();
+                if !rung {
+                    lookups.complete(&key_hash);
+                }
+                rung
+            }
+            Join::Full => {
+                WasmHost.log(
+                    LogLevel::Warn,
+                    &format!("signet: {MAX_LOOKUPS} tenant lookups already out on this worker"),
+                );
+                false
+            }
+        }
+    }
+
+    fn wait(&self, stream: &StreamHandle) {
         if let Ok(mut streams) = self.streams.try_borrow_mut() {
             streams.insert(stream.id, Rc::downgrade(&stream.stream));
         }
-        if !queue.push(stream.id, commit) {
-            return true;
-        }
+    }
+
+    /// Wakes the root context to send what is queued.
+    fn ring(&self) -> bool {
         let rung = self
             .doorbell
             .get()
-            .is_some_and(|q| hostcalls::enqueue_shared_queue(q, Some(b"commit")).is_ok());
+            .is_some_and(|q| hostcalls::enqueue_shared_queue(q, Some(b"callout")).is_ok());
         if !rung {
-            queue.withdraw(stream.id);
-            WasmHost.log(LogLevel::Error, "signet: cannot wake the commit dispatcher");
+            WasmHost.log(LogLevel::Error, "signet: cannot wake the root dispatcher");
         }
         rung
     }
@@ -65,7 +136,7 @@ pub(super) struct SignetRoot {
     routes: Rc<RefCell<RouteCache>>,
     /// This VM's (this worker's) in-flight keys and trace heads.
     worker: Rc<RefCell<WorkerState>>,
-    commits: Rc<Commits>,
+    callouts: Rc<RootCallouts>,
 }
 
 impl SignetRoot {
@@ -76,69 +147,119 @@ impl SignetRoot {
             return;
         };
         loop {
-            let batch = match self.commits.queue.try_borrow_mut() {
-                Ok(mut queue) => queue.next_batch(),
-                Err(_) => None,
+            let now_ms = WasmHost.now_millis();
+            let (expired, batch) = match self.callouts.queue.try_borrow_mut() {
+                Ok(mut queue) => (queue.expire(now_ms), queue.next_batch()),
+                Err(_) => (Vec::new(), None),
             };
+            for id in expired {
+                self.answer(id, pipeline::expired_commit());
+            }
             let Some(batch) = batch else {
                 return;
             };
             let callout = pipeline::callout(config, Call::Commit, Some(batch.body), Vec::new());
-            if dispatch(&callout) {
+            if dispatch(&callout).is_some() {
                 return;
             }
             self.deliver(CalloutResponse::none());
         }
     }
 
+    /// Sends the queued tenant lookups; one that cannot be sent is answered as a failed callout.
+    fn dispatch_lookups(&self) {
+        let queued = match self.callouts.lookups.try_borrow_mut() {
+            Ok(mut lookups) => lookups.take_queued(),
+            Err(_) => return,
+        };
+        for (key_hash, callout) in queued {
+            match dispatch(&callout) {
+                Some(token) => {
+                    if let Ok(mut tokens) = self.callouts.lookup_tokens.try_borrow_mut() {
+                        tokens.insert(token, key_hash);
+                    }
+                }
+                None => self.answer_lookup(&key_hash, &CalloutResponse::none()),
+            }
+        }
+    }
+
+    /// Hands a lookup's answer to every exchange waiting for it.
+    fn answer_lookup(&self, key_hash: &str, response: &CalloutResponse) {
+        let waiters = match self.callouts.lookups.try_borrow_mut() {
+            Ok(mut lookups) => lookups.complete(key_hash),
+            Err(_) => return,
+        };
+        for id in waiters {
+            self.answer(id, response.clone());
+        }
+    }
+
     /// Hands the in-flight batch's answer to its exchanges.
     fn deliver(&self, response: CalloutResponse) {
-        let answers = match self.commits.queue.try_borrow_mut() {
+        let answers = match self.callouts.queue.try_borrow_mut() {
             Ok(mut queue) => queue.complete(response),
             Err(_) => return,
         };
         for (id, answer) in answers {
-            let stream = self
-                .commits
-                .streams
-                .try_borrow_mut()
-                .ok()
-                .and_then(|mut streams| streams.remove(&id))
-                .and_then(|weak| weak.upgrade());
-            // gone: the client left; its receipt may still have been stored, as with a
-            // disconnect during any callout
-            let Some(stream) = stream else { continue };
-            if hostcalls::set_effective_context(id).is_err() {
-                continue;
-            }
-            let handle = StreamHandle {
-                id,
-                stream,
-                commits: Rc::clone(&self.commits),
-            };
-            let action = match handle.stream.try_borrow_mut() {
-                Ok(mut s) => match s.exchange.as_mut() {
-                    Some(ex) => ex.on_callout_response(&mut WasmHost, answer),
-                    None => continue,
-                },
-                Err(_) => continue,
-            };
-            handle.apply(action, Phase::Callout);
+            self.answer(id, answer);
         }
+    }
+
+    /// Hands one exchange its commit's answer.
+    fn answer(&self, id: u32, answer: CalloutResponse) {
+        let stream = self
+            .callouts
+            .streams
+            .try_borrow_mut()
+            .ok()
+            .and_then(|mut streams| streams.remove(&id))
+            .and_then(|weak| weak.upgrade());
+        // gone: the client left; its receipt may still have been stored, as with a
+        // disconnect during any callout
+        let Some(stream) = stream else { return };
+        if hostcalls::set_effective_context(id).is_err() {
+            return;
+        }
+        let handle = StreamHandle {
+            id,
+            stream,
+            callouts: Rc::clone(&self.callouts),
+        };
+        let action = match handle.stream.try_borrow_mut() {
+            Ok(mut s) => match s.exchange.as_mut() {
+                Some(ex) => ex.on_callout_response(&mut WasmHost, answer),
+                None => return,
+            },
+            Err(_) => return,
+        };
+        handle.apply(action, Phase::Callout);
     }
 }
 
 impl Context for SignetRoot {
     fn on_http_call_response(
         &mut self,
-        _token_id: u32,
+        token_id: u32,
         num_headers: usize,
         body_size: usize,
         _num_trailers: usize,
     ) {
-        // the root dispatches nothing but commit batches, one at a time
-        self.deliver(read_call_response(num_headers, body_size));
-        self.dispatch_commits();
+        let response = read_call_response(num_headers, body_size);
+        let lookup = self
+            .callouts
+            .lookup_tokens
+            .try_borrow_mut()
+            .ok()
+            .and_then(|mut tokens| tokens.remove(&token_id));
+        match lookup {
+            Some(key_hash) => self.answer_lookup(&key_hash, &response),
+            // the root's other callouts are commit batches, one at a time
+            None => {
+                self.deliver(response);
+                self.dispatch_commits();
+            }
+        }
     }
 }
 
@@ -163,11 +284,11 @@ impl RootContext for SignetRoot {
                 return false;
             }
         };
-        if self.commits.doorbell.get().is_none() {
+        if self.callouts.doorbell.get().is_none() {
             // one queue per VM: a name registered again moves the queue to the new registrant
             let name = format!("signet.commits.{}", WasmHost.random_hex(8));
             match hostcalls::register_shared_queue(&name) {
-                Ok(id) => self.commits.doorbell.set(Some(id)),
+                Ok(id) => self.callouts.doorbell.set(Some(id)),
                 Err(status) => {
                     WasmHost.log(
                         LogLevel::Error,
@@ -192,8 +313,9 @@ impl RootContext for SignetRoot {
     }
 
     fn on_queue_ready(&mut self, queue_id: u32) {
-        // the messages only wake us; the commits are in the VM's memory
+        // the messages only wake us; the callouts are in the VM's memory
         while let Ok(Some(_)) = hostcalls::dequeue_shared_queue(queue_id) {}
+        self.dispatch_lookups();
         self.dispatch_commits();
     }
 
@@ -210,15 +332,15 @@ impl RootContext for SignetRoot {
             StreamHandle {
                 id: context_id,
                 stream: Rc::new(RefCell::new(Stream::default())),
-                commits: Rc::clone(&self.commits),
+                callouts: Rc::clone(&self.callouts),
             },
         )))
     }
 }
 
-/// Dispatches a callout from the current context (its answer comes back to that context);
-/// false, logged, when Envoy refuses it (e.g. no such cluster).
-pub(super) fn dispatch(callout: &Callout) -> bool {
+/// Dispatches a callout from the current context (its answer comes back to that context): its
+/// token, or `None`, logged, when Envoy refuses it (e.g. no such cluster).
+pub(super) fn dispatch(callout: &Callout) -> Option<u32> {
     let headers: Vec<(&str, &str)> = callout
         .headers
         .iter()
@@ -240,17 +362,19 @@ pub(super) fn dispatch(callout: &Callout) -> bool {
             ),
         );
     }
-    dispatched.is_ok()
+    dispatched.ok()
 }
 
 pub(super) fn read_call_response(num_headers: usize, body_size: usize) -> CalloutResponse {
     if num_headers == 0 {
         return CalloutResponse::none();
     }
-    let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
+    let headers = header_map(MapType::HttpCallResponseHeaders);
+    let status = headers
+        .single(":status")
         .ok()
         .flatten()
-        .and_then(|s| s.parse().ok());
+        .and_then(|s| std::str::from_utf8(s).ok()?.parse().ok());
     let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
         .ok()
         .flatten()
