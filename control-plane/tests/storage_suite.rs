@@ -154,9 +154,14 @@ async fn a_commit_that_does_not_extend_the_head_is_a_conflict(backend: Backend) 
     let db = TestDb::new(backend).await;
     let server = Server::start(&db).await;
     let key = signing_key();
-    // A receipt beyond hop 1 on a trace that does not exist (linked to a hash of the right form).
-    let nowhere = signet_protocol::cid::cid(b"no such receipt");
-    let orphan = sign_receipt(&key, "t-c", 2, Some(&nowhere), "demo");
+    // A receipt beyond hop 1 on a trace that does not exist (linked to a well-formed hash).
+    let orphan = sign_receipt(
+        &key,
+        "t-c",
+        2,
+        Some(&fingerprint(b"no such receipt")),
+        "demo",
+    );
     let r = server
         .commit("demo", "a", &fingerprint(b"a"), &orphan, 0)
         .await;
@@ -182,7 +187,7 @@ async fn a_commit_that_does_not_extend_the_head_is_a_conflict(backend: Backend) 
         ),
         (
             "wrong link",
-            sign_receipt(&key, "t-c", 2, Some(&nowhere), "demo"),
+            sign_receipt(&key, "t-c", 2, Some(&fingerprint(b"not the head")), "demo"),
         ),
     ] {
         let r = server
@@ -384,7 +389,7 @@ async fn invalid_receipts_and_callers_are_refused(backend: Backend) {
     );
     let malformed = server
         .http
-        .post(format!("{}/v1/internal/commits", server.base))
+        .post(server.url("/v1/internal/commits"))
         .header("X-SIGNET-Filter-Token", FILTER_TOKEN)
         .body("{not json")
         .send()
@@ -397,7 +402,7 @@ async fn invalid_receipts_and_callers_are_refused(backend: Backend) {
     for token in [None, Some("wrong-token-0000000000")] {
         let mut req = server
             .http
-            .post(format!("{}/v1/internal/commits", server.base))
+            .post(server.url("/v1/internal/commits"))
             .json(&json!({}));
         if let Some(t) = token {
             req = req.header("X-SIGNET-Filter-Token", t);
@@ -531,7 +536,7 @@ async fn tenant_lookup_and_reload(backend: Backend) {
     let lookup = |hash: String| {
         server
             .http
-            .get(format!("{}/v1/internal/tenant", server.base))
+            .get(server.url("/v1/internal/tenant"))
             .header("X-SIGNET-Filter-Token", FILTER_TOKEN)
             .header("X-SIGNET-Key-Hash", hash)
             .send()
@@ -556,7 +561,7 @@ async fn tenant_lookup_and_reload(backend: Backend) {
     let reload = |body: Value, key: &'static str| {
         server
             .http
-            .post(format!("{}/v1/admin/reload", server.base))
+            .post(server.url("/v1/admin/reload"))
             .header("X-SIGNET-Admin-Key", key)
             .json(&body)
             .send()
@@ -698,7 +703,7 @@ async fn concurrent_identical_requests_count_one_vex(backend: Backend) {
         let receipt = if i % 2 == 0 {
             receipt.clone()
         } else {
-            let ts = 1_764_090_000_000 + 1_000 + i;
+            let ts = ts_base() + 1_000 + i;
             sign_receipt_at(&signing_key(), "t-same", 1, None, "demo", ts)
         };
         let fp = fp.clone();
