@@ -160,6 +160,7 @@ async fn commit_one(cp: &ControlPlane, item: &RawValue) -> Result<Accepted, Http
             fu_tokens,
             month,
             now_ms: now,
+            deadline_ms: commit.deadline_ms,
             chain_max: cp.chain_max,
             plan,
         })
@@ -179,6 +180,14 @@ async fn commit_one(cp: &ControlPlane, item: &RawValue) -> Result<Accepted, Http
             Ok(Accepted::Replay(response))
         }
         CommitOutcome::Rejected(r) => Err(r.into()),
+        CommitOutcome::Expired => Err(HttpError::new(
+            Code::CommitExpired,
+            "the commit arrived after its deadline; nothing was stored",
+        )),
+        CommitOutcome::CounterOverflow => Err(HttpError::new(
+            Code::BadRequest,
+            "fu_tokens would overflow the month's counters; nothing was stored",
+        )),
     }
 }
 

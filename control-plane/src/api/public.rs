@@ -14,6 +14,7 @@ use super::{HttpError, State as AppState};
 use crate::storage::StoredChain;
 use crate::{now_ms, ControlPlane};
 
+/// 200 when the database answers and every storage worker runs; else 503 with the reason.
 pub async fn healthz(State(cp): AppState) -> Response {
     let timer = cp.metrics.time("ping");
     let ping = cp.storage.ping().await;
@@ -24,8 +25,8 @@ pub async fn healthz(State(cp): AppState) -> Response {
             .into_response(),
         Err(e) => {
             tracing::warn!("health check: {e}");
-            let body =
-                json!({"status": "unavailable", "storage": storage, "database": "unreachable"});
+            let body = json!({"status": "unavailable", "storage": storage,
+                              "database": "unreachable", "reason": e.to_string()});
             (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
         }
     }

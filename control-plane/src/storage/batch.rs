@@ -7,7 +7,8 @@
 use std::collections::HashMap;
 
 use super::rows::Rows;
-use super::{CommitOutcome, CommitRequest, Usage};
+use super::worker::panic_message;
+use super::{CommitOutcome, CommitRequest, StoreError, Usage};
 use signet_protocol::internal::{decide, Decision, Head, Record, TraceState};
 
 /// The stored state the commits of a batch depend on, read under lock.
@@ -19,6 +20,8 @@ pub(crate) struct Locked {
     pub traces: HashMap<String, TraceState>,
     /// Month-to-date counters by (tenant, month); a month absent here has no usage yet.
     pub months: HashMap<(String, String), Usage>,
+    /// Unix ms once the rows were locked: a commit whose deadline is before it is expired.
+    pub locked_at_ms: i64,
 }
 
 impl Locked {
@@ -68,6 +71,20 @@ pub(crate) fn decide_batch<'a>(locked: Locked, requests: &[&'a CommitRequest]) -
     }
 }
 
+/// [`decide_batch`], with a panic (never expected: a bug in the decision or the billing math)
+/// turned into an error of the batch, so that the worker that runs it goes on.
+pub(crate) fn decide_batch_or_fail<'a>(
+    locked: Locked,
+    requests: &[&'a CommitRequest],
+) -> Result<Decided<'a>, StoreError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        decide_batch(locked, requests)
+    }))
+    .map_err(|panic| {
+        StoreError::Database(format!("the decision panicked: {}", panic_message(&*panic)))
+    })
+}
+
 /// A batch being decided, commit after commit.
 pub(crate) struct Batch<'a> {
     locked: Locked,
@@ -93,6 +110,10 @@ impl<'a> Batch<'a> {
     /// Decides the next commit and adds its rows.
     pub fn decide(&mut self, req: &'a CommitRequest) -> CommitOutcome {
         self.now_ms = self.now_ms.max(req.now_ms);
+        let locked_at = u64::try_from(self.locked.locked_at_ms).unwrap_or(0);
+        if req.deadline_ms.is_some_and(|deadline| locked_at > deadline) {
+            return CommitOutcome::Expired;
+        }
         let key = (req.tenant.clone(), req.idempotency_key.clone());
         let decision = decide(
             self.locked.records.get(&key),
@@ -104,7 +125,9 @@ impl<'a> Batch<'a> {
             Decision::Reject(rejection) => return CommitOutcome::Rejected(rejection),
             Decision::Append => {}
         }
-        let usage = self.count(req);
+        let Some(usage) = self.count(req) else {
+            return CommitOutcome::CounterOverflow;
+        };
         self.rows.append(req, usage);
         match self.heads.iter_mut().find(|h| h.trace_id == req.trace_id) {
             Some(head) => *head = req,
@@ -127,8 +150,9 @@ impl<'a> Batch<'a> {
         CommitOutcome::Committed
     }
 
-    /// Counts an appended commit in its month: the counters after it.
-    fn count(&mut self, req: &'a CommitRequest) -> Usage {
+    /// Counts an appended commit in its month: the counters after it, `None` (and nothing
+    /// counted) if they would not fit the stored 64-bit signed integers.
+    fn count(&mut self, req: &'a CommitRequest) -> Option<Usage> {
         let month = (req.tenant.as_str(), req.month.as_str());
         let at = match self.months.iter().position(|(m, _)| *m == month) {
             Some(at) => at,
@@ -140,9 +164,16 @@ impl<'a> Batch<'a> {
             }
         };
         let usage = &mut self.months[at].1;
-        usage.vex = usage.vex.saturating_add(1);
-        usage.fu = usage.fu.saturating_add(req.fu_tokens);
-        *usage
+        let add = |counter: u64, by: u64| {
+            counter
+                .checked_add(by)
+                .filter(|sum| i64::try_from(*sum).is_ok())
+        };
+        *usage = Usage {
+            vex: add(usage.vex, 1)?,
+            fu: add(usage.fu, req.fu_tokens)?,
+        };
+        Some(*usage)
     }
 
     /// The rows to write, with the time to write on them (the latest of the commits').
@@ -181,6 +212,7 @@ pub(crate) mod test_commits {
             fu_tokens: 0,
             month: MONTH.into(),
             now_ms: hop as i64,
+            deadline_ms: None,
             chain_max: 10,
             plan: Arc::default(),
         }
@@ -429,6 +461,59 @@ mod tests {
                 format!("{f4}/fu/0")
             ]
         );
+    }
+
+    #[test]
+    fn a_commit_past_its_deadline_when_locked_writes_nothing() {
+        let locked = Locked {
+            locked_at_ms: 1_000,
+            ..Locked::default()
+        };
+        let with_deadline = |key: &str, hop: u64, deadline: Option<u64>| CommitRequest {
+            deadline_ms: deadline,
+            ..commit("t", key, "a", hop)
+        };
+        let requests = [
+            with_deadline("late", 1, Some(999)),
+            with_deadline("just", 1, Some(1_000)),
+            with_deadline("none", 2, None),
+            with_deadline("late-replay", 1, Some(0)),
+        ];
+        let d = run(locked, &requests);
+        use CommitOutcome::{Committed, Expired};
+        assert_eq!(d.outcomes, [Expired, Committed, Committed, Expired]);
+        assert_eq!(d.rows.keys.key, ["just", "none"]);
+        assert_eq!(month_rows(&d.rows), [("t", MONTH, 2, 0)]);
+    }
+
+    #[test]
+    fn a_commit_that_would_overflow_a_counter_is_refused_and_counts_nothing() {
+        let max = i64::MAX as u64;
+        let mut locked = Locked::default();
+        let stored = Usage {
+            vex: 1,
+            fu: max - 1,
+        };
+        locked.months.insert(("t".into(), MONTH.into()), stored);
+        let with_fu = |key: &str, hop: u64, fu: u64| CommitRequest {
+            fu_tokens: fu,
+            ..commit("t", key, "a", hop)
+        };
+        let requests = [
+            with_fu("over", 1, 2),
+            with_fu("wraps", 1, u64::MAX),
+            with_fu("fits", 1, 1),
+            with_fu("over-by-one", 2, 1),
+        ];
+        let d = run(locked, &requests);
+        use CommitOutcome::{Committed, CounterOverflow};
+        assert_eq!(
+            d.outcomes,
+            [CounterOverflow, CounterOverflow, Committed, CounterOverflow]
+        );
+        assert_eq!(d.rows.receipts.hop, [1]);
+        assert_eq!(month_rows(&d.rows), [("t", MONTH, 2, i64::MAX)]);
+        assert_eq!(d.rows.ledger.fu, [1]);
     }
 
     #[test]

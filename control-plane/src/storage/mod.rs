@@ -7,6 +7,7 @@
 //! - [`migrations`]: each backend's schema, the `.sql` files of `control-plane/migrations/`.
 //! - `sqlite`, `postgres`: a backend locks the rows a commit depends on, calls
 //!   [`batch::decide_batch`] and writes its rows, atomically.
+//! - [`worker`]: the liveness of a backend's threads and tasks, which `ping` reports.
 //!
 //! A new table (or column, or constraint) is a new migration file in each of
 //! `migrations/sqlite/` and `migrations/postgres/`, listed in [`migrations`];
@@ -25,6 +26,7 @@ mod migrations;
 mod postgres;
 mod rows;
 mod sqlite;
+mod worker;
 
 pub use postgres::PostgresStorage;
 pub use sqlite::SqliteStorage;
@@ -48,6 +50,9 @@ pub struct CommitRequest {
     /// UTC calendar month of the usage, `YYYY-MM`.
     pub month: String,
     pub now_ms: i64,
+    /// Unix ms after which the filter no longer waits for the answer: checked again under the
+    /// commit's locks, right before writing ([`CommitOutcome::Expired`]).
+    pub deadline_ms: Option<u64>,
     pub chain_max: u64,
     pub plan: Arc<BillingPlan>,
 }
@@ -73,6 +78,12 @@ pub enum CommitOutcome {
         response: Arc<str>,
     },
     Rejected(Rejection),
+    /// Past its deadline when it was about to be written: nothing was stored
+    /// (`COMMIT_EXPIRED`).
+    Expired,
+    /// Would take the month-to-date counters past what they hold (2^63 − 1): nothing was
+    /// stored.
+    CounterOverflow,
 }
 
 /// A trace with its receipts in hop order.
@@ -128,7 +139,8 @@ impl std::error::Error for StoreError {}
 pub trait Storage: Send + Sync + 'static {
     /// `sqlite` or `postgres`.
     fn kind(&self) -> &'static str;
-    /// A round trip to the database.
+    /// A round trip to the database; `Err` too when a worker of the backend (writer, batcher,
+    /// sweep) has ended, naming it.
     async fn ping(&self) -> Result<(), StoreError>;
     /// The only write of an exchange: idempotency, append, usage and billing, atomically.
     async fn commit(&self, req: CommitRequest) -> Result<CommitOutcome, StoreError>;
@@ -142,8 +154,9 @@ pub trait Storage: Send + Sync + 'static {
     async fn billing_queue(&self, tenant: &str) -> Result<Vec<BillingRow>, StoreError>;
 }
 
-/// Counters and hops are stored as signed 64-bit integers; values beyond are saturated (a
-/// chain cap or a month of usage never gets near 2^63).
+/// Hops and counters are stored as signed 64-bit integers. A hop is at most the chain cap and a
+/// counter is checked before it is stored (`CommitOutcome::CounterOverflow`), so this saturation
+/// never happens to a written value.
 pub(crate) fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }

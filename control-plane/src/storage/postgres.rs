@@ -14,17 +14,28 @@
 use std::str::FromStr;
 
 use async_trait::async_trait;
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Timeouts};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::NoTls;
 
 use super::migrations::POSTGRES as MIGRATIONS;
+use super::worker::{check_all, Worker};
 use super::*;
 use batcher::{run_batches, Job};
 
 mod batcher;
 mod commit;
+
+/// How long a request waits for a pooled connection (`wait`: every connection busy), for a new
+/// one (`create`: connect and authenticate) and for a returned one to be checked (`recycle`):
+/// past it the request fails with 503 `STORAGE_UNAVAILABLE` (and `/healthz` with 503) instead of
+/// hanging on an exhausted pool or an unreachable database.
+pub const POOL_TIMEOUTS: Timeouts = Timeouts {
+    wait: Some(std::time::Duration::from_secs(2)),
+    create: Some(std::time::Duration::from_secs(5)),
+    recycle: Some(std::time::Duration::from_secs(2)),
+};
 
 /// Any constant shared by every instance: serializes migrations of concurrent starts.
 const MIGRATION_LOCK: i64 = 0x5349_474e_4554; // "SIGNET"
@@ -33,6 +44,8 @@ pub struct PostgresStorage {
     pool: Pool,
     /// Commits go through one batcher (see `run_batches`).
     jobs: mpsc::UnboundedSender<Job>,
+    /// The batcher (and the retention sweep), checked by `ping`.
+    workers: Vec<Worker>,
 }
 
 impl PostgresStorage {
@@ -50,18 +63,22 @@ impl PostgresStorage {
         );
         let pool = Pool::builder(manager)
             .max_size(pool_size)
+            .runtime(Runtime::Tokio1)
+            .timeouts(POOL_TIMEOUTS)
             .build()
             .map_err(|e| StoreError::Database(e.to_string()))?;
         let (jobs, queue) = mpsc::unbounded_channel();
+        let (batcher, alive) = Worker::start("the PostgreSQL commit batcher");
         let storage = Self {
             pool: pool.clone(),
             jobs,
+            workers: vec![batcher],
         };
         storage.migrate().await?;
         let main = tokio::runtime::Handle::current();
         std::thread::Builder::new()
             .name("signet-pg-committer".into())
-            .spawn(move || run_batches(pg_config, pool, main, queue))
+            .spawn(move || run_batches(pg_config, pool, main, queue, alive))
             .map_err(|e| StoreError::Database(format!("cannot start the commit batcher: {e}")))?;
         Ok(storage)
     }
@@ -123,7 +140,9 @@ impl Storage for PostgresStorage {
         "postgres"
     }
 
+    /// Checks every worker is running, then a round trip through the pool.
     async fn ping(&self) -> Result<(), StoreError> {
+        check_all(&self.workers)?;
         self.client()
             .await?
             .simple_query("SELECT 1")
@@ -256,6 +275,22 @@ impl Storage for PostgresStorage {
     }
 }
 
+/// Stops the batcher as a dead thread would: its queue closes.
+#[cfg(test)]
+impl PostgresStorage {
+    pub(crate) async fn stop_batcher(&mut self) {
+        self.jobs = mpsc::unbounded_channel().0;
+        let batcher = &self.workers[0];
+        for _ in 0..100 {
+            if batcher.check().is_err() {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("the batcher did not stop");
+    }
+}
+
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
@@ -276,6 +311,30 @@ pub(super) mod tests {
             .unwrap();
         let url = format!("{PG}?options=-csearch_path%3D{schema}");
         (admin, schema, url)
+    }
+
+    #[tokio::test]
+    async fn an_exhausted_pool_fails_the_ping_after_the_wait_timeout() {
+        let (admin, schema, url) = fresh_schema("cp_unit_pool").await;
+        let storage = PostgresStorage::connect(&url, 1).await.unwrap();
+        let held = storage.client().await.unwrap();
+        let started = std::time::Instant::now();
+        let ping = tokio::time::timeout(std::time::Duration::from_secs(10), storage.ping())
+            .await
+            .expect("the ping does not hang");
+        assert!(ping.is_err(), "{ping:?}");
+        let waited = started.elapsed();
+        assert!(
+            waited >= std::time::Duration::from_secs(2)
+                && waited < std::time::Duration::from_secs(4),
+            "{waited:?}"
+        );
+        drop(held);
+        assert_eq!(storage.ping().await, Ok(()));
+        admin
+            .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+            .await
+            .unwrap();
     }
 
     #[tokio::test]

@@ -1,9 +1,14 @@
-//! SQLite backend: one connection owned by a writer thread (WAL, synchronous=NORMAL).
+//! SQLite backend: one connection owned by a writer thread (WAL, synchronous=FULL).
 //!
 //! Every operation is queued to that thread. The thread takes whatever is queued (up to
 //! `MAX_BATCH`), runs the operations in one `BEGIN IMMEDIATE` transaction and replies only
-//! after `COMMIT`: one WAL append for many commits. Operations are serial, so the
+//! after `COMMIT`: one WAL append and one fsync for many commits. Operations are serial, so the
 //! read-decide-write of a commit needs no further locking.
+//!
+//! Durability: `synchronous=FULL` fsyncs the WAL at every `COMMIT`, before the writer answers.
+//! With `NORMAL` a power cut could roll back transactions the filter had already answered with
+//! a signed receipt, and the next exchange would sign a second receipt at the same hop: a fork
+//! the client holds in hand. Group commit (the batches above) keeps the fsyncs few.
 //!
 //! An operation decides before it writes: a refused commit writes nothing, so the batch needs no
 //! savepoint per operation (a savepoint makes SQLite copy every page the batch already dirtied
@@ -22,6 +27,7 @@ use tokio::sync::oneshot;
 
 use super::batch::{Batch, Locked};
 use super::rows::Rows;
+use super::worker::{check_all, panic_message, Worker};
 use super::*;
 use signet_protocol::internal::{Record, TraceState};
 
@@ -35,6 +41,8 @@ pub struct SqliteStorage {
     jobs: mpsc::Sender<Box<dyn Job>>,
     /// Dropping it ends the checkpoint thread.
     _stop_checkpoints: mpsc::Sender<()>,
+    /// The writer and checkpoint threads, checked by `ping`.
+    workers: Vec<Worker>,
 }
 
 impl SqliteStorage {
@@ -49,12 +57,12 @@ impl SqliteStorage {
         let mut conn = Connection::open(path).map_err(db)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(db)?;
-        conn.pragma_update(None, "synchronous", "NORMAL")
+        conn.pragma_update(None, "synchronous", "FULL")
             .map_err(db)?;
         tune_cache(&conn).map_err(db)?;
         conn.pragma_update(None, "temp_store", "MEMORY")
             .map_err(db)?;
-        // Checkpoints (the only fsyncs with synchronous=NORMAL) run on their own thread.
+        // Checkpoints (the database file's fsyncs) run on their own thread.
         conn.pragma_update(None, "wal_autocheckpoint", 0)
             .map_err(db)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
@@ -67,21 +75,30 @@ impl SqliteStorage {
             .busy_timeout(std::time::Duration::from_secs(5))
             .map_err(db)?;
         let (stop_checkpoints, stopped) = mpsc::channel::<()>();
+        let (checkpointer, alive) = Worker::start("the SQLite checkpoint thread");
         std::thread::Builder::new()
             .name("signet-sqlite-checkpoint".into())
-            .spawn(move || checkpoint_loop(checkpoints, stopped))
+            .spawn(move || {
+                let _alive = alive;
+                checkpoint_loop(checkpoints, stopped)
+            })
             .map_err(|e| {
                 StoreError::Database(format!("cannot start the checkpoint thread: {e}"))
             })?;
 
         let (jobs, queue) = mpsc::channel::<Box<dyn Job>>();
+        let (writer, alive) = Worker::start("the SQLite writer thread");
         std::thread::Builder::new()
             .name("signet-sqlite-writer".into())
-            .spawn(move || writer_loop(conn, queue))
+            .spawn(move || {
+                let _alive = alive;
+                writer_loop(conn, queue)
+            })
             .map_err(|e| StoreError::Database(format!("cannot start the writer thread: {e}")))?;
         Ok(Self {
             jobs,
             _stop_checkpoints: stop_checkpoints,
+            workers: vec![writer, checkpointer],
         })
     }
 
@@ -154,7 +171,14 @@ where
 {
     fn run(&mut self, conn: &Connection) -> bool {
         let before = conn.total_changes();
-        let result = (self.op)(conn);
+        // A panicking operation fails alone (its batch is rolled back and redone without it);
+        // the writer goes on.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (self.op)(conn)))
+            .unwrap_or_else(|panic| {
+                let message = format!("the operation panicked: {}", panic_message(&*panic));
+                let error = rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ERROR);
+                Err(rusqlite::Error::SqliteFailure(error, Some(message)))
+            });
         let clean = match &result {
             Ok((_, true)) => true,
             Ok((_, false)) => conn.total_changes() == before,
@@ -177,9 +201,9 @@ where
 }
 
 /// Copies the WAL into the database every `CHECKPOINT_EVERY`, next to the writer (PASSIVE never
-/// blocks it), so that the writer itself never waits for an fsync. When the WAL has grown past
-/// `WAL_RESTART_FRAMES` under constant load, a RESTART checkpoint briefly waits for the writer so
-/// that the WAL starts over.
+/// blocks it), so that the writer itself never waits for the database file's fsync. When the
+/// WAL has grown past `WAL_RESTART_FRAMES` under constant load, a RESTART checkpoint briefly
+/// waits for the writer so that the WAL starts over.
 fn checkpoint_loop(conn: Connection, stopped: mpsc::Receiver<()>) {
     let checkpoint = |mode: &str| {
         conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
@@ -333,12 +357,13 @@ fn read_usage(conn: &Connection, tenant: &str, month: &str) -> rusqlite::Result<
 /// Reads what the commit depends on, decides, writes. Serial on the writer thread: the reads
 /// need no lock.
 fn commit(conn: &Connection, req: &CommitRequest) -> rusqlite::Result<(CommitOutcome, bool)> {
-    let locked = Locked::of_one(
+    let mut locked = Locked::of_one(
         req,
         read_record(conn, &req.tenant, &req.idempotency_key)?,
         read_trace(conn, &req.trace_id)?,
         read_usage(conn, &req.tenant, &req.month)?,
     );
+    locked.locked_at_ms = crate::now_ms();
     let mut batch = Batch::new(locked);
     let outcome = batch.decide(req);
     let (rows, now_ms) = batch.finish();
@@ -467,7 +492,9 @@ impl Storage for SqliteStorage {
         "sqlite"
     }
 
+    /// Through the writer thread, after checking every worker is running.
     async fn ping(&self) -> Result<(), StoreError> {
+        check_all(&self.workers)?;
         self.run(|conn| conn.query_row("SELECT 1", [], |_| Ok(((), false))))
             .await
     }
@@ -572,9 +599,54 @@ impl Storage for SqliteStorage {
     }
 }
 
+/// Kills the writer thread as a bug outside any operation would: a job that panics in the
+/// writer loop itself (an operation's own panic is caught).
+#[cfg(test)]
+impl SqliteStorage {
+    pub(crate) fn kill_writer(&self) {
+        struct Panics;
+        impl Job for Panics {
+            fn run(&mut self, _: &Connection) -> bool {
+                panic!("killed by the test")
+            }
+            fn finish(self: Box<Self>, _: Result<(), StoreError>) {}
+        }
+        self.jobs.send(Box::new(Panics)).unwrap();
+        let writer = &self.workers[0];
+        for _ in 0..100 {
+            if writer.check().is_err() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        panic!("the writer did not die");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_operation_fails_alone_and_the_writer_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = SqliteStorage::open(&dir.path().join("t.db")).unwrap();
+        let panicked = storage
+            .run(|_| -> rusqlite::Result<((), bool)> { panic!("a bug") })
+            .await;
+        assert!(
+            matches!(&panicked, Err(StoreError::Database(m)) if m.contains("panicked: a bug")),
+            "{panicked:?}"
+        );
+        assert_eq!(storage.ping().await, Ok(()));
+        storage.kill_writer();
+        assert_eq!(
+            storage.ping().await,
+            Err(StoreError::Database(
+                "the SQLite writer thread panicked".into()
+            ))
+        );
+    }
 
     #[test]
     fn the_v2_migration_drops_pending_keys_and_keeps_done_ones() {
@@ -683,6 +755,7 @@ mod tests {
             fu_tokens: 0,
             month: "2025-01".into(),
             now_ms: 8,
+            deadline_ms: None,
             chain_max: 10,
             plan: Default::default(),
         };
@@ -766,6 +839,21 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(kids, vec!["a", "b", "e"]);
+    }
+
+    /// FULL (2): a transaction answered is on disk (see the module documentation).
+    #[tokio::test]
+    async fn the_writer_fsyncs_every_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = SqliteStorage::open(&dir.path().join("t.db")).unwrap();
+        let synchronous = storage
+            .run(|conn| {
+                let mode: i64 = conn.query_row("PRAGMA synchronous", [], |r| r.get(0))?;
+                Ok((mode, false))
+            })
+            .await
+            .unwrap();
+        assert_eq!(synchronous, 2, "synchronous=FULL");
     }
 
     #[test]

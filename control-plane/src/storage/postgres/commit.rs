@@ -15,7 +15,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Row, Statement};
 
 use super::db;
-use crate::storage::batch::{decide_batch, Batch, Locked};
+use crate::storage::batch::{decide_batch_or_fail, Locked};
 use crate::storage::rows::{KeyRows, Rows};
 use crate::storage::{to_u64, CommitOutcome, CommitRequest, StoreError, Usage};
 use signet_protocol::internal::{Head, Record, TraceState};
@@ -205,7 +205,7 @@ pub(super) async fn run_batch(
 ) -> Result<Vec<CommitOutcome>, StoreError> {
     let result = async {
         let locked = lock_batch(client, st, requests).await?;
-        let decided = decide_batch(locked, requests);
+        let decided = decide_batch_or_fail(locked, requests)?;
         write_and_commit(client, &st.write, &decided.rows, decided.now_ms).await?;
         Ok(decided.outcomes)
     }
@@ -271,6 +271,7 @@ async fn lock_batch(
             .months
             .insert((row.get("tenant"), row.get("month")), usage_of(row));
     }
+    locked.locked_at_ms = crate::now_ms();
     // A month absent from the snapshot would count from zero and its update write nothing.
     if locked.months.len() != months.len() {
         return Err(StoreError::Database("a month row was not locked".into()));
@@ -416,19 +417,21 @@ async fn commit_one_attempt(pool: &Pool, req: &CommitRequest) -> Result<CommitOu
             client.query_one(&lock_month, &p_month),
         )
         .map_err(db)?;
-        let locked = Locked::of_one(
+        let mut locked = Locked::of_one(
             req,
             record_of(&key_row)?,
             trace_of(&trace_row),
             Some(usage_of(&month_row)),
         );
-        let mut batch = Batch::new(locked);
-        let outcome = batch.decide(req);
-        let (mut rows, now_ms) = batch.finish();
+        locked.locked_at_ms = crate::now_ms();
+        let mut decided = decide_batch_or_fail(locked, &[req])?;
         // LOCK_KEY already inserted the key's record.
-        rows.keys = KeyRows::default();
-        write_and_commit(&client, &write, &rows, now_ms).await?;
-        Ok(outcome)
+        decided.rows.keys = KeyRows::default();
+        write_and_commit(&client, &write, &decided.rows, decided.now_ms).await?;
+        decided
+            .outcomes
+            .pop()
+            .ok_or_else(|| StoreError::Database("no outcome".into()))
     }
     .await;
     if result.is_err() {
