@@ -15,7 +15,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::middleware;
 use axum::routing::{get, post};
 use axum::Router;
-use signet_protocol::internal::{commit, tenant, Code};
+use signet_protocol::internal::{commit, idempotency, tenant, Code};
 
 use crate::ControlPlane;
 
@@ -33,6 +33,7 @@ pub fn router(state: Arc<ControlPlane>) -> Router {
     Router::new()
         .route(tenant::PATH, get(internal::tenant))
         .route(commit::PATH, post(internal::commits))
+        .route(idempotency::PATH, post(internal::idempotency))
         .route("/healthz", get(public::healthz))
         .route("/metrics", get(public::metrics))
         .route("/.well-known/jwks.json", get(public::jwks))

@@ -14,12 +14,13 @@
 //! `tests/schema_parity.rs` fails until both backends have it alike.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use serde_json::Value;
 
 use crate::billing::BillingPlan;
-use signet_protocol::internal::{Candidate, Head, Rejection};
+use signet_protocol::internal::{Candidate, Head, Record, Rejection};
 
 mod batch;
 mod migrations;
@@ -116,6 +117,38 @@ pub struct BillingRow {
     pub state: String,
 }
 
+/// How long idempotency records are kept (SPEC §4: a replay within it answers the stored
+/// response; after it the key is new again), and how the background sweep deletes the expired
+/// ones: every `sweep_every`, passes of at most `sweep_rows` rows each (one short transaction
+/// per pass) until a pass finds fewer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    pub idempotency: Duration,
+    pub sweep_every: Duration,
+    pub sweep_rows: usize,
+}
+
+impl Retention {
+    /// 7 days (`SP_IDEMPOTENCY_RETENTION_SECS`), swept every minute, 1000 rows a pass.
+    pub const DEFAULT: Retention = Retention {
+        idempotency: Duration::from_secs(7 * 24 * 3600),
+        sweep_every: Duration::from_secs(60),
+        sweep_rows: 1000,
+    };
+
+    /// Records created before this (Unix ms) have expired at `now_ms`.
+    pub(crate) fn cutoff_ms(&self, now_ms: i64) -> i64 {
+        let kept = i64::try_from(self.idempotency.as_millis()).unwrap_or(i64::MAX);
+        now_ms.saturating_sub(kept)
+    }
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention::DEFAULT
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreError {
     /// The database failed or is unreachable.
@@ -145,6 +178,12 @@ pub trait Storage: Send + Sync + 'static {
     /// The only write of an exchange: idempotency, append, usage and billing, atomically.
     async fn commit(&self, req: CommitRequest) -> Result<CommitOutcome, StoreError>;
     async fn chain(&self, trace_id: &str) -> Result<Option<StoredChain>, StoreError>;
+    /// The record of a committed (tenant, idempotency key), unless never committed or expired.
+    async fn idempotency_record(
+        &self,
+        tenant: &str,
+        key: &str,
+    ) -> Result<Option<Record>, StoreError>;
     /// Records a signing key's public JWK (JSON) under its kid unless the kid is known, and
     /// returns the JWK stored for that kid.
     async fn remember_signing_key(&self, kid: &str, jwk: &str) -> Result<String, StoreError>;

@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::NoTls;
 
 use super::migrations::POSTGRES as MIGRATIONS;
-use super::worker::{check_all, Worker};
+use super::worker::{check_all, Alive, Worker};
 use super::*;
 use batcher::{run_batches, Job};
 
@@ -44,14 +44,26 @@ pub struct PostgresStorage {
     pool: Pool,
     /// Commits go through one batcher (see `run_batches`).
     jobs: mpsc::UnboundedSender<Job>,
-    /// The batcher (and the retention sweep), checked by `ping`.
+    /// The batcher and the retention sweep, checked by `ping`.
     workers: Vec<Worker>,
+    /// Dropping it ends the sweep.
+    _stop_sweep: oneshot::Sender<()>,
 }
 
 impl PostgresStorage {
     /// Connects, checks the database is reachable and migrates the schema (in the first schema
     /// of the connection's `search_path`; give one with `options=-csearch_path%3D...`).
     pub async fn connect(url: &str, pool_size: usize) -> Result<Self, StoreError> {
+        Self::connect_with(url, pool_size, Retention::DEFAULT).await
+    }
+
+    /// [`PostgresStorage::connect`], sweeping idempotency records older than `retention`.
+    /// Several instances may sweep one database: a pass skips the rows another one holds.
+    pub async fn connect_with(
+        url: &str,
+        pool_size: usize,
+        retention: Retention,
+    ) -> Result<Self, StoreError> {
         let pg_config = tokio_postgres::Config::from_str(url)
             .map_err(|e| StoreError::Database(format!("SP_POSTGRES_URL does not parse: {e}")))?;
         let manager = Manager::from_config(
@@ -69,12 +81,16 @@ impl PostgresStorage {
             .map_err(|e| StoreError::Database(e.to_string()))?;
         let (jobs, queue) = mpsc::unbounded_channel();
         let (batcher, alive) = Worker::start("the PostgreSQL commit batcher");
+        let (sweeper, sweeping) = Worker::start("the PostgreSQL idempotency sweep");
+        let (stop_sweep, stopped) = oneshot::channel();
         let storage = Self {
             pool: pool.clone(),
             jobs,
-            workers: vec![batcher],
+            workers: vec![batcher, sweeper],
+            _stop_sweep: stop_sweep,
         };
         storage.migrate().await?;
+        tokio::spawn(sweep_loop(pool.clone(), retention, stopped, sweeping));
         let main = tokio::runtime::Handle::current();
         std::thread::Builder::new()
             .name("signet-pg-committer".into())
@@ -125,6 +141,53 @@ async fn migrate_to(client: &mut tokio_postgres::Client, target: usize) -> Resul
         .map_err(db)?;
     }
     tx.commit().await.map_err(db)
+}
+
+/// Deletes at most `$2` idempotency records created before `$1`, oldest first, skipping those a
+/// commit (or another instance's sweep) holds.
+const SWEEP_IDEMPOTENCY: &str = "
+DELETE FROM idempotency WHERE ctid IN (
+    SELECT ctid FROM idempotency WHERE created_ms < $1
+    ORDER BY created_ms LIMIT $2 FOR UPDATE SKIP LOCKED
+)";
+
+/// Every `retention.sweep_every`, passes of [`SWEEP_IDEMPOTENCY`] until one deletes fewer than
+/// `retention.sweep_rows`; ends when `stopped` fires or its sender is dropped.
+async fn sweep_loop(
+    pool: Pool,
+    retention: Retention,
+    mut stopped: oneshot::Receiver<()>,
+    alive: Alive,
+) {
+    let _alive = alive;
+    let rows = i64::try_from(retention.sweep_rows).unwrap_or(i64::MAX);
+    loop {
+        tokio::select! {
+            _ = &mut stopped => return,
+            () = tokio::time::sleep(retention.sweep_every) => {}
+        }
+        let cutoff = retention.cutoff_ms(crate::now_ms());
+        loop {
+            let pass = async {
+                let client = pool
+                    .get()
+                    .await
+                    .map_err(|e| StoreError::Database(e.to_string()))?;
+                client
+                    .execute(SWEEP_IDEMPOTENCY, &[&cutoff, &rows])
+                    .await
+                    .map_err(db)
+            };
+            match pass.await {
+                Ok(deleted) if deleted < rows as u64 => break,
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!("idempotency sweep: {e}");
+                    break;
+                }
+            }
+        }
+    }
 }
 
 fn db(e: tokio_postgres::Error) -> StoreError {
@@ -194,6 +257,26 @@ impl Storage for PostgresStorage {
         Ok(Some(StoredChain {
             tenant: owner.get(0),
             receipts,
+        }))
+    }
+
+    async fn idempotency_record(
+        &self,
+        tenant: &str,
+        key: &str,
+    ) -> Result<Option<Record>, StoreError> {
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                "SELECT fingerprint, response FROM idempotency WHERE tenant = $1 AND key = $2",
+                &[&tenant, &key],
+            )
+            .await
+            .map_err(db)?;
+        Ok(row.map(|r| Record {
+            fingerprint: r.get(0),
+            response: r.get::<_, &str>(1).into(),
         }))
     }
 
@@ -311,6 +394,90 @@ pub(super) mod tests {
             .unwrap();
         let url = format!("{PG}?options=-csearch_path%3D{schema}");
         (admin, schema, url)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_sweep_deletes_expired_idempotency_records_in_bounded_passes() {
+        use crate::storage::batch::test_commits::commit as test_commit;
+
+        let (admin, schema, url) = fresh_schema("cp_unit_sweep").await;
+        let storage = PostgresStorage::connect(&url, 2).await.unwrap();
+        let now = crate::now_ms();
+        let hour_ms = 3_600_000;
+        for (key, age_ms) in [
+            ("e1", 10 * hour_ms),
+            ("e2", 9 * hour_ms),
+            ("e3", 8 * hour_ms),
+            ("e4", 2 * hour_ms),
+            ("e5", 2 * hour_ms),
+            ("kept", hour_ms - 60_000),
+        ] {
+            let req = CommitRequest {
+                now_ms: now - age_ms,
+                ..test_commit("t", key, key, 1)
+            };
+            assert_eq!(storage.commit(req).await, Ok(CommitOutcome::Committed));
+        }
+        // A row a commit holds is skipped, not waited for.
+        let mut holder = storage.client().await.unwrap();
+        let held = holder.transaction().await.unwrap();
+        held.execute("SELECT 1 FROM idempotency WHERE key = 'e1' FOR UPDATE", &[])
+            .await
+            .unwrap();
+        // Another instance sweeps.
+        let retention = Retention {
+            idempotency: std::time::Duration::from_secs(3600),
+            sweep_every: std::time::Duration::from_millis(50),
+            sweep_rows: 2,
+        };
+        let sweeping = PostgresStorage::connect_with(&url, 2, retention)
+            .await
+            .unwrap();
+        let keys = |storage: &PostgresStorage| {
+            let pool = storage.pool.clone();
+            async move {
+                let rows = pool
+                    .get()
+                    .await
+                    .unwrap()
+                    .query("SELECT key FROM idempotency ORDER BY key", &[])
+                    .await
+                    .unwrap();
+                rows.iter().map(|r| r.get(0)).collect::<Vec<String>>()
+            }
+        };
+        let mut left = Vec::new();
+        for _ in 0..50 {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            left = keys(&storage).await;
+            if left == ["e1", "kept"] {
+                break;
+            }
+        }
+        assert_eq!(left, ["e1", "kept"]);
+        held.rollback().await.unwrap();
+        for _ in 0..50 {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            left = keys(&storage).await;
+            if left == ["kept"] {
+                break;
+            }
+        }
+        assert_eq!(left, ["kept"]);
+        assert_eq!(storage.idempotency_record("t", "e1").await, Ok(None));
+        assert_eq!(
+            storage.idempotency_record("t", "kept").await,
+            Ok(Some(Record {
+                fingerprint: "fp-kept".into(),
+                response: r#"{"key":"kept"}"#.into(),
+            }))
+        );
+        assert_eq!(sweeping.ping().await, Ok(()));
+        drop((storage, sweeping, holder));
+        admin
+            .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+            .await
+            .unwrap();
     }
 
     #[tokio::test]

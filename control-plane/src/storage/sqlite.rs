@@ -39,16 +39,23 @@ use super::migrations::SQLITE as MIGRATIONS;
 
 pub struct SqliteStorage {
     jobs: mpsc::Sender<Box<dyn Job>>,
-    /// Dropping it ends the checkpoint thread.
+    /// Dropping it ends the checkpoint and sweep threads.
     _stop_checkpoints: mpsc::Sender<()>,
+    _stop_sweep: mpsc::Sender<()>,
     /// The writer and checkpoint threads, checked by `ping`.
     workers: Vec<Worker>,
 }
 
 impl SqliteStorage {
-    /// Opens (creating the file and its directory if needed) and migrates the database, then
-    /// starts the writer thread. The thread ends when the storage is dropped.
+    /// [`SqliteStorage::open_with`] the default [`Retention`].
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        Self::open_with(path, Retention::DEFAULT)
+    }
+
+    /// Opens (creating the file and its directory if needed) and migrates the database, then
+    /// starts the writer thread, the checkpoint thread and the sweep of idempotency records
+    /// older than `retention`. The threads end when the storage is dropped.
+    pub fn open_with(path: &Path, retention: Retention) -> Result<Self, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| {
                 StoreError::Database(format!("cannot create {}: {e}", dir.display()))
@@ -95,10 +102,21 @@ impl SqliteStorage {
                 writer_loop(conn, queue)
             })
             .map_err(|e| StoreError::Database(format!("cannot start the writer thread: {e}")))?;
+        let (stop_sweep, stopped) = mpsc::channel::<()>();
+        let (sweeper, alive) = Worker::start("the SQLite idempotency sweep");
+        let sweep_jobs = jobs.clone();
+        std::thread::Builder::new()
+            .name("signet-sqlite-sweep".into())
+            .spawn(move || {
+                let _alive = alive;
+                sweep_loop(sweep_jobs, retention, stopped)
+            })
+            .map_err(|e| StoreError::Database(format!("cannot start the sweep thread: {e}")))?;
         Ok(Self {
             jobs,
             _stop_checkpoints: stop_checkpoints,
-            workers: vec![writer, checkpointer],
+            _stop_sweep: stop_sweep,
+            workers: vec![writer, checkpointer, sweeper],
         })
     }
 
@@ -122,6 +140,55 @@ impl SqliteStorage {
             .await
             .map_err(|_| StoreError::Database("the SQLite writer thread stopped".into()))?
     }
+}
+
+/// Sends `op` to the writer and waits for its answer, from a thread that is not async.
+fn run_blocking<T, F>(jobs: &mpsc::Sender<Box<dyn Job>>, op: F) -> Result<T, StoreError>
+where
+    T: Send + 'static,
+    F: Fn(&Connection) -> rusqlite::Result<(T, bool)> + Send + 'static,
+{
+    let (reply, answer) = oneshot::channel();
+    let stopped = || StoreError::Database("the SQLite writer thread stopped".into());
+    let job = TypedJob {
+        op,
+        result: None,
+        reply,
+    };
+    jobs.send(Box::new(job)).map_err(|_| stopped())?;
+    answer.blocking_recv().map_err(|_| stopped())?
+}
+
+/// Every `retention.sweep_every`, deletes the idempotency records older than the retention, in
+/// passes of at most `retention.sweep_rows` rows, each a transaction of the writer between
+/// commits, until a pass deletes fewer.
+fn sweep_loop(jobs: mpsc::Sender<Box<dyn Job>>, retention: Retention, stopped: mpsc::Receiver<()>) {
+    let rows = i64::try_from(retention.sweep_rows).unwrap_or(i64::MAX);
+    while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(retention.sweep_every) {
+        let cutoff = retention.cutoff_ms(crate::now_ms());
+        loop {
+            let pass = run_blocking(&jobs, move |conn| {
+                sweep_idempotency(conn, cutoff, rows).map(|deleted| (deleted, true))
+            });
+            match pass {
+                Ok(deleted) if deleted < retention.sweep_rows => break,
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!("idempotency sweep: {e}");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Deletes at most `rows` idempotency records created before `cutoff_ms`, oldest first.
+fn sweep_idempotency(conn: &Connection, cutoff_ms: i64, rows: i64) -> rusqlite::Result<usize> {
+    conn.prepare_cached(
+        "DELETE FROM idempotency WHERE rowid IN
+             (SELECT rowid FROM idempotency WHERE created_ms < ?1 ORDER BY created_ms LIMIT ?2)",
+    )?
+    .execute(params![cutoff_ms, rows])
 }
 
 fn db(e: rusqlite::Error) -> StoreError {
@@ -531,6 +598,16 @@ impl Storage for SqliteStorage {
         .transpose()
     }
 
+    async fn idempotency_record(
+        &self,
+        tenant: &str,
+        key: &str,
+    ) -> Result<Option<Record>, StoreError> {
+        let (tenant, key) = (tenant.to_owned(), key.to_owned());
+        self.run(move |conn| Ok((read_record(conn, &tenant, &key)?, false)))
+            .await
+    }
+
     async fn remember_signing_key(&self, kid: &str, jwk: &str) -> Result<String, StoreError> {
         let (kid, jwk) = (kid.to_owned(), jwk.to_owned());
         self.run(move |conn| {
@@ -711,7 +788,7 @@ mod tests {
         let version: i64 = conn
             .query_row("SELECT max(version) FROM schema_version", [], |r| r.get(0))
             .unwrap();
-        assert_eq!(version, 3);
+        assert_eq!(version as usize, MIGRATIONS.len());
         assert_eq!(
             read_trace(&conn, "t1").unwrap(),
             Some(TraceState {
@@ -839,6 +916,87 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(kids, vec!["a", "b", "e"]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_sweep_deletes_expired_idempotency_records_in_bounded_passes() {
+        use crate::storage::batch::test_commits::commit as test_commit;
+
+        let dir = tempfile::tempdir().unwrap();
+        let retention = Retention {
+            idempotency: std::time::Duration::from_secs(3600),
+            sweep_every: std::time::Duration::from_millis(50),
+            sweep_rows: 2,
+        };
+        let storage = SqliteStorage::open_with(&dir.path().join("t.db"), retention).unwrap();
+        let now = crate::now_ms();
+        let hour_ms = 3_600_000;
+        // Five expired records, one just within the retention.
+        for (key, age_ms) in [
+            ("e1", 10 * hour_ms),
+            ("e2", 9 * hour_ms),
+            ("e3", 8 * hour_ms),
+            ("e4", 7 * hour_ms),
+            ("e5", 2 * hour_ms),
+            ("kept", hour_ms - 60_000),
+        ] {
+            let req = CommitRequest {
+                now_ms: now - age_ms,
+                ..test_commit("t", key, key, 1)
+            };
+            assert_eq!(storage.commit(req).await, Ok(CommitOutcome::Committed));
+        }
+        let mut left = Vec::new();
+        for _ in 0..100 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            left = storage
+                .run(|conn| {
+                    let keys = conn
+                        .prepare("SELECT key FROM idempotency ORDER BY key")?
+                        .query_map([], |r| r.get::<_, String>(0))?
+                        .collect::<rusqlite::Result<Vec<_>>>()?;
+                    Ok((keys, false))
+                })
+                .await
+                .unwrap();
+            if left == ["kept"] {
+                break;
+            }
+        }
+        assert_eq!(left, ["kept"]);
+        assert!(storage
+            .idempotency_record("t", "e1")
+            .await
+            .unwrap()
+            .is_none());
+        assert_eq!(
+            storage.idempotency_record("t", "kept").await.unwrap(),
+            Some(Record {
+                fingerprint: "fp-kept".into(),
+                response: r#"{"key":"kept"}"#.into(),
+            })
+        );
+        assert_eq!(storage.ping().await, Ok(()));
+        // A pass deletes at most its rows, oldest first.
+        let conn = Connection::open_in_memory().unwrap();
+        let mut conn = conn;
+        migrate(&mut conn).unwrap();
+        for (key, created) in [("a", 3), ("b", 1), ("c", 2), ("d", 9)] {
+            conn.execute(
+                "INSERT INTO idempotency VALUES ('t', ?1, 'fp', '{}', ?2)",
+                params![key, created],
+            )
+            .unwrap();
+        }
+        assert_eq!(sweep_idempotency(&conn, 5, 2).unwrap(), 2);
+        let left: Vec<String> = conn
+            .prepare("SELECT key FROM idempotency ORDER BY key")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(left, ["a", "d"]);
     }
 
     /// FULL (2): a transaction answered is on disk (see the module documentation).

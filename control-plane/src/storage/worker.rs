@@ -45,11 +45,13 @@ pub(crate) fn check_all(workers: &[Worker]) -> Result<(), StoreError> {
 impl Drop for Alive {
     fn drop(&mut self) {
         let reason = if std::thread::panicking() {
+            tracing::error!("{} panicked", self.0.name);
             "panicked"
         } else {
+            // also the normal end, when the storage is dropped
+            tracing::debug!("{} stopped", self.0.name);
             "stopped"
         };
-        tracing::error!("{} {reason}", self.0.name);
         *self.0.ended.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason.to_owned());
     }
 }
