@@ -88,7 +88,7 @@ async fn a_commit_past_its_deadline_stores_nothing(backend: Backend) {
         ..request("demo", "late", "t-late")
     };
     assert_eq!(storage.commit(expired).await, Ok(CommitOutcome::Expired));
-    assert_eq!(storage.chain("t-late").await, Ok(None));
+    assert_eq!(storage.chain("demo", "t-late").await, Ok(None));
     assert_eq!(storage.idempotency_record("demo", "late").await, Ok(None));
     let future = (signet_control_plane::now_ms() + 60_000) as u64;
     let in_time = CommitRequest {
@@ -111,7 +111,7 @@ async fn a_commit_past_its_deadline_stores_nothing(backend: Backend) {
         (&json!(504), &json!("COMMIT_EXPIRED")),
         "{result}"
     );
-    assert_eq!(storage.chain("t-api").await, Ok(None));
+    assert_eq!(storage.chain("demo", "t-api").await, Ok(None));
     // Only the storage-level commit counted, in its month; the API one counted nothing.
     assert_eq!(storage.usage("demo", "2025-01").await.unwrap().vex, 1);
     assert_eq!(server.usage("demo").await["vex"], 0);
@@ -138,7 +138,7 @@ async fn a_commit_that_would_overflow_the_month_counters_is_refused(backend: Bac
             Ok(CommitOutcome::CounterOverflow),
             "{key}"
         );
-        assert_eq!(storage.chain(&format!("t-{key}")).await, Ok(None));
+        assert_eq!(storage.chain("demo", &format!("t-{key}")).await, Ok(None));
     }
     let usage = storage.usage("demo", "2025-01").await.unwrap();
     assert_eq!((usage.vex, usage.fu), (1, i64::MAX as u64 - 1));

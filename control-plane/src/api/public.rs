@@ -1,15 +1,16 @@
 //! Public endpoints: health, metrics, JWKS, and the chain and signed export of a trace for its
 //! owner (the tenant's API key) or an auditor (the admin key), as [`ChainReader`] checks.
 
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use serde::Deserialize;
 use serde_json::{json, Value};
 use signet_protocol::internal::Code;
 use signet_protocol::{bundle, time};
 
-use super::extract::{ChainReader, TraceId};
+use super::extract::{ChainReader, Parsed, TraceId};
 use super::{HttpError, State as AppState};
 use crate::storage::StoredChain;
 use crate::{now_ms, ControlPlane};
@@ -60,28 +61,47 @@ pub async fn jwks(State(cp): AppState) -> Response {
         .into_response()
 }
 
-/// The trace's receipts if `reader` may read them. A trace of another tenant is reported as not
-/// found, so its existence does not leak.
+/// `?tenant=`: whose trace an auditor reads (a trace id names a chain within its tenant).
+#[derive(Deserialize)]
+pub struct TenantQuery {
+    tenant: Option<String>,
+}
+
+/// The receipts of the reader's trace: a tenant reads its own (`?tenant=`, if given, must be
+/// itself), an auditor names the tenant. Another tenant's trace of that id is another chain,
+/// never this one.
 async fn readable_chain(
     cp: &ControlPlane,
     reader: &ChainReader,
+    tenant: Option<String>,
     trace_id: &str,
 ) -> Result<StoredChain, HttpError> {
+    let not_found = || HttpError::new(Code::TraceNotFound, "no such trace");
+    let tenant = match (reader, tenant) {
+        (ChainReader::Tenant(own), None) => own.clone(),
+        (ChainReader::Tenant(own), Some(named)) if *own == named => named,
+        (ChainReader::Tenant(_), Some(_)) => return Err(not_found()),
+        (ChainReader::Auditor, Some(named)) => named,
+        (ChainReader::Auditor, None) => {
+            return Err(HttpError::new(
+                Code::BadRequest,
+                "an auditor names the trace's tenant: ?tenant=",
+            ))
+        }
+    };
     let timer = cp.metrics.time("chain");
-    let chain = cp.storage.chain(trace_id).await;
+    let chain = cp.storage.chain(&tenant, trace_id).await;
     timer.done();
-    match chain.map_err(HttpError::storage)? {
-        Some(chain) if reader.may_read(&chain.tenant) => Ok(chain),
-        _ => Err(HttpError::new(Code::TraceNotFound, "no such trace")),
-    }
+    chain.map_err(HttpError::storage)?.ok_or_else(not_found)
 }
 
 pub async fn chain(
     State(cp): AppState,
     TraceId(trace_id): TraceId,
     reader: ChainReader,
+    Parsed(Query(query)): Parsed<Query<TenantQuery>>,
 ) -> Result<Response, HttpError> {
-    let chain = readable_chain(&cp, &reader, &trace_id).await?;
+    let chain = readable_chain(&cp, &reader, query.tenant, &trace_id).await?;
     Ok(Json(Value::Array(chain.receipts)).into_response())
 }
 
@@ -89,8 +109,9 @@ pub async fn export(
     State(cp): AppState,
     TraceId(trace_id): TraceId,
     reader: ChainReader,
+    Parsed(Query(query)): Parsed<Query<TenantQuery>>,
 ) -> Result<Response, HttpError> {
-    let chain = readable_chain(&cp, &reader, &trace_id).await?;
+    let chain = readable_chain(&cp, &reader, query.tenant, &trace_id).await?;
     let exported_at = time::rfc3339_millis(now_ms().max(0) as u64);
     let bundle = bundle::export(
         &trace_id,

@@ -16,8 +16,9 @@ use signet_protocol::internal::{decide, Decision, Head, Record, TraceState};
 pub(crate) struct Locked {
     /// By (tenant, idempotency key); a key absent here has no record.
     pub records: HashMap<(String, String), Record>,
-    /// By trace id; a trace absent here does not exist.
-    pub traces: HashMap<String, TraceState>,
+    /// By (tenant, trace id): a trace id names a chain within its tenant (SPEC §2); a trace
+    /// absent here does not exist.
+    pub traces: HashMap<(String, String), TraceState>,
     /// Month-to-date counters by (tenant, month); a month absent here has no usage yet.
     pub months: HashMap<(String, String), Usage>,
     /// Unix ms once the rows were locked: a commit whose deadline is before it is expired.
@@ -38,7 +39,7 @@ impl Locked {
             locked.records.insert(key, record);
         }
         if let Some(trace) = trace {
-            locked.traces.insert(req.trace_id.clone(), trace);
+            locked.traces.insert(req.trace_key(), trace);
         }
         if let Some(usage) = usage {
             let month = (req.tenant.clone(), req.month.clone());
@@ -117,7 +118,7 @@ impl<'a> Batch<'a> {
         let key = (req.tenant.clone(), req.idempotency_key.clone());
         let decision = decide(
             self.locked.records.get(&key),
-            self.locked.traces.get(&req.trace_id),
+            self.locked.traces.get(&req.trace_key()),
             &req.candidate(),
         );
         match decision {
@@ -129,7 +130,9 @@ impl<'a> Batch<'a> {
             return CommitOutcome::CounterOverflow;
         };
         self.rows.append(req, usage);
-        match self.heads.iter_mut().find(|h| h.trace_id == req.trace_id) {
+        let same_trace =
+            |h: &&mut &CommitRequest| h.trace_id == req.trace_id && h.tenant == req.tenant;
+        match self.heads.iter_mut().find(same_trace) {
             Some(head) => *head = req,
             None => self.heads.push(req),
         }
@@ -141,7 +144,7 @@ impl<'a> Batch<'a> {
             tenant: req.tenant.clone(),
             head,
         };
-        self.locked.traces.insert(req.trace_id.clone(), trace);
+        self.locked.traces.insert(req.trace_key(), trace);
         let record = Record {
             fingerprint: req.fingerprint.clone(),
             response: req.response.clone(),
@@ -308,7 +311,9 @@ mod tests {
     #[test]
     fn two_hops_of_one_trace_append_in_order_and_leave_one_head() {
         let mut locked = Locked::default();
-        locked.traces.insert("a".into(), trace("t", "a", 3));
+        locked
+            .traces
+            .insert(("t".into(), "a".into()), trace("t", "a", 3));
         let requests = [
             commit("t", "k4", "a", 4),
             commit("t", "n1", "new", 1),
@@ -347,7 +352,6 @@ mod tests {
         let requests = [
             commit("t", "first", "a", 1),
             commit("t", "second", "a", 1),
-            commit("other", "third", "a", 2),
             commit("t", "fourth", "a", 3),
         ];
         let d = run(Locked::default(), &requests);
@@ -358,7 +362,6 @@ mod tests {
                 CommitOutcome::Rejected(Rejection::ChainConflict {
                     head: Some(trace("t", "a", 1).head)
                 }),
-                CommitOutcome::Rejected(Rejection::TraceForbidden),
                 CommitOutcome::Rejected(Rejection::ChainConflict {
                     head: Some(trace("t", "a", 1).head)
                 }),
@@ -369,10 +372,50 @@ mod tests {
         assert_eq!(d.rows.heads.head_hop, [1]);
     }
 
+    /// SPEC §2: tenant A's `a` and tenant B's `a` are two chains; neither sees the other.
+    #[test]
+    fn one_trace_id_of_two_tenants_is_two_chains() {
+        let mut locked = Locked::default();
+        locked
+            .traces
+            .insert(("t".into(), "a".into()), trace("t", "a", 3));
+        let requests = [
+            commit("other", "theirs-1", "a", 1),
+            commit("t", "mine-4", "a", 4),
+            commit("other", "theirs-2", "a", 2),
+            commit("other", "theirs-5", "a", 5),
+        ];
+        let d = run(locked, &requests);
+        assert_eq!(
+            d.outcomes[..3],
+            [
+                CommitOutcome::Committed,
+                CommitOutcome::Committed,
+                CommitOutcome::Committed
+            ]
+        );
+        assert_eq!(
+            d.outcomes[3],
+            CommitOutcome::Rejected(Rejection::ChainConflict {
+                head: Some(Head {
+                    hop: 2,
+                    receipt_hash: hash("a", 2)
+                })
+            })
+        );
+        let h = &d.rows.heads;
+        assert_eq!(
+            (&h.tenant[..], &h.head_hop[..]),
+            (&["other", "t"][..], &[2, 4][..])
+        );
+    }
+
     #[test]
     fn the_cap_counts_the_receipts_appended_in_the_batch() {
         let mut locked = Locked::default();
-        locked.traces.insert("a".into(), trace("t", "a", 9));
+        locked
+            .traces
+            .insert(("t".into(), "a".into()), trace("t", "a", 9));
         let requests = [commit("t", "k10", "a", 10), commit("t", "k11", "a", 11)];
         let d = run(locked, &requests);
         assert_eq!(

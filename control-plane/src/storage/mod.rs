@@ -59,6 +59,11 @@ pub struct CommitRequest {
 }
 
 impl CommitRequest {
+    /// The trace it appends to: (tenant, trace id).
+    pub(crate) fn trace_key(&self) -> (String, String) {
+        (self.tenant.clone(), self.trace_id.clone())
+    }
+
     /// What [`signet_protocol::internal::decide`] needs of it.
     pub fn candidate(&self) -> Candidate<'_> {
         Candidate {
@@ -177,7 +182,9 @@ pub trait Storage: Send + Sync + 'static {
     async fn ping(&self) -> Result<(), StoreError>;
     /// The only write of an exchange: idempotency, append, usage and billing, atomically.
     async fn commit(&self, req: CommitRequest) -> Result<CommitOutcome, StoreError>;
-    async fn chain(&self, trace_id: &str) -> Result<Option<StoredChain>, StoreError>;
+    /// The chain of `tenant`'s trace `trace_id` (another tenant's trace of that id is
+    /// another chain).
+    async fn chain(&self, tenant: &str, trace_id: &str) -> Result<Option<StoredChain>, StoreError>;
     /// The record of a committed (tenant, idempotency key), unless never committed or expired.
     async fn idempotency_record(
         &self,

@@ -224,7 +224,7 @@ impl Storage for PostgresStorage {
             .map_err(|_| StoreError::Database("the batcher stopped".into()))?
     }
 
-    async fn chain(&self, trace_id: &str) -> Result<Option<StoredChain>, StoreError> {
+    async fn chain(&self, tenant: &str, trace_id: &str) -> Result<Option<StoredChain>, StoreError> {
         let mut client = self.client().await?;
         // One snapshot for the owner and the receipts.
         let tx = client
@@ -236,16 +236,16 @@ impl Storage for PostgresStorage {
             .map_err(db)?;
         let owner = tx
             .query_opt(
-                "SELECT tenant FROM traces WHERE trace_id = $1 AND head_hop > 0",
-                &[&trace_id],
+                "SELECT tenant FROM traces WHERE tenant = $1 AND trace_id = $2 AND head_hop > 0",
+                &[&tenant, &trace_id],
             )
             .await
             .map_err(db)?;
         let Some(owner) = owner else { return Ok(None) };
         let rows = tx
             .query(
-                "SELECT body FROM receipts WHERE trace_id = $1 ORDER BY hop",
-                &[&trace_id],
+                "SELECT body FROM receipts WHERE tenant = $1 AND trace_id = $2 ORDER BY hop",
+                &[&tenant, &trace_id],
             )
             .await
             .map_err(db)?;
@@ -474,6 +474,49 @@ pub(super) mod tests {
         );
         assert_eq!(sweeping.ping().await, Ok(()));
         drop((storage, sweeping, holder));
+        admin
+            .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_v5_migration_keeps_traces_and_receipts_and_scopes_them_by_tenant() {
+        let (admin, schema, url) = fresh_schema("cp_unit_v5").await;
+        let (mut client, conn) = tokio_postgres::connect(&url, NoTls).await.unwrap();
+        tokio::spawn(conn);
+        migrate_to(&mut client, 4).await.unwrap();
+        client
+            .batch_execute(
+                "INSERT INTO traces VALUES ('t1', 'demo', 1, 'sha256:h1', 7);
+                 INSERT INTO receipts VALUES ('t1', 1, 'sha256:h1', NULL, 'demo', '{}', 7);",
+            )
+            .await
+            .unwrap();
+        migrate_to(&mut client, MIGRATIONS.len()).await.unwrap();
+        client
+            .batch_execute(
+                "INSERT INTO traces VALUES ('t1', 'other', 1, 'sha256:o1', 8);
+                 INSERT INTO receipts VALUES ('t1', 1, 'sha256:o1', NULL, 'other', '{}', 8);",
+            )
+            .await
+            .unwrap();
+        let rows: Vec<String> = client
+            .query(
+                "SELECT r.tenant || '/' || r.trace_id || '/' || r.hop || '/' || t.head_hash
+                 FROM receipts r JOIN traces t USING (tenant, trace_id) ORDER BY r.tenant",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(rows, ["demo/t1/1/sha256:h1", "other/t1/1/sha256:o1"]);
+        let twice = client
+            .batch_execute("INSERT INTO traces VALUES ('t1', 'demo', 2, 'sha256:x', 9)")
+            .await;
+        assert!(twice.is_err());
         admin
             .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
             .await

@@ -396,18 +396,24 @@ fn read_record(conn: &Connection, tenant: &str, key: &str) -> rusqlite::Result<O
     .optional()
 }
 
-fn read_trace(conn: &Connection, trace_id: &str) -> rusqlite::Result<Option<TraceState>> {
-    conn.prepare_cached("SELECT tenant, head_hop, head_hash FROM traces WHERE trace_id = ?1")?
-        .query_row([trace_id], |r| {
-            Ok(TraceState {
-                tenant: r.get(0)?,
-                head: Head {
-                    hop: to_u64(r.get(1)?),
-                    receipt_hash: r.get(2)?,
-                },
-            })
+fn read_trace(
+    conn: &Connection,
+    tenant: &str,
+    trace_id: &str,
+) -> rusqlite::Result<Option<TraceState>> {
+    conn.prepare_cached(
+        "SELECT tenant, head_hop, head_hash FROM traces WHERE tenant = ?1 AND trace_id = ?2",
+    )?
+    .query_row([tenant, trace_id], |r| {
+        Ok(TraceState {
+            tenant: r.get(0)?,
+            head: Head {
+                hop: to_u64(r.get(1)?),
+                receipt_hash: r.get(2)?,
+            },
         })
-        .optional()
+    })
+    .optional()
 }
 
 fn read_usage(conn: &Connection, tenant: &str, month: &str) -> rusqlite::Result<Option<Usage>> {
@@ -427,7 +433,7 @@ fn commit(conn: &Connection, req: &CommitRequest) -> rusqlite::Result<(CommitOut
     let mut locked = Locked::of_one(
         req,
         read_record(conn, &req.tenant, &req.idempotency_key)?,
-        read_trace(conn, &req.trace_id)?,
+        read_trace(conn, &req.tenant, &req.trace_id)?,
         read_usage(conn, &req.tenant, &req.month)?,
     );
     locked.locked_at_ms = crate::now_ms();
@@ -466,7 +472,7 @@ fn write(conn: &Connection, rows: &Rows, now_ms: i64) -> rusqlite::Result<()> {
     insert_each(
         conn,
         "INSERT INTO traces (trace_id, tenant, head_hop, head_hash, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)
-         ON CONFLICT (trace_id) DO UPDATE SET head_hop = excluded.head_hop, head_hash = excluded.head_hash",
+         ON CONFLICT (tenant, trace_id) DO UPDATE SET head_hop = excluded.head_hop, head_hash = excluded.head_hash",
         h.trace_id.len(),
         |i| (h.trace_id[i], h.tenant[i], h.head_hop[i], h.head_hash[i], now_ms),
     )?;
@@ -570,22 +576,21 @@ impl Storage for SqliteStorage {
         self.run(move |conn| commit(conn, &req)).await
     }
 
-    async fn chain(&self, trace_id: &str) -> Result<Option<StoredChain>, StoreError> {
-        let trace_id = trace_id.to_owned();
+    async fn chain(&self, tenant: &str, trace_id: &str) -> Result<Option<StoredChain>, StoreError> {
+        let (tenant, trace_id) = (tenant.to_owned(), trace_id.to_owned());
         let rows = self
             .run(move |conn| {
-                let Some(tenant) = conn
-                    .prepare_cached("SELECT tenant FROM traces WHERE trace_id = ?1")?
-                    .query_row([&trace_id], |r| r.get::<_, String>(0))
-                    .optional()?
-                else {
+                if read_trace(conn, &tenant, &trace_id)?.is_none() {
                     return Ok((None, false));
-                };
+                }
                 let bodies = conn
-                    .prepare_cached("SELECT body FROM receipts WHERE trace_id = ?1 ORDER BY hop")?
-                    .query_map([&trace_id], |r| r.get::<_, String>(0))?
+                    .prepare_cached(
+                        "SELECT body FROM receipts WHERE tenant = ?1 AND trace_id = ?2
+                         ORDER BY hop",
+                    )?
+                    .query_map([&tenant, &trace_id], |r| r.get::<_, String>(0))?
                     .collect::<rusqlite::Result<Vec<_>>>()?;
-                Ok((Some((tenant, bodies)), false))
+                Ok((Some((tenant.clone(), bodies)), false))
             })
             .await?;
         rows.map(|(tenant, bodies)| {
@@ -790,7 +795,7 @@ mod tests {
             .unwrap();
         assert_eq!(version as usize, MIGRATIONS.len());
         assert_eq!(
-            read_trace(&conn, "t1").unwrap(),
+            read_trace(&conn, "demo", "t1").unwrap(),
             Some(TraceState {
                 tenant: "demo".into(),
                 head: Head {
@@ -997,6 +1002,44 @@ mod tests {
             .collect::<rusqlite::Result<_>>()
             .unwrap();
         assert_eq!(left, ["a", "d"]);
+    }
+
+    #[test]
+    fn the_v5_migration_keeps_traces_and_receipts_and_scopes_them_by_tenant() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate_to(&mut conn, 4).unwrap();
+        conn.execute_batch(
+            "INSERT INTO traces VALUES ('t1', 'demo', 1, 'sha256:h1', 7);
+             INSERT INTO receipts VALUES ('t1', 1, 'sha256:h1', NULL, 'demo', '{\"hop\":1}', 7);",
+        )
+        .unwrap();
+        migrate(&mut conn).unwrap();
+        let head = |tenant| read_trace(&conn, tenant, "t1").unwrap().map(|t| t.head.hop);
+        assert_eq!((head("demo"), head("other")), (Some(1), None));
+        // Another tenant's t1 is another chain; the append-only triggers are back.
+        conn.execute_batch(
+            "INSERT INTO traces VALUES ('t1', 'other', 1, 'sha256:o1', 8);
+             INSERT INTO receipts VALUES ('t1', 1, 'sha256:o1', NULL, 'other', '{}', 8);",
+        )
+        .unwrap();
+        let e = conn
+            .execute("DELETE FROM receipts WHERE tenant = 'demo'", [])
+            .unwrap_err();
+        assert!(e.to_string().contains("append-only"), "{e}");
+        let bodies: Vec<(String, String)> = conn
+            .prepare("SELECT tenant, body FROM receipts ORDER BY tenant")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(
+            bodies,
+            [
+                ("demo".into(), r#"{"hop":1}"#.into()),
+                ("other".into(), "{}".into())
+            ]
+        );
     }
 
     /// FULL (2): a transaction answered is on disk (see the module documentation).
