@@ -7,12 +7,13 @@ use std::sync::Arc;
 
 use common::*;
 use serde_json::{json, Value};
-use signet_control_plane::storage::{CommitOutcome, CommitRequest};
+use signet_control_plane::storage::{ChainPage, CommitOutcome, CommitRequest};
 
 both_backends!(
     the_idempotency_lookup_answers_the_stored_response_of_the_tenants_key,
     a_commit_past_its_deadline_stores_nothing,
     a_commit_that_would_overflow_the_month_counters_is_refused,
+    the_chain_is_read_page_by_page,
 );
 
 /// A commit of `key` opening `trace` for `tenant`, at the current time, as the API builds it.
@@ -88,7 +89,10 @@ async fn a_commit_past_its_deadline_stores_nothing(backend: Backend) {
         ..request("demo", "late", "t-late")
     };
     assert_eq!(storage.commit(expired).await, Ok(CommitOutcome::Expired));
-    assert_eq!(storage.chain("demo", "t-late").await, Ok(None));
+    assert_eq!(
+        storage.chain("demo", "t-late", ChainPage::ALL).await,
+        Ok(None)
+    );
     assert_eq!(storage.idempotency_record("demo", "late").await, Ok(None));
     let future = (signet_control_plane::now_ms() + 60_000) as u64;
     let in_time = CommitRequest {
@@ -111,7 +115,10 @@ async fn a_commit_past_its_deadline_stores_nothing(backend: Backend) {
         (&json!(504), &json!("COMMIT_EXPIRED")),
         "{result}"
     );
-    assert_eq!(storage.chain("demo", "t-api").await, Ok(None));
+    assert_eq!(
+        storage.chain("demo", "t-api", ChainPage::ALL).await,
+        Ok(None)
+    );
     // Only the storage-level commit counted, in its month; the API one counted nothing.
     assert_eq!(storage.usage("demo", "2025-01").await.unwrap().vex, 1);
     assert_eq!(server.usage("demo").await["vex"], 0);
@@ -138,7 +145,12 @@ async fn a_commit_that_would_overflow_the_month_counters_is_refused(backend: Bac
             Ok(CommitOutcome::CounterOverflow),
             "{key}"
         );
-        assert_eq!(storage.chain("demo", &format!("t-{key}")).await, Ok(None));
+        assert_eq!(
+            storage
+                .chain("demo", &format!("t-{key}"), ChainPage::ALL)
+                .await,
+            Ok(None)
+        );
     }
     let usage = storage.usage("demo", "2025-01").await.unwrap();
     assert_eq!((usage.vex, usage.fu), (1, i64::MAX as u64 - 1));
@@ -146,6 +158,87 @@ async fn a_commit_that_would_overflow_the_month_counters_is_refused(backend: Bac
     let next = request("demo", "next", "t-next");
     assert_eq!(storage.commit(next).await, Ok(CommitOutcome::Committed));
     assert_eq!(server.get("/healthz", &[]).await.status, 200);
+    server.stop().await;
+    db.cleanup().await;
+}
+
+async fn the_chain_is_read_page_by_page(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let server = Server::start(&db).await;
+    for i in 1..=5 {
+        let r = server
+            .exchange("demo", &format!("p{i}"), "t-pages", 0)
+            .await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+    }
+    let owner = [("X-SIGNET-API-Key", DEMO_KEY)];
+    let hops = |body: &Value| -> Vec<u64> {
+        let receipts = body.as_array().unwrap();
+        receipts
+            .iter()
+            .map(|r| r["hop"].as_u64().unwrap())
+            .collect()
+    };
+    let whole = server.get("/v1/receipts/chain/t-pages", &owner).await;
+    assert_eq!(hops(&whole.body), [1, 2, 3, 4, 5]);
+    assert_eq!(whole.header("x-signet-next-after-hop"), None);
+    let mut pages = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = server
+            .get(
+                &format!("/v1/receipts/chain/t-pages?after_hop={after}&limit=2"),
+                &owner,
+            )
+            .await;
+        assert_eq!(page.status, 200, "{:?}", page.body);
+        pages.push(hops(&page.body));
+        match page.header("x-signet-next-after-hop") {
+            Some(next) => after = next.parse().unwrap(),
+            None => break,
+        }
+    }
+    assert_eq!(pages, [vec![1, 2], vec![3, 4], vec![5]]);
+    for limit in ["0", "1001", "x"] {
+        let bad = server
+            .get(&format!("/v1/receipts/chain/t-pages?limit={limit}"), &owner)
+            .await;
+        assert_eq!(
+            (bad.status, &bad.body["code"]),
+            (400, &json!("BAD_REQUEST")),
+            "{limit}"
+        );
+    }
+    // A byte cap stops a page after its first receipt.
+    let storage = &server.cp.storage;
+    let capped = ChainPage {
+        after_hop: 3,
+        limit: 10,
+        max_bytes: 1,
+    };
+    let page = storage
+        .chain("demo", "t-pages", capped)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((page.receipts.len(), page.more), (1, true));
+    assert_eq!(page.receipts[0]["hop"], 4);
+    // Another tenant's trace of that id and no trace at all: the same answer.
+    for (key, trace) in [(OTHER_KEY, "t-pages"), (DEMO_KEY, "t-none")] {
+        let r = server
+            .get(
+                &format!("/v1/receipts/chain/{trace}"),
+                &[("X-SIGNET-API-Key", key)],
+            )
+            .await;
+        assert_eq!(
+            (r.status, &r.body),
+            (
+                404,
+                &json!({"detail": "no such trace", "code": "TRACE_NOT_FOUND"})
+            )
+        );
+    }
     server.stop().await;
     db.cleanup().await;
 }

@@ -92,11 +92,84 @@ pub enum CommitOutcome {
     CounterOverflow,
 }
 
-/// A trace with its receipts in hop order.
+/// Which receipts of a chain to read: those after `after_hop`, in hop order, at most `limit`,
+/// and no more than `max_bytes` of receipt text (the first receipt always comes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChainPage {
+    pub after_hop: u64,
+    pub limit: usize,
+    pub max_bytes: usize,
+}
+
+impl ChainPage {
+    /// The whole chain, however large.
+    pub const ALL: ChainPage = ChainPage {
+        after_hop: 0,
+        limit: usize::MAX,
+        max_bytes: usize::MAX,
+    };
+
+    /// `LIMIT` of the query: one more row than the page holds tells whether more follow.
+    pub(crate) fn rows_to_read(&self) -> i64 {
+        i64::try_from(self.limit.saturating_add(1)).unwrap_or(i64::MAX)
+    }
+}
+
+/// A page of a trace's chain, its receipts in hop order.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoredChain {
     pub tenant: String,
     pub receipts: Vec<Value>,
+    /// Receipts follow the last one here (the page was full).
+    pub more: bool,
+}
+
+/// Builds a [`StoredChain`] from receipt texts read in hop order, stopping as soon as the
+/// page is full: a backend reads its rows one at a time and stops when [`Self::offer`] says.
+pub(crate) struct PageBuilder {
+    page: ChainPage,
+    bodies: Vec<String>,
+    bytes: usize,
+    more: bool,
+}
+
+impl PageBuilder {
+    pub fn new(page: ChainPage) -> Self {
+        PageBuilder {
+            page,
+            bodies: Vec::new(),
+            bytes: 0,
+            more: false,
+        }
+    }
+
+    /// Takes the next receipt; false when the page is full (this one is not in it).
+    pub fn offer(&mut self, body: String) -> bool {
+        let bytes = self.bytes.saturating_add(body.len());
+        let fits = self.bodies.len() < self.page.limit
+            && (self.bodies.is_empty() || bytes <= self.page.max_bytes);
+        if !fits {
+            self.more = true;
+            return false;
+        }
+        self.bytes = bytes;
+        self.bodies.push(body);
+        true
+    }
+
+    /// Parses what was taken (only now: a page is parsed only once it is known to be read).
+    pub fn finish(self, tenant: String) -> Result<StoredChain, StoreError> {
+        let receipts = self
+            .bodies
+            .iter()
+            .map(|b| parse_json(b, "receipt"))
+            .collect::<Result<Vec<Value>, _>>()?;
+        Ok(StoredChain {
+            tenant,
+            receipts,
+            more: self.more,
+        })
+    }
 }
 
 /// Month-to-date counters of a tenant.
@@ -182,9 +255,15 @@ pub trait Storage: Send + Sync + 'static {
     async fn ping(&self) -> Result<(), StoreError>;
     /// The only write of an exchange: idempotency, append, usage and billing, atomically.
     async fn commit(&self, req: CommitRequest) -> Result<CommitOutcome, StoreError>;
-    /// The chain of `tenant`'s trace `trace_id` (another tenant's trace of that id is
-    /// another chain).
-    async fn chain(&self, tenant: &str, trace_id: &str) -> Result<Option<StoredChain>, StoreError>;
+    /// A page of the chain of `tenant`'s trace `trace_id` (another tenant's trace of that id
+    /// is another chain): `None` when the trace does not exist, known from its trace row before
+    /// any receipt is read.
+    async fn chain(
+        &self,
+        tenant: &str,
+        trace_id: &str,
+        page: ChainPage,
+    ) -> Result<Option<StoredChain>, StoreError>;
     /// The record of a committed (tenant, idempotency key), unless never committed or expired.
     async fn idempotency_record(
         &self,
@@ -213,4 +292,39 @@ pub(crate) fn to_u64(v: i64) -> u64 {
 
 pub(crate) fn parse_json(text: &str, what: &str) -> Result<Value, StoreError> {
     serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_page_stops_at_its_limit_or_its_bytes_but_always_holds_one_receipt() {
+        let page = |limit, max_bytes| ChainPage {
+            after_hop: 0,
+            limit,
+            max_bytes,
+        };
+        let fill = |page: ChainPage, bodies: &[&str]| {
+            let mut b = PageBuilder::new(page);
+            let offered = bodies
+                .iter()
+                .take_while(|body| b.offer(body.to_string()))
+                .count();
+            let chain = b.finish("t".into()).unwrap();
+            (offered, chain.receipts.len(), chain.more)
+        };
+        let three = ["[1]", "[2]", "[3]"];
+        assert_eq!(fill(page(2, 100), &three), (2, 2, true));
+        assert_eq!(fill(page(3, 100), &three), (3, 3, false));
+        assert_eq!(fill(page(10, 6), &three), (2, 2, true));
+        assert_eq!(
+            fill(page(10, 1), &three),
+            (1, 1, true),
+            "one, however large"
+        );
+        assert_eq!(fill(ChainPage::ALL, &three), (3, 3, false));
+        assert_eq!(page(5, 0).rows_to_read(), 6);
+        assert_eq!(ChainPage::ALL.rows_to_read(), i64::MAX);
+    }
 }

@@ -15,7 +15,6 @@ use std::str::FromStr;
 
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Timeouts};
-use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::NoTls;
 
@@ -224,7 +223,12 @@ impl Storage for PostgresStorage {
             .map_err(|_| StoreError::Database("the batcher stopped".into()))?
     }
 
-    async fn chain(&self, tenant: &str, trace_id: &str) -> Result<Option<StoredChain>, StoreError> {
+    async fn chain(
+        &self,
+        tenant: &str,
+        trace_id: &str,
+        page: ChainPage,
+    ) -> Result<Option<StoredChain>, StoreError> {
         let mut client = self.client().await?;
         // One snapshot for the owner and the receipts.
         let tx = client
@@ -242,22 +246,33 @@ impl Storage for PostgresStorage {
             .await
             .map_err(db)?;
         let Some(owner) = owner else { return Ok(None) };
-        let rows = tx
-            .query(
-                "SELECT body FROM receipts WHERE tenant = $1 AND trace_id = $2 ORDER BY hop",
-                &[&tenant, &trace_id],
-            )
-            .await
-            .map_err(db)?;
+        let after = to_i64(page.after_hop);
+        let rows_to_read = page.rows_to_read();
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+            [&tenant, &trace_id, &after, &rows_to_read];
+        let mut builder = PageBuilder::new(page);
+        {
+            // Row by row: a full page stops the reading.
+            let rows = tx
+                .query_raw(
+                    "SELECT body FROM receipts WHERE tenant = $1 AND trace_id = $2 AND hop > $3
+                     ORDER BY hop LIMIT $4",
+                    params,
+                )
+                .await
+                .map_err(db)?;
+            let mut rows = std::pin::pin!(rows);
+            while let Some(row) = futures_util::TryStreamExt::try_next(&mut rows)
+                .await
+                .map_err(db)?
+            {
+                if !builder.offer(row.get(0)) {
+                    break;
+                }
+            }
+        }
         tx.commit().await.map_err(db)?;
-        let receipts = rows
-            .iter()
-            .map(|r| parse_json(r.get(0), "receipt"))
-            .collect::<Result<Vec<Value>, _>>()?;
-        Ok(Some(StoredChain {
-            tenant: owner.get(0),
-            receipts,
-        }))
+        builder.finish(owner.get(0)).map(Some)
     }
 
     async fn idempotency_record(

@@ -18,11 +18,10 @@
 //! transaction of its own: the failure stays with the operation that caused it.
 
 use std::path::Path;
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
-use serde_json::Value;
 use tokio::sync::oneshot;
 
 use super::batch::{Batch, Locked};
@@ -39,6 +38,9 @@ use super::migrations::SQLITE as MIGRATIONS;
 
 pub struct SqliteStorage {
     jobs: mpsc::Sender<Box<dyn Job>>,
+    /// Reads that need no lock (chains, idempotency lookups, usage) go here, off the writer:
+    /// WAL lets them run beside it, each on a snapshot.
+    reader: Arc<std::sync::Mutex<Connection>>,
     /// Dropping it ends the checkpoint and sweep threads.
     _stop_checkpoints: mpsc::Sender<()>,
     _stop_sweep: mpsc::Sender<()>,
@@ -77,6 +79,16 @@ impl SqliteStorage {
         conn.set_prepared_statement_cache_capacity(64);
         migrate(&mut conn).map_err(db)?;
 
+        let reader = Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(db)?;
+        reader
+            .busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(db)?;
+        reader.set_prepared_statement_cache_capacity(16);
+
         let checkpoints = Connection::open(path).map_err(db)?;
         checkpoints
             .busy_timeout(std::time::Duration::from_secs(5))
@@ -114,10 +126,27 @@ impl SqliteStorage {
             .map_err(|e| StoreError::Database(format!("cannot start the sweep thread: {e}")))?;
         Ok(Self {
             jobs,
+            reader: Arc::new(std::sync::Mutex::new(reader)),
             _stop_checkpoints: stop_checkpoints,
             _stop_sweep: stop_sweep,
             workers: vec![writer, checkpointer, sweeper],
         })
+    }
+
+    /// Runs the read `op` on the read-only connection, on a blocking thread: never queued
+    /// behind commits.
+    async fn read<T, F>(&self, op: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = reader.lock().unwrap_or_else(|e| e.into_inner());
+            op(&conn).map_err(db)
+        })
+        .await
+        .map_err(|e| StoreError::Database(format!("the read failed: {e}")))?
     }
 
     /// Runs `op` on the writer thread. `op` returns its value and whether its changes are kept;
@@ -576,31 +605,39 @@ impl Storage for SqliteStorage {
         self.run(move |conn| commit(conn, &req)).await
     }
 
-    async fn chain(&self, tenant: &str, trace_id: &str) -> Result<Option<StoredChain>, StoreError> {
+    async fn chain(
+        &self,
+        tenant: &str,
+        trace_id: &str,
+        page: ChainPage,
+    ) -> Result<Option<StoredChain>, StoreError> {
         let (tenant, trace_id) = (tenant.to_owned(), trace_id.to_owned());
-        let rows = self
-            .run(move |conn| {
-                if read_trace(conn, &tenant, &trace_id)?.is_none() {
-                    return Ok((None, false));
+        let taken = self
+            .read(move |conn| {
+                // One snapshot for the trace row and the receipts.
+                let tx = conn.unchecked_transaction()?;
+                if read_trace(&tx, &tenant, &trace_id)?.is_none() {
+                    return Ok(None);
                 }
-                let bodies = conn
-                    .prepare_cached(
-                        "SELECT body FROM receipts WHERE tenant = ?1 AND trace_id = ?2
-                         ORDER BY hop",
-                    )?
-                    .query_map([&tenant, &trace_id], |r| r.get::<_, String>(0))?
-                    .collect::<rusqlite::Result<Vec<_>>>()?;
-                Ok((Some((tenant.clone(), bodies)), false))
+                let mut builder = PageBuilder::new(page);
+                let mut statement = tx.prepare_cached(
+                    "SELECT body FROM receipts WHERE tenant = ?1 AND trace_id = ?2 AND hop > ?3
+                     ORDER BY hop LIMIT ?4",
+                )?;
+                let after = to_i64(page.after_hop);
+                let mut rows =
+                    statement.query(params![tenant, trace_id, after, page.rows_to_read()])?;
+                while let Some(row) = rows.next()? {
+                    if !builder.offer(row.get(0)?) {
+                        break;
+                    }
+                }
+                Ok(Some((tenant, builder)))
             })
             .await?;
-        rows.map(|(tenant, bodies)| {
-            let receipts = bodies
-                .iter()
-                .map(|b| parse_json(b, "receipt"))
-                .collect::<Result<Vec<Value>, _>>()?;
-            Ok(StoredChain { tenant, receipts })
-        })
-        .transpose()
+        taken
+            .map(|(tenant, builder)| builder.finish(tenant))
+            .transpose()
     }
 
     async fn idempotency_record(
@@ -609,7 +646,7 @@ impl Storage for SqliteStorage {
         key: &str,
     ) -> Result<Option<Record>, StoreError> {
         let (tenant, key) = (tenant.to_owned(), key.to_owned());
-        self.run(move |conn| Ok((read_record(conn, &tenant, &key)?, false)))
+        self.read(move |conn| read_record(conn, &tenant, &key))
             .await
     }
 
@@ -642,13 +679,8 @@ impl Storage for SqliteStorage {
 
     async fn usage(&self, tenant: &str, month: &str) -> Result<Usage, StoreError> {
         let (tenant, month) = (tenant.to_owned(), month.to_owned());
-        self.run(move |conn| {
-            Ok((
-                read_usage(conn, &tenant, &month)?.unwrap_or_default(),
-                false,
-            ))
-        })
-        .await
+        self.read(move |conn| Ok(read_usage(conn, &tenant, &month)?.unwrap_or_default()))
+            .await
     }
 
     async fn billing_queue(&self, tenant: &str) -> Result<Vec<BillingRow>, StoreError> {
@@ -1040,6 +1072,48 @@ mod tests {
                 ("other".into(), "{}".into())
             ]
         );
+    }
+
+    /// Chains, idempotency lookups and usage do not wait for the writer.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reads_run_beside_a_busy_writer() {
+        use crate::storage::batch::test_commits::commit as test_commit;
+        use std::time::{Duration, Instant};
+
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Arc::new(SqliteStorage::open(&dir.path().join("t.db")).unwrap());
+        let c = test_commit("t", "k", "a", 1);
+        assert_eq!(storage.commit(c).await, Ok(CommitOutcome::Committed));
+        let busy = {
+            let s = storage.clone();
+            tokio::spawn(async move {
+                s.run(|_| {
+                    std::thread::sleep(Duration::from_millis(1500));
+                    Ok(((), false))
+                })
+                .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let started = Instant::now();
+        let chain = storage
+            .chain("t", "a", ChainPage::ALL)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(chain.receipts.len(), 1);
+        assert!(storage
+            .idempotency_record("t", "k")
+            .await
+            .unwrap()
+            .is_some());
+        assert_eq!(storage.usage("t", "2025-01").await.unwrap().vex, 1);
+        assert!(
+            started.elapsed() < Duration::from_millis(1000),
+            "{:?}",
+            started.elapsed()
+        );
+        busy.await.unwrap().unwrap();
     }
 
     /// FULL (2): a transaction answered is on disk (see the module documentation).
