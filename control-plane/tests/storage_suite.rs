@@ -74,14 +74,15 @@ async fn chain_grows_and_exports_a_verifiable_bundle(backend: Backend) {
             assert_eq!(export.header(name), export.body[member].as_str(), "{name}");
         }
     }
-    // An auditor with the admin key may export too.
+    // An auditor with the admin key may export too, naming the tenant.
     let audit = server
         .get(
-            "/v1/receipts/export/t-1",
+            "/v1/receipts/export/t-1?tenant=demo",
             &[("X-SIGNET-Admin-Key", ADMIN_KEY)],
         )
         .await;
     assert_eq!(audit.status, 200);
+    assert_eq!(audit.body["chain"], chain.body);
     assert_eq!(server.usage("demo").await["vex"], 3);
     server.stop().await;
     db.cleanup().await;
@@ -223,45 +224,68 @@ async fn traces_belong_to_the_tenant_that_opened_them(backend: Backend) {
     let db = TestDb::new(backend).await;
     let server = Server::start(&db).await;
     assert_eq!(server.exchange("demo", "k1", "t-own", 0).await.status, 200);
-    // Another tenant's guess (hop 1) is refused as forbidden, not as a conflict naming the
-    // owner's head.
-    let guess = sign_receipt(&signing_key(), "t-own", 1, None, "other");
+    assert_eq!(server.exchange("demo", "k2", "t-own", 0).await.status, 200);
+    // SPEC §2: another tenant's `t-own` is another chain. Its hop 1 opens it; nothing tells
+    // it that demo has a trace of that id (no conflict naming demo's head, no 403).
+    let theirs = sign_receipt(&signing_key(), "t-own", 1, None, "other");
     let b = server
-        .commit("other", "k2", &fingerprint(b"k2"), &guess, 0)
+        .commit("other", "k1", &fingerprint(b"k1"), &theirs, 0)
+        .await;
+    assert_eq!((b.status, &b.body), (200, &json!({"outcome": "committed"})));
+    let (mine, other) = (
+        server
+            .get(
+                "/v1/receipts/chain/t-own",
+                &[("X-SIGNET-API-Key", DEMO_KEY)],
+            )
+            .await,
+        server
+            .get(
+                "/v1/receipts/chain/t-own",
+                &[("X-SIGNET-API-Key", OTHER_KEY)],
+            )
+            .await,
+    );
+    assert_eq!((mine.status, other.status), (200, 200));
+    assert_eq!(mine.body.as_array().unwrap().len(), 2);
+    assert_eq!(other.body, json!([theirs]));
+    assert_eq!(mine.body[0]["tenant"], "demo");
+    // A tenant never reads another's chain, even naming it.
+    let named = server
+        .get(
+            "/v1/receipts/chain/t-own?tenant=demo",
+            &[("X-SIGNET-API-Key", OTHER_KEY)],
+        )
         .await;
     assert_eq!(
-        (b.status, &b.body),
-        (
-            403,
-            &json!({"detail": "the trace belongs to another tenant", "code": "TRACE_FORBIDDEN"})
-        )
+        (named.status, named.body["code"].as_str()),
+        (404, Some("TRACE_NOT_FOUND"))
     );
-    let chain = server
+    // An auditor names the tenant.
+    for (tenant, receipts) in [("demo", 2), ("other", 1)] {
+        let audit = server
+            .get(
+                &format!("/v1/receipts/chain/t-own?tenant={tenant}"),
+                &[("X-SIGNET-Admin-Key", ADMIN_KEY)],
+            )
+            .await;
+        assert_eq!(audit.status, 200, "{tenant}");
+        assert_eq!(audit.body.as_array().unwrap().len(), receipts, "{tenant}");
+    }
+    let unnamed = server
         .get(
             "/v1/receipts/chain/t-own",
-            &[("X-SIGNET-API-Key", DEMO_KEY)],
+            &[("X-SIGNET-Admin-Key", ADMIN_KEY)],
         )
-        .await
-        .body;
-    let r2 = sign_receipt(
-        &signing_key(),
-        "t-own",
-        2,
-        chain[0]["receipt_hash"].as_str(),
-        "other",
-    );
-    let c = server
-        .commit("other", "k2", &fingerprint(b"k2"), &r2, 0)
         .await;
     assert_eq!(
-        (c.status, c.body["code"].as_str()),
-        (403, Some("TRACE_FORBIDDEN"))
+        (unnamed.status, unnamed.body["code"].as_str()),
+        (400, Some("BAD_REQUEST"))
     );
 
     let read = |headers: &'static [(&'static str, &'static str)]| {
         server.get("/v1/receipts/chain/t-own", headers)
     };
-    assert_eq!(read(&[("X-SIGNET-API-Key", OTHER_KEY)]).await.status, 404);
     assert_eq!(read(&[("X-SIGNET-API-Key", "nope")]).await.status, 401);
     assert_eq!(read(&[]).await.status, 401);
     assert_eq!(
@@ -270,7 +294,6 @@ async fn traces_belong_to_the_tenant_that_opened_them(backend: Backend) {
             .status,
         401
     );
-    assert_eq!(read(&[("X-SIGNET-Admin-Key", ADMIN_KEY)]).await.status, 200);
     let missing = server
         .get(
             "/v1/receipts/export/t-none",

@@ -85,15 +85,6 @@ pub enum ChainReader {
     Tenant(String),
 }
 
-impl ChainReader {
-    pub fn may_read(&self, owner: &str) -> bool {
-        match self {
-            ChainReader::Auditor => true,
-            ChainReader::Tenant(tenant) => tenant == owner,
-        }
-    }
-}
-
 impl FromRequestParts<Arc<ControlPlane>> for ChainReader {
     type Rejection = HttpError;
 

@@ -12,7 +12,7 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 use signet_protocol::internal::tenant::KEY_HASH_HEADER;
 use signet_protocol::internal::{
-    Code, Commit, CommitBatch, CommitReply, CommitResult, CommitResults, ErrorReply,
+    idempotency, Code, Commit, CommitBatch, CommitReply, CommitResult, CommitResults, ErrorReply,
 };
 use signet_protocol::{receipt, time, trace};
 
@@ -34,6 +34,36 @@ pub async fn tenant(
         Some(grant) => Ok(Json(&*grant).into_response()),
         None => Err(HttpError::new(Code::UnknownApiKey, "unknown API key")),
     }
+}
+
+/// `POST /v1/internal/idempotency`: the stored answer of a committed (tenant, key), so that the
+/// filter answers a replay with it even when it would refuse the request now (SPEC §4); 404
+/// `IDEMPOTENCY_KEY_UNKNOWN` for a key never committed or past the retention.
+pub async fn idempotency(
+    State(cp): AppState,
+    _: FilterAuth,
+    body: Body,
+) -> Result<Response, HttpError> {
+    let lookup: idempotency::Lookup = body.parse()?;
+    let timer = cp.metrics.time("idempotency");
+    let record = cp
+        .storage
+        .idempotency_record(&lookup.tenant, &lookup.idempotency_key)
+        .await;
+    timer.done();
+    let record = record.map_err(HttpError::storage)?.ok_or_else(|| {
+        HttpError::new(
+            Code::IdempotencyKeyUnknown,
+            "no committed request has this idempotency key",
+        )
+    })?;
+    let response: Box<RawValue> = serde_json::from_str(&record.response)
+        .map_err(|e| HttpError::storage(StoreError::Corrupt(format!("response: {e}"))))?;
+    let stored = idempotency::Stored {
+        fingerprint: record.fingerprint.into(),
+        response: &response,
+    };
+    Ok(Json(stored).into_response())
 }
 
 /// `POST /v1/internal/commits`: each commit of the batch is decided on its own, as if it came
@@ -177,6 +207,7 @@ async fn commit_one(cp: &ControlPlane, item: &RawValue) -> Result<Accepted, Http
             fu_tokens,
             month,
             now_ms: now,
+            deadline_ms: commit.deadline_ms,
             chain_max: cp.chain_max,
             plan,
         })
@@ -196,6 +227,14 @@ async fn commit_one(cp: &ControlPlane, item: &RawValue) -> Result<Accepted, Http
             Ok(Accepted::Replay(response))
         }
         CommitOutcome::Rejected(r) => Err(r.into()),
+        CommitOutcome::Expired => Err(HttpError::new(
+            Code::CommitExpired,
+            "the commit arrived after its deadline; nothing was stored",
+        )),
+        CommitOutcome::CounterOverflow => Err(HttpError::new(
+            Code::BadRequest,
+            "fu_tokens would overflow the month's counters; nothing was stored",
+        )),
     }
 }
 

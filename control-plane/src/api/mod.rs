@@ -20,7 +20,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use signet_protocol::internal::{commit, tenant, Code};
+use signet_protocol::internal::{commit, idempotency, tenant, Code};
 
 use crate::ControlPlane;
 
@@ -46,7 +46,8 @@ impl Routers {
     pub fn new(state: Arc<ControlPlane>) -> Routers {
         let internal = Router::new()
             .route(tenant::PATH, get(internal::tenant))
-            .route(commit::PATH, post(internal::commits));
+            .route(commit::PATH, post(internal::commits))
+            .route(idempotency::PATH, post(internal::idempotency));
         let public = Router::new()
             .route("/healthz", get(public::healthz))
             .route("/metrics", get(public::metrics))

@@ -1,19 +1,21 @@
 //! Public endpoints: health, metrics, JWKS, and the chain and signed export of a trace for its
 //! owner (the tenant's API key) or an auditor (the admin key), as [`ChainReader`] checks.
 
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use serde::Deserialize;
 use serde_json::{json, Value};
 use signet_protocol::internal::Code;
 use signet_protocol::{bundle, time};
 
-use super::extract::{ChainReader, TraceId};
+use super::extract::{ChainReader, Parsed, TraceId};
 use super::{HttpError, State as AppState};
-use crate::storage::StoredChain;
+use crate::storage::{ChainPage, StoredChain};
 use crate::{now_ms, ControlPlane};
 
+/// 200 when the database answers and every storage worker runs; else 503 with the reason.
 pub async fn healthz(State(cp): AppState) -> Response {
     let timer = cp.metrics.time("ping");
     let ping = cp.storage.ping().await;
@@ -24,8 +26,8 @@ pub async fn healthz(State(cp): AppState) -> Response {
             .into_response(),
         Err(e) => {
             tracing::warn!("health check: {e}");
-            let body =
-                json!({"status": "unavailable", "storage": storage, "database": "unreachable"});
+            let body = json!({"status": "unavailable", "storage": storage,
+                              "database": "unreachable", "reason": e.to_string()});
             (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
         }
     }
@@ -59,37 +61,108 @@ pub async fn jwks(State(cp): AppState) -> Response {
         .into_response()
 }
 
-/// The trace's receipts if `reader` may read them. A trace of another tenant is reported as not
-/// found, so its existence does not leak.
+/// `?tenant=`: whose trace an auditor reads (a trace id names a chain within its tenant);
+/// for the chain, `?after_hop=` and `?limit=` too.
+#[derive(Deserialize)]
+pub struct ChainQuery {
+    tenant: Option<String>,
+    #[serde(default)]
+    after_hop: u64,
+    limit: Option<usize>,
+}
+
+/// Receipts per chain page: `?limit=` (default 100, at most 1000), and at most 8 MiB of
+/// receipts (always at least one). When receipts follow, the answer's `X-SIGNET-Next-After-Hop`
+/// header is the `?after_hop=` of the next page.
+pub const CHAIN_PAGE_DEFAULT: usize = 100;
+pub const CHAIN_PAGE_MAX: usize = 1000;
+pub const CHAIN_PAGE_MAX_BYTES: usize = 8 << 20;
+/// An export signs the whole chain in one bundle, up to this many bytes of receipts; a larger
+/// chain is 413 `BODY_TOO_LARGE` (read it page by page from the chain endpoint).
+pub const EXPORT_MAX_BYTES: usize = 32 << 20;
+const NEXT_AFTER_HOP: HeaderName = HeaderName::from_static("x-signet-next-after-hop");
+
+/// The receipts of the reader's trace: a tenant reads its own (`?tenant=`, if given, must be
+/// itself), an auditor names the tenant. Another tenant's trace of that id is another chain,
+/// never this one.
 async fn readable_chain(
     cp: &ControlPlane,
     reader: &ChainReader,
+    tenant: Option<String>,
     trace_id: &str,
+    page: ChainPage,
 ) -> Result<StoredChain, HttpError> {
+    let not_found = || HttpError::new(Code::TraceNotFound, "no such trace");
+    let tenant = match (reader, tenant) {
+        (ChainReader::Tenant(own), None) => own.clone(),
+        (ChainReader::Tenant(own), Some(named)) if *own == named => named,
+        (ChainReader::Tenant(_), Some(_)) => return Err(not_found()),
+        (ChainReader::Auditor, Some(named)) => named,
+        (ChainReader::Auditor, None) => {
+            return Err(HttpError::new(
+                Code::BadRequest,
+                "an auditor names the trace's tenant: ?tenant=",
+            ))
+        }
+    };
     let timer = cp.metrics.time("chain");
-    let chain = cp.storage.chain(trace_id).await;
+    let chain = cp.storage.chain(&tenant, trace_id, page).await;
     timer.done();
-    match chain.map_err(HttpError::storage)? {
-        Some(chain) if reader.may_read(&chain.tenant) => Ok(chain),
-        _ => Err(HttpError::new(Code::TraceNotFound, "no such trace")),
-    }
+    chain.map_err(HttpError::storage)?.ok_or_else(not_found)
 }
 
 pub async fn chain(
     State(cp): AppState,
     TraceId(trace_id): TraceId,
     reader: ChainReader,
+    Parsed(Query(query)): Parsed<Query<ChainQuery>>,
 ) -> Result<Response, HttpError> {
-    let chain = readable_chain(&cp, &reader, &trace_id).await?;
-    Ok(Json(Value::Array(chain.receipts)).into_response())
+    let limit = query.limit.unwrap_or(CHAIN_PAGE_DEFAULT);
+    if !(1..=CHAIN_PAGE_MAX).contains(&limit) {
+        return Err(HttpError::new(
+            Code::BadRequest,
+            format!("limit must be 1 to {CHAIN_PAGE_MAX}"),
+        ));
+    }
+    let page = ChainPage {
+        after_hop: query.after_hop,
+        limit,
+        max_bytes: CHAIN_PAGE_MAX_BYTES,
+    };
+    let chain = readable_chain(&cp, &reader, query.tenant, &trace_id, page).await?;
+    let next = chain
+        .more
+        .then(|| chain.receipts.last().and_then(|r| r["hop"].as_u64()))
+        .flatten();
+    let mut response = Json(Value::Array(chain.receipts)).into_response();
+    if let Some(hop) = next {
+        response
+            .headers_mut()
+            .insert(NEXT_AFTER_HOP, HeaderValue::from(hop));
+    }
+    Ok(response)
 }
 
 pub async fn export(
     State(cp): AppState,
     TraceId(trace_id): TraceId,
     reader: ChainReader,
+    Parsed(Query(query)): Parsed<Query<ChainQuery>>,
 ) -> Result<Response, HttpError> {
-    let chain = readable_chain(&cp, &reader, &trace_id).await?;
+    let page = ChainPage {
+        max_bytes: EXPORT_MAX_BYTES,
+        ..ChainPage::ALL
+    };
+    let chain = readable_chain(&cp, &reader, query.tenant, &trace_id, page).await?;
+    if chain.more {
+        return Err(HttpError::new(
+            Code::BodyTooLarge,
+            format!(
+                "the chain is over the export limit of {} MiB; read it page by page from /v1/receipts/chain",
+                EXPORT_MAX_BYTES >> 20
+            ),
+        ));
+    }
     let exported_at = time::rfc3339_millis(now_ms().max(0) as u64);
     let bundle = bundle::export(
         &trace_id,

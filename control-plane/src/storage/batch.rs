@@ -7,7 +7,8 @@
 use std::collections::HashMap;
 
 use super::rows::Rows;
-use super::{CommitOutcome, CommitRequest, Usage};
+use super::worker::panic_message;
+use super::{CommitOutcome, CommitRequest, StoreError, Usage};
 use signet_protocol::internal::{decide, Decision, Head, Record, TraceState};
 
 /// The stored state the commits of a batch depend on, read under lock.
@@ -15,10 +16,13 @@ use signet_protocol::internal::{decide, Decision, Head, Record, TraceState};
 pub(crate) struct Locked {
     /// By (tenant, idempotency key); a key absent here has no record.
     pub records: HashMap<(String, String), Record>,
-    /// By trace id; a trace absent here does not exist.
-    pub traces: HashMap<String, TraceState>,
+    /// By (tenant, trace id): a trace id names a chain within its tenant (SPEC §2); a trace
+    /// absent here does not exist.
+    pub traces: HashMap<(String, String), TraceState>,
     /// Month-to-date counters by (tenant, month); a month absent here has no usage yet.
     pub months: HashMap<(String, String), Usage>,
+    /// Unix ms once the rows were locked: a commit whose deadline is before it is expired.
+    pub locked_at_ms: i64,
 }
 
 impl Locked {
@@ -35,7 +39,7 @@ impl Locked {
             locked.records.insert(key, record);
         }
         if let Some(trace) = trace {
-            locked.traces.insert(req.trace_id.clone(), trace);
+            locked.traces.insert(req.trace_key(), trace);
         }
         if let Some(usage) = usage {
             let month = (req.tenant.clone(), req.month.clone());
@@ -68,6 +72,20 @@ pub(crate) fn decide_batch<'a>(locked: Locked, requests: &[&'a CommitRequest]) -
     }
 }
 
+/// [`decide_batch`], with a panic (never expected: a bug in the decision or the billing math)
+/// turned into an error of the batch, so that the worker that runs it goes on.
+pub(crate) fn decide_batch_or_fail<'a>(
+    locked: Locked,
+    requests: &[&'a CommitRequest],
+) -> Result<Decided<'a>, StoreError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        decide_batch(locked, requests)
+    }))
+    .map_err(|panic| {
+        StoreError::Database(format!("the decision panicked: {}", panic_message(&*panic)))
+    })
+}
+
 /// A batch being decided, commit after commit.
 pub(crate) struct Batch<'a> {
     locked: Locked,
@@ -93,10 +111,14 @@ impl<'a> Batch<'a> {
     /// Decides the next commit and adds its rows.
     pub fn decide(&mut self, req: &'a CommitRequest) -> CommitOutcome {
         self.now_ms = self.now_ms.max(req.now_ms);
+        let locked_at = u64::try_from(self.locked.locked_at_ms).unwrap_or(0);
+        if req.deadline_ms.is_some_and(|deadline| locked_at > deadline) {
+            return CommitOutcome::Expired;
+        }
         let key = (req.tenant.clone(), req.idempotency_key.clone());
         let decision = decide(
             self.locked.records.get(&key),
-            self.locked.traces.get(&req.trace_id),
+            self.locked.traces.get(&req.trace_key()),
             &req.candidate(),
         );
         match decision {
@@ -104,9 +126,13 @@ impl<'a> Batch<'a> {
             Decision::Reject(rejection) => return CommitOutcome::Rejected(rejection),
             Decision::Append => {}
         }
-        let usage = self.count(req);
+        let Some(usage) = self.count(req) else {
+            return CommitOutcome::CounterOverflow;
+        };
         self.rows.append(req, usage);
-        match self.heads.iter_mut().find(|h| h.trace_id == req.trace_id) {
+        let same_trace =
+            |h: &&mut &CommitRequest| h.trace_id == req.trace_id && h.tenant == req.tenant;
+        match self.heads.iter_mut().find(same_trace) {
             Some(head) => *head = req,
             None => self.heads.push(req),
         }
@@ -118,7 +144,7 @@ impl<'a> Batch<'a> {
             tenant: req.tenant.clone(),
             head,
         };
-        self.locked.traces.insert(req.trace_id.clone(), trace);
+        self.locked.traces.insert(req.trace_key(), trace);
         let record = Record {
             fingerprint: req.fingerprint.clone(),
             response: req.response.clone(),
@@ -127,8 +153,9 @@ impl<'a> Batch<'a> {
         CommitOutcome::Committed
     }
 
-    /// Counts an appended commit in its month: the counters after it.
-    fn count(&mut self, req: &'a CommitRequest) -> Usage {
+    /// Counts an appended commit in its month: the counters after it, `None` (and nothing
+    /// counted) if they would not fit the stored 64-bit signed integers.
+    fn count(&mut self, req: &'a CommitRequest) -> Option<Usage> {
         let month = (req.tenant.as_str(), req.month.as_str());
         let at = match self.months.iter().position(|(m, _)| *m == month) {
             Some(at) => at,
@@ -140,9 +167,16 @@ impl<'a> Batch<'a> {
             }
         };
         let usage = &mut self.months[at].1;
-        usage.vex = usage.vex.saturating_add(1);
-        usage.fu = usage.fu.saturating_add(req.fu_tokens);
-        *usage
+        let add = |counter: u64, by: u64| {
+            counter
+                .checked_add(by)
+                .filter(|sum| i64::try_from(*sum).is_ok())
+        };
+        *usage = Usage {
+            vex: add(usage.vex, 1)?,
+            fu: add(usage.fu, req.fu_tokens)?,
+        };
+        Some(*usage)
     }
 
     /// The rows to write, with the time to write on them (the latest of the commits').
@@ -181,6 +215,7 @@ pub(crate) mod test_commits {
             fu_tokens: 0,
             month: MONTH.into(),
             now_ms: hop as i64,
+            deadline_ms: None,
             chain_max: 10,
             plan: Arc::default(),
         }
@@ -276,7 +311,9 @@ mod tests {
     #[test]
     fn two_hops_of_one_trace_append_in_order_and_leave_one_head() {
         let mut locked = Locked::default();
-        locked.traces.insert("a".into(), trace("t", "a", 3));
+        locked
+            .traces
+            .insert(("t".into(), "a".into()), trace("t", "a", 3));
         let requests = [
             commit("t", "k4", "a", 4),
             commit("t", "n1", "new", 1),
@@ -315,7 +352,6 @@ mod tests {
         let requests = [
             commit("t", "first", "a", 1),
             commit("t", "second", "a", 1),
-            commit("other", "third", "a", 2),
             commit("t", "fourth", "a", 3),
         ];
         let d = run(Locked::default(), &requests);
@@ -326,7 +362,6 @@ mod tests {
                 CommitOutcome::Rejected(Rejection::ChainConflict {
                     head: Some(trace("t", "a", 1).head)
                 }),
-                CommitOutcome::Rejected(Rejection::TraceForbidden),
                 CommitOutcome::Rejected(Rejection::ChainConflict {
                     head: Some(trace("t", "a", 1).head)
                 }),
@@ -337,10 +372,50 @@ mod tests {
         assert_eq!(d.rows.heads.head_hop, [1]);
     }
 
+    /// SPEC §2: tenant A's `a` and tenant B's `a` are two chains; neither sees the other.
+    #[test]
+    fn one_trace_id_of_two_tenants_is_two_chains() {
+        let mut locked = Locked::default();
+        locked
+            .traces
+            .insert(("t".into(), "a".into()), trace("t", "a", 3));
+        let requests = [
+            commit("other", "theirs-1", "a", 1),
+            commit("t", "mine-4", "a", 4),
+            commit("other", "theirs-2", "a", 2),
+            commit("other", "theirs-5", "a", 5),
+        ];
+        let d = run(locked, &requests);
+        assert_eq!(
+            d.outcomes[..3],
+            [
+                CommitOutcome::Committed,
+                CommitOutcome::Committed,
+                CommitOutcome::Committed
+            ]
+        );
+        assert_eq!(
+            d.outcomes[3],
+            CommitOutcome::Rejected(Rejection::ChainConflict {
+                head: Some(Head {
+                    hop: 2,
+                    receipt_hash: hash("a", 2)
+                })
+            })
+        );
+        let h = &d.rows.heads;
+        assert_eq!(
+            (&h.tenant[..], &h.head_hop[..]),
+            (&["other", "t"][..], &[2, 4][..])
+        );
+    }
+
     #[test]
     fn the_cap_counts_the_receipts_appended_in_the_batch() {
         let mut locked = Locked::default();
-        locked.traces.insert("a".into(), trace("t", "a", 9));
+        locked
+            .traces
+            .insert(("t".into(), "a".into()), trace("t", "a", 9));
         let requests = [commit("t", "k10", "a", 10), commit("t", "k11", "a", 11)];
         let d = run(locked, &requests);
         assert_eq!(
@@ -429,6 +504,59 @@ mod tests {
                 format!("{f4}/fu/0")
             ]
         );
+    }
+
+    #[test]
+    fn a_commit_past_its_deadline_when_locked_writes_nothing() {
+        let locked = Locked {
+            locked_at_ms: 1_000,
+            ..Locked::default()
+        };
+        let with_deadline = |key: &str, hop: u64, deadline: Option<u64>| CommitRequest {
+            deadline_ms: deadline,
+            ..commit("t", key, "a", hop)
+        };
+        let requests = [
+            with_deadline("late", 1, Some(999)),
+            with_deadline("just", 1, Some(1_000)),
+            with_deadline("none", 2, None),
+            with_deadline("late-replay", 1, Some(0)),
+        ];
+        let d = run(locked, &requests);
+        use CommitOutcome::{Committed, Expired};
+        assert_eq!(d.outcomes, [Expired, Committed, Committed, Expired]);
+        assert_eq!(d.rows.keys.key, ["just", "none"]);
+        assert_eq!(month_rows(&d.rows), [("t", MONTH, 2, 0)]);
+    }
+
+    #[test]
+    fn a_commit_that_would_overflow_a_counter_is_refused_and_counts_nothing() {
+        let max = i64::MAX as u64;
+        let mut locked = Locked::default();
+        let stored = Usage {
+            vex: 1,
+            fu: max - 1,
+        };
+        locked.months.insert(("t".into(), MONTH.into()), stored);
+        let with_fu = |key: &str, hop: u64, fu: u64| CommitRequest {
+            fu_tokens: fu,
+            ..commit("t", key, "a", hop)
+        };
+        let requests = [
+            with_fu("over", 1, 2),
+            with_fu("wraps", 1, u64::MAX),
+            with_fu("fits", 1, 1),
+            with_fu("over-by-one", 2, 1),
+        ];
+        let d = run(locked, &requests);
+        use CommitOutcome::{Committed, CounterOverflow};
+        assert_eq!(
+            d.outcomes,
+            [CounterOverflow, CounterOverflow, Committed, CounterOverflow]
+        );
+        assert_eq!(d.rows.receipts.hop, [1]);
+        assert_eq!(month_rows(&d.rows), [("t", MONTH, 2, i64::MAX)]);
+        assert_eq!(d.rows.ledger.fu, [1]);
     }
 
     #[test]

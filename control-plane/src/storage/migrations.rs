@@ -11,6 +11,8 @@ pub(crate) const SQLITE: &[&str] = &[
     include_str!("../../migrations/sqlite/0001_initial.sql"),
     include_str!("../../migrations/sqlite/0002_commit_is_the_only_write.sql"),
     include_str!("../../migrations/sqlite/0003_same_keys_as_postgres.sql"),
+    include_str!("../../migrations/sqlite/0004_idempotency_retention.sql"),
+    include_str!("../../migrations/sqlite/0005_traces_scoped_by_tenant.sql"),
 ];
 
 /// Entry `i` takes a PostgreSQL schema from version `i` to `i + 1`.
@@ -18,6 +20,8 @@ pub(crate) const POSTGRES: &[&str] = &[
     include_str!("../../migrations/postgres/0001_initial.sql"),
     include_str!("../../migrations/postgres/0002_expect_rows.sql"),
     include_str!("../../migrations/postgres/0003_commit_is_the_only_write.sql"),
+    include_str!("../../migrations/postgres/0004_idempotency_retention.sql"),
+    include_str!("../../migrations/postgres/0005_traces_scoped_by_tenant.sql"),
 ];
 
 #[cfg(test)]

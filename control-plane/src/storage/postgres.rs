@@ -14,17 +14,27 @@
 use std::str::FromStr;
 
 use async_trait::async_trait;
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use serde_json::Value;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Timeouts};
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::NoTls;
 
 use super::migrations::POSTGRES as MIGRATIONS;
+use super::worker::{check_all, Alive, Worker};
 use super::*;
 use batcher::{run_batches, Job};
 
 mod batcher;
 mod commit;
+
+/// How long a request waits for a pooled connection (`wait`: every connection busy), for a new
+/// one (`create`: connect and authenticate) and for a returned one to be checked (`recycle`):
+/// past it the request fails with 503 `STORAGE_UNAVAILABLE` (and `/healthz` with 503) instead of
+/// hanging on an exhausted pool or an unreachable database.
+pub const POOL_TIMEOUTS: Timeouts = Timeouts {
+    wait: Some(std::time::Duration::from_secs(2)),
+    create: Some(std::time::Duration::from_secs(5)),
+    recycle: Some(std::time::Duration::from_secs(2)),
+};
 
 /// Any constant shared by every instance: serializes migrations of concurrent starts.
 const MIGRATION_LOCK: i64 = 0x5349_474e_4554; // "SIGNET"
@@ -33,12 +43,26 @@ pub struct PostgresStorage {
     pool: Pool,
     /// Commits go through one batcher (see `run_batches`).
     jobs: mpsc::UnboundedSender<Job>,
+    /// The batcher and the retention sweep, checked by `ping`.
+    workers: Vec<Worker>,
+    /// Dropping it ends the sweep.
+    _stop_sweep: oneshot::Sender<()>,
 }
 
 impl PostgresStorage {
     /// Connects, checks the database is reachable and migrates the schema (in the first schema
     /// of the connection's `search_path`; give one with `options=-csearch_path%3D...`).
     pub async fn connect(url: &str, pool_size: usize) -> Result<Self, StoreError> {
+        Self::connect_with(url, pool_size, Retention::DEFAULT).await
+    }
+
+    /// [`PostgresStorage::connect`], sweeping idempotency records older than `retention`.
+    /// Several instances may sweep one database: a pass skips the rows another one holds.
+    pub async fn connect_with(
+        url: &str,
+        pool_size: usize,
+        retention: Retention,
+    ) -> Result<Self, StoreError> {
         let pg_config = tokio_postgres::Config::from_str(url)
             .map_err(|e| StoreError::Database(format!("SP_POSTGRES_URL does not parse: {e}")))?;
         let manager = Manager::from_config(
@@ -50,18 +74,26 @@ impl PostgresStorage {
         );
         let pool = Pool::builder(manager)
             .max_size(pool_size)
+            .runtime(Runtime::Tokio1)
+            .timeouts(POOL_TIMEOUTS)
             .build()
             .map_err(|e| StoreError::Database(e.to_string()))?;
         let (jobs, queue) = mpsc::unbounded_channel();
+        let (batcher, alive) = Worker::start("the PostgreSQL commit batcher");
+        let (sweeper, sweeping) = Worker::start("the PostgreSQL idempotency sweep");
+        let (stop_sweep, stopped) = oneshot::channel();
         let storage = Self {
             pool: pool.clone(),
             jobs,
+            workers: vec![batcher, sweeper],
+            _stop_sweep: stop_sweep,
         };
         storage.migrate().await?;
+        tokio::spawn(sweep_loop(pool.clone(), retention, stopped, sweeping));
         let main = tokio::runtime::Handle::current();
         std::thread::Builder::new()
             .name("signet-pg-committer".into())
-            .spawn(move || run_batches(pg_config, pool, main, queue))
+            .spawn(move || run_batches(pg_config, pool, main, queue, alive))
             .map_err(|e| StoreError::Database(format!("cannot start the commit batcher: {e}")))?;
         Ok(storage)
     }
@@ -110,6 +142,53 @@ async fn migrate_to(client: &mut tokio_postgres::Client, target: usize) -> Resul
     tx.commit().await.map_err(db)
 }
 
+/// Deletes at most `$2` idempotency records created before `$1`, oldest first, skipping those a
+/// commit (or another instance's sweep) holds.
+const SWEEP_IDEMPOTENCY: &str = "
+DELETE FROM idempotency WHERE ctid IN (
+    SELECT ctid FROM idempotency WHERE created_ms < $1
+    ORDER BY created_ms LIMIT $2 FOR UPDATE SKIP LOCKED
+)";
+
+/// Every `retention.sweep_every`, passes of [`SWEEP_IDEMPOTENCY`] until one deletes fewer than
+/// `retention.sweep_rows`; ends when `stopped` fires or its sender is dropped.
+async fn sweep_loop(
+    pool: Pool,
+    retention: Retention,
+    mut stopped: oneshot::Receiver<()>,
+    alive: Alive,
+) {
+    let _alive = alive;
+    let rows = i64::try_from(retention.sweep_rows).unwrap_or(i64::MAX);
+    loop {
+        tokio::select! {
+            _ = &mut stopped => return,
+            () = tokio::time::sleep(retention.sweep_every) => {}
+        }
+        let cutoff = retention.cutoff_ms(crate::now_ms());
+        loop {
+            let pass = async {
+                let client = pool
+                    .get()
+                    .await
+                    .map_err(|e| StoreError::Database(e.to_string()))?;
+                client
+                    .execute(SWEEP_IDEMPOTENCY, &[&cutoff, &rows])
+                    .await
+                    .map_err(db)
+            };
+            match pass.await {
+                Ok(deleted) if deleted < rows as u64 => break,
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!("idempotency sweep: {e}");
+                    break;
+                }
+            }
+        }
+    }
+}
+
 fn db(e: tokio_postgres::Error) -> StoreError {
     StoreError::Database(match e.as_db_error() {
         Some(d) => format!("{}: {}", d.code().code(), d.message()),
@@ -123,7 +202,9 @@ impl Storage for PostgresStorage {
         "postgres"
     }
 
+    /// Checks every worker is running, then a round trip through the pool.
     async fn ping(&self) -> Result<(), StoreError> {
+        check_all(&self.workers)?;
         self.client()
             .await?
             .simple_query("SELECT 1")
@@ -142,7 +223,12 @@ impl Storage for PostgresStorage {
             .map_err(|_| StoreError::Database("the batcher stopped".into()))?
     }
 
-    async fn chain(&self, trace_id: &str) -> Result<Option<StoredChain>, StoreError> {
+    async fn chain(
+        &self,
+        tenant: &str,
+        trace_id: &str,
+        page: ChainPage,
+    ) -> Result<Option<StoredChain>, StoreError> {
         let mut client = self.client().await?;
         // One snapshot for the owner and the receipts.
         let tx = client
@@ -154,27 +240,58 @@ impl Storage for PostgresStorage {
             .map_err(db)?;
         let owner = tx
             .query_opt(
-                "SELECT tenant FROM traces WHERE trace_id = $1 AND head_hop > 0",
-                &[&trace_id],
+                "SELECT tenant FROM traces WHERE tenant = $1 AND trace_id = $2 AND head_hop > 0",
+                &[&tenant, &trace_id],
             )
             .await
             .map_err(db)?;
         let Some(owner) = owner else { return Ok(None) };
-        let rows = tx
-            .query(
-                "SELECT body FROM receipts WHERE trace_id = $1 ORDER BY hop",
-                &[&trace_id],
+        let after = to_i64(page.after_hop);
+        let rows_to_read = page.rows_to_read();
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+            [&tenant, &trace_id, &after, &rows_to_read];
+        let mut builder = PageBuilder::new(page);
+        {
+            // Row by row: a full page stops the reading.
+            let rows = tx
+                .query_raw(
+                    "SELECT body FROM receipts WHERE tenant = $1 AND trace_id = $2 AND hop > $3
+                     ORDER BY hop LIMIT $4",
+                    params,
+                )
+                .await
+                .map_err(db)?;
+            let mut rows = std::pin::pin!(rows);
+            while let Some(row) = futures_util::TryStreamExt::try_next(&mut rows)
+                .await
+                .map_err(db)?
+            {
+                if !builder.offer(row.get(0)) {
+                    break;
+                }
+            }
+        }
+        tx.commit().await.map_err(db)?;
+        builder.finish(owner.get(0)).map(Some)
+    }
+
+    async fn idempotency_record(
+        &self,
+        tenant: &str,
+        key: &str,
+    ) -> Result<Option<Record>, StoreError> {
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                "SELECT fingerprint, response FROM idempotency WHERE tenant = $1 AND key = $2",
+                &[&tenant, &key],
             )
             .await
             .map_err(db)?;
-        tx.commit().await.map_err(db)?;
-        let receipts = rows
-            .iter()
-            .map(|r| parse_json(r.get(0), "receipt"))
-            .collect::<Result<Vec<Value>, _>>()?;
-        Ok(Some(StoredChain {
-            tenant: owner.get(0),
-            receipts,
+        Ok(row.map(|r| Record {
+            fingerprint: r.get(0),
+            response: r.get::<_, &str>(1).into(),
         }))
     }
 
@@ -256,6 +373,22 @@ impl Storage for PostgresStorage {
     }
 }
 
+/// Stops the batcher as a dead thread would: its queue closes.
+#[cfg(test)]
+impl PostgresStorage {
+    pub(crate) async fn stop_batcher(&mut self) {
+        self.jobs = mpsc::unbounded_channel().0;
+        let batcher = &self.workers[0];
+        for _ in 0..100 {
+            if batcher.check().is_err() {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("the batcher did not stop");
+    }
+}
+
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
@@ -276,6 +409,157 @@ pub(super) mod tests {
             .unwrap();
         let url = format!("{PG}?options=-csearch_path%3D{schema}");
         (admin, schema, url)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_sweep_deletes_expired_idempotency_records_in_bounded_passes() {
+        use crate::storage::batch::test_commits::commit as test_commit;
+
+        let (admin, schema, url) = fresh_schema("cp_unit_sweep").await;
+        let storage = PostgresStorage::connect(&url, 2).await.unwrap();
+        let now = crate::now_ms();
+        let hour_ms = 3_600_000;
+        for (key, age_ms) in [
+            ("e1", 10 * hour_ms),
+            ("e2", 9 * hour_ms),
+            ("e3", 8 * hour_ms),
+            ("e4", 2 * hour_ms),
+            ("e5", 2 * hour_ms),
+            ("kept", hour_ms - 60_000),
+        ] {
+            let req = CommitRequest {
+                now_ms: now - age_ms,
+                ..test_commit("t", key, key, 1)
+            };
+            assert_eq!(storage.commit(req).await, Ok(CommitOutcome::Committed));
+        }
+        // A row a commit holds is skipped, not waited for.
+        let mut holder = storage.client().await.unwrap();
+        let held = holder.transaction().await.unwrap();
+        held.execute("SELECT 1 FROM idempotency WHERE key = 'e1' FOR UPDATE", &[])
+            .await
+            .unwrap();
+        // Another instance sweeps.
+        let retention = Retention {
+            idempotency: std::time::Duration::from_secs(3600),
+            sweep_every: std::time::Duration::from_millis(50),
+            sweep_rows: 2,
+        };
+        let sweeping = PostgresStorage::connect_with(&url, 2, retention)
+            .await
+            .unwrap();
+        let keys = |storage: &PostgresStorage| {
+            let pool = storage.pool.clone();
+            async move {
+                let rows = pool
+                    .get()
+                    .await
+                    .unwrap()
+                    .query("SELECT key FROM idempotency ORDER BY key", &[])
+                    .await
+                    .unwrap();
+                rows.iter().map(|r| r.get(0)).collect::<Vec<String>>()
+            }
+        };
+        let mut left = Vec::new();
+        for _ in 0..50 {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            left = keys(&storage).await;
+            if left == ["e1", "kept"] {
+                break;
+            }
+        }
+        assert_eq!(left, ["e1", "kept"]);
+        held.rollback().await.unwrap();
+        for _ in 0..50 {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            left = keys(&storage).await;
+            if left == ["kept"] {
+                break;
+            }
+        }
+        assert_eq!(left, ["kept"]);
+        assert_eq!(storage.idempotency_record("t", "e1").await, Ok(None));
+        assert_eq!(
+            storage.idempotency_record("t", "kept").await,
+            Ok(Some(Record {
+                fingerprint: "fp-kept".into(),
+                response: r#"{"key":"kept"}"#.into(),
+            }))
+        );
+        assert_eq!(sweeping.ping().await, Ok(()));
+        drop((storage, sweeping, holder));
+        admin
+            .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_v5_migration_keeps_traces_and_receipts_and_scopes_them_by_tenant() {
+        let (admin, schema, url) = fresh_schema("cp_unit_v5").await;
+        let (mut client, conn) = tokio_postgres::connect(&url, NoTls).await.unwrap();
+        tokio::spawn(conn);
+        migrate_to(&mut client, 4).await.unwrap();
+        client
+            .batch_execute(
+                "INSERT INTO traces VALUES ('t1', 'demo', 1, 'sha256:h1', 7);
+                 INSERT INTO receipts VALUES ('t1', 1, 'sha256:h1', NULL, 'demo', '{}', 7);",
+            )
+            .await
+            .unwrap();
+        migrate_to(&mut client, MIGRATIONS.len()).await.unwrap();
+        client
+            .batch_execute(
+                "INSERT INTO traces VALUES ('t1', 'other', 1, 'sha256:o1', 8);
+                 INSERT INTO receipts VALUES ('t1', 1, 'sha256:o1', NULL, 'other', '{}', 8);",
+            )
+            .await
+            .unwrap();
+        let rows: Vec<String> = client
+            .query(
+                "SELECT r.tenant || '/' || r.trace_id || '/' || r.hop || '/' || t.head_hash
+                 FROM receipts r JOIN traces t USING (tenant, trace_id) ORDER BY r.tenant",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(rows, ["demo/t1/1/sha256:h1", "other/t1/1/sha256:o1"]);
+        let twice = client
+            .batch_execute("INSERT INTO traces VALUES ('t1', 'demo', 2, 'sha256:x', 9)")
+            .await;
+        assert!(twice.is_err());
+        admin
+            .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_exhausted_pool_fails_the_ping_after_the_wait_timeout() {
+        let (admin, schema, url) = fresh_schema("cp_unit_pool").await;
+        let storage = PostgresStorage::connect(&url, 1).await.unwrap();
+        let held = storage.client().await.unwrap();
+        let started = std::time::Instant::now();
+        let ping = tokio::time::timeout(std::time::Duration::from_secs(10), storage.ping())
+            .await
+            .expect("the ping does not hang");
+        assert!(ping.is_err(), "{ping:?}");
+        let waited = started.elapsed();
+        assert!(
+            waited >= std::time::Duration::from_secs(2)
+                && waited < std::time::Duration::from_secs(4),
+            "{waited:?}"
+        );
+        drop(held);
+        assert_eq!(storage.ping().await, Ok(()));
+        admin
+            .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+            .await
+            .unwrap();
     }
 
     #[tokio::test]

@@ -1,9 +1,14 @@
-//! SQLite backend: one connection owned by a writer thread (WAL, synchronous=NORMAL).
+//! SQLite backend: one connection owned by a writer thread (WAL, synchronous=FULL).
 //!
 //! Every operation is queued to that thread. The thread takes whatever is queued (up to
 //! `MAX_BATCH`), runs the operations in one `BEGIN IMMEDIATE` transaction and replies only
-//! after `COMMIT`: one WAL append for many commits. Operations are serial, so the
+//! after `COMMIT`: one WAL append and one fsync for many commits. Operations are serial, so the
 //! read-decide-write of a commit needs no further locking.
+//!
+//! Durability: `synchronous=FULL` fsyncs the WAL at every `COMMIT`, before the writer answers.
+//! With `NORMAL` a power cut could roll back transactions the filter had already answered with
+//! a signed receipt, and the next exchange would sign a second receipt at the same hop: a fork
+//! the client holds in hand. Group commit (the batches above) keeps the fsyncs few.
 //!
 //! An operation decides before it writes: a refused commit writes nothing, so the batch needs no
 //! savepoint per operation (a savepoint makes SQLite copy every page the batch already dirtied
@@ -13,15 +18,15 @@
 //! transaction of its own: the failure stays with the operation that caused it.
 
 use std::path::Path;
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
-use serde_json::Value;
 use tokio::sync::oneshot;
 
 use super::batch::{Batch, Locked};
 use super::rows::Rows;
+use super::worker::{check_all, panic_message, Worker};
 use super::*;
 use signet_protocol::internal::{Record, TraceState};
 
@@ -33,14 +38,26 @@ use super::migrations::SQLITE as MIGRATIONS;
 
 pub struct SqliteStorage {
     jobs: mpsc::Sender<Box<dyn Job>>,
-    /// Dropping it ends the checkpoint thread.
+    /// Reads that need no lock (chains, idempotency lookups, usage) go here, off the writer:
+    /// WAL lets them run beside it, each on a snapshot.
+    reader: Arc<std::sync::Mutex<Connection>>,
+    /// Dropping it ends the checkpoint and sweep threads.
     _stop_checkpoints: mpsc::Sender<()>,
+    _stop_sweep: mpsc::Sender<()>,
+    /// The writer and checkpoint threads, checked by `ping`.
+    workers: Vec<Worker>,
 }
 
 impl SqliteStorage {
-    /// Opens (creating the file and its directory if needed) and migrates the database, then
-    /// starts the writer thread. The thread ends when the storage is dropped.
+    /// [`SqliteStorage::open_with`] the default [`Retention`].
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        Self::open_with(path, Retention::DEFAULT)
+    }
+
+    /// Opens (creating the file and its directory if needed) and migrates the database, then
+    /// starts the writer thread, the checkpoint thread and the sweep of idempotency records
+    /// older than `retention`. The threads end when the storage is dropped.
+    pub fn open_with(path: &Path, retention: Retention) -> Result<Self, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| {
                 StoreError::Database(format!("cannot create {}: {e}", dir.display()))
@@ -49,12 +66,12 @@ impl SqliteStorage {
         let mut conn = Connection::open(path).map_err(db)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(db)?;
-        conn.pragma_update(None, "synchronous", "NORMAL")
+        conn.pragma_update(None, "synchronous", "FULL")
             .map_err(db)?;
         tune_cache(&conn).map_err(db)?;
         conn.pragma_update(None, "temp_store", "MEMORY")
             .map_err(db)?;
-        // Checkpoints (the only fsyncs with synchronous=NORMAL) run on their own thread.
+        // Checkpoints (the database file's fsyncs) run on their own thread.
         conn.pragma_update(None, "wal_autocheckpoint", 0)
             .map_err(db)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
@@ -62,27 +79,74 @@ impl SqliteStorage {
         conn.set_prepared_statement_cache_capacity(64);
         migrate(&mut conn).map_err(db)?;
 
+        let reader = Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(db)?;
+        reader
+            .busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(db)?;
+        reader.set_prepared_statement_cache_capacity(16);
+
         let checkpoints = Connection::open(path).map_err(db)?;
         checkpoints
             .busy_timeout(std::time::Duration::from_secs(5))
             .map_err(db)?;
         let (stop_checkpoints, stopped) = mpsc::channel::<()>();
+        let (checkpointer, alive) = Worker::start("the SQLite checkpoint thread");
         std::thread::Builder::new()
             .name("signet-sqlite-checkpoint".into())
-            .spawn(move || checkpoint_loop(checkpoints, stopped))
+            .spawn(move || {
+                let _alive = alive;
+                checkpoint_loop(checkpoints, stopped)
+            })
             .map_err(|e| {
                 StoreError::Database(format!("cannot start the checkpoint thread: {e}"))
             })?;
 
         let (jobs, queue) = mpsc::channel::<Box<dyn Job>>();
+        let (writer, alive) = Worker::start("the SQLite writer thread");
         std::thread::Builder::new()
             .name("signet-sqlite-writer".into())
-            .spawn(move || writer_loop(conn, queue))
+            .spawn(move || {
+                let _alive = alive;
+                writer_loop(conn, queue)
+            })
             .map_err(|e| StoreError::Database(format!("cannot start the writer thread: {e}")))?;
+        let (stop_sweep, stopped) = mpsc::channel::<()>();
+        let (sweeper, alive) = Worker::start("the SQLite idempotency sweep");
+        let sweep_jobs = jobs.clone();
+        std::thread::Builder::new()
+            .name("signet-sqlite-sweep".into())
+            .spawn(move || {
+                let _alive = alive;
+                sweep_loop(sweep_jobs, retention, stopped)
+            })
+            .map_err(|e| StoreError::Database(format!("cannot start the sweep thread: {e}")))?;
         Ok(Self {
             jobs,
+            reader: Arc::new(std::sync::Mutex::new(reader)),
             _stop_checkpoints: stop_checkpoints,
+            _stop_sweep: stop_sweep,
+            workers: vec![writer, checkpointer, sweeper],
         })
+    }
+
+    /// Runs the read `op` on the read-only connection, on a blocking thread: never queued
+    /// behind commits.
+    async fn read<T, F>(&self, op: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = reader.lock().unwrap_or_else(|e| e.into_inner());
+            op(&conn).map_err(db)
+        })
+        .await
+        .map_err(|e| StoreError::Database(format!("the read failed: {e}")))?
     }
 
     /// Runs `op` on the writer thread. `op` returns its value and whether its changes are kept;
@@ -105,6 +169,55 @@ impl SqliteStorage {
             .await
             .map_err(|_| StoreError::Database("the SQLite writer thread stopped".into()))?
     }
+}
+
+/// Sends `op` to the writer and waits for its answer, from a thread that is not async.
+fn run_blocking<T, F>(jobs: &mpsc::Sender<Box<dyn Job>>, op: F) -> Result<T, StoreError>
+where
+    T: Send + 'static,
+    F: Fn(&Connection) -> rusqlite::Result<(T, bool)> + Send + 'static,
+{
+    let (reply, answer) = oneshot::channel();
+    let stopped = || StoreError::Database("the SQLite writer thread stopped".into());
+    let job = TypedJob {
+        op,
+        result: None,
+        reply,
+    };
+    jobs.send(Box::new(job)).map_err(|_| stopped())?;
+    answer.blocking_recv().map_err(|_| stopped())?
+}
+
+/// Every `retention.sweep_every`, deletes the idempotency records older than the retention, in
+/// passes of at most `retention.sweep_rows` rows, each a transaction of the writer between
+/// commits, until a pass deletes fewer.
+fn sweep_loop(jobs: mpsc::Sender<Box<dyn Job>>, retention: Retention, stopped: mpsc::Receiver<()>) {
+    let rows = i64::try_from(retention.sweep_rows).unwrap_or(i64::MAX);
+    while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(retention.sweep_every) {
+        let cutoff = retention.cutoff_ms(crate::now_ms());
+        loop {
+            let pass = run_blocking(&jobs, move |conn| {
+                sweep_idempotency(conn, cutoff, rows).map(|deleted| (deleted, true))
+            });
+            match pass {
+                Ok(deleted) if deleted < retention.sweep_rows => break,
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!("idempotency sweep: {e}");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Deletes at most `rows` idempotency records created before `cutoff_ms`, oldest first.
+fn sweep_idempotency(conn: &Connection, cutoff_ms: i64, rows: i64) -> rusqlite::Result<usize> {
+    conn.prepare_cached(
+        "DELETE FROM idempotency WHERE rowid IN
+             (SELECT rowid FROM idempotency WHERE created_ms < ?1 ORDER BY created_ms LIMIT ?2)",
+    )?
+    .execute(params![cutoff_ms, rows])
 }
 
 fn db(e: rusqlite::Error) -> StoreError {
@@ -154,7 +267,14 @@ where
 {
     fn run(&mut self, conn: &Connection) -> bool {
         let before = conn.total_changes();
-        let result = (self.op)(conn);
+        // A panicking operation fails alone (its batch is rolled back and redone without it);
+        // the writer goes on.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (self.op)(conn)))
+            .unwrap_or_else(|panic| {
+                let message = format!("the operation panicked: {}", panic_message(&*panic));
+                let error = rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ERROR);
+                Err(rusqlite::Error::SqliteFailure(error, Some(message)))
+            });
         let clean = match &result {
             Ok((_, true)) => true,
             Ok((_, false)) => conn.total_changes() == before,
@@ -177,9 +297,9 @@ where
 }
 
 /// Copies the WAL into the database every `CHECKPOINT_EVERY`, next to the writer (PASSIVE never
-/// blocks it), so that the writer itself never waits for an fsync. When the WAL has grown past
-/// `WAL_RESTART_FRAMES` under constant load, a RESTART checkpoint briefly waits for the writer so
-/// that the WAL starts over.
+/// blocks it), so that the writer itself never waits for the database file's fsync. When the
+/// WAL has grown past `WAL_RESTART_FRAMES` under constant load, a RESTART checkpoint briefly
+/// waits for the writer so that the WAL starts over.
 fn checkpoint_loop(conn: Connection, stopped: mpsc::Receiver<()>) {
     let checkpoint = |mode: &str| {
         conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
@@ -305,18 +425,24 @@ fn read_record(conn: &Connection, tenant: &str, key: &str) -> rusqlite::Result<O
     .optional()
 }
 
-fn read_trace(conn: &Connection, trace_id: &str) -> rusqlite::Result<Option<TraceState>> {
-    conn.prepare_cached("SELECT tenant, head_hop, head_hash FROM traces WHERE trace_id = ?1")?
-        .query_row([trace_id], |r| {
-            Ok(TraceState {
-                tenant: r.get(0)?,
-                head: Head {
-                    hop: to_u64(r.get(1)?),
-                    receipt_hash: r.get(2)?,
-                },
-            })
+fn read_trace(
+    conn: &Connection,
+    tenant: &str,
+    trace_id: &str,
+) -> rusqlite::Result<Option<TraceState>> {
+    conn.prepare_cached(
+        "SELECT tenant, head_hop, head_hash FROM traces WHERE tenant = ?1 AND trace_id = ?2",
+    )?
+    .query_row([tenant, trace_id], |r| {
+        Ok(TraceState {
+            tenant: r.get(0)?,
+            head: Head {
+                hop: to_u64(r.get(1)?),
+                receipt_hash: r.get(2)?,
+            },
         })
-        .optional()
+    })
+    .optional()
 }
 
 fn read_usage(conn: &Connection, tenant: &str, month: &str) -> rusqlite::Result<Option<Usage>> {
@@ -333,12 +459,13 @@ fn read_usage(conn: &Connection, tenant: &str, month: &str) -> rusqlite::Result<
 /// Reads what the commit depends on, decides, writes. Serial on the writer thread: the reads
 /// need no lock.
 fn commit(conn: &Connection, req: &CommitRequest) -> rusqlite::Result<(CommitOutcome, bool)> {
-    let locked = Locked::of_one(
+    let mut locked = Locked::of_one(
         req,
         read_record(conn, &req.tenant, &req.idempotency_key)?,
-        read_trace(conn, &req.trace_id)?,
+        read_trace(conn, &req.tenant, &req.trace_id)?,
         read_usage(conn, &req.tenant, &req.month)?,
     );
+    locked.locked_at_ms = crate::now_ms();
     let mut batch = Batch::new(locked);
     let outcome = batch.decide(req);
     let (rows, now_ms) = batch.finish();
@@ -374,7 +501,7 @@ fn write(conn: &Connection, rows: &Rows, now_ms: i64) -> rusqlite::Result<()> {
     insert_each(
         conn,
         "INSERT INTO traces (trace_id, tenant, head_hop, head_hash, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)
-         ON CONFLICT (trace_id) DO UPDATE SET head_hop = excluded.head_hop, head_hash = excluded.head_hash",
+         ON CONFLICT (tenant, trace_id) DO UPDATE SET head_hop = excluded.head_hop, head_hash = excluded.head_hash",
         h.trace_id.len(),
         |i| (h.trace_id[i], h.tenant[i], h.head_hop[i], h.head_hash[i], now_ms),
     )?;
@@ -467,7 +594,9 @@ impl Storage for SqliteStorage {
         "sqlite"
     }
 
+    /// Through the writer thread, after checking every worker is running.
     async fn ping(&self) -> Result<(), StoreError> {
+        check_all(&self.workers)?;
         self.run(|conn| conn.query_row("SELECT 1", [], |_| Ok(((), false))))
             .await
     }
@@ -476,32 +605,49 @@ impl Storage for SqliteStorage {
         self.run(move |conn| commit(conn, &req)).await
     }
 
-    async fn chain(&self, trace_id: &str) -> Result<Option<StoredChain>, StoreError> {
-        let trace_id = trace_id.to_owned();
-        let rows = self
-            .run(move |conn| {
-                let Some(tenant) = conn
-                    .prepare_cached("SELECT tenant FROM traces WHERE trace_id = ?1")?
-                    .query_row([&trace_id], |r| r.get::<_, String>(0))
-                    .optional()?
-                else {
-                    return Ok((None, false));
-                };
-                let bodies = conn
-                    .prepare_cached("SELECT body FROM receipts WHERE trace_id = ?1 ORDER BY hop")?
-                    .query_map([&trace_id], |r| r.get::<_, String>(0))?
-                    .collect::<rusqlite::Result<Vec<_>>>()?;
-                Ok((Some((tenant, bodies)), false))
+    async fn chain(
+        &self,
+        tenant: &str,
+        trace_id: &str,
+        page: ChainPage,
+    ) -> Result<Option<StoredChain>, StoreError> {
+        let (tenant, trace_id) = (tenant.to_owned(), trace_id.to_owned());
+        let taken = self
+            .read(move |conn| {
+                // One snapshot for the trace row and the receipts.
+                let tx = conn.unchecked_transaction()?;
+                if read_trace(&tx, &tenant, &trace_id)?.is_none() {
+                    return Ok(None);
+                }
+                let mut builder = PageBuilder::new(page);
+                let mut statement = tx.prepare_cached(
+                    "SELECT body FROM receipts WHERE tenant = ?1 AND trace_id = ?2 AND hop > ?3
+                     ORDER BY hop LIMIT ?4",
+                )?;
+                let after = to_i64(page.after_hop);
+                let mut rows =
+                    statement.query(params![tenant, trace_id, after, page.rows_to_read()])?;
+                while let Some(row) = rows.next()? {
+                    if !builder.offer(row.get(0)?) {
+                        break;
+                    }
+                }
+                Ok(Some((tenant, builder)))
             })
             .await?;
-        rows.map(|(tenant, bodies)| {
-            let receipts = bodies
-                .iter()
-                .map(|b| parse_json(b, "receipt"))
-                .collect::<Result<Vec<Value>, _>>()?;
-            Ok(StoredChain { tenant, receipts })
-        })
-        .transpose()
+        taken
+            .map(|(tenant, builder)| builder.finish(tenant))
+            .transpose()
+    }
+
+    async fn idempotency_record(
+        &self,
+        tenant: &str,
+        key: &str,
+    ) -> Result<Option<Record>, StoreError> {
+        let (tenant, key) = (tenant.to_owned(), key.to_owned());
+        self.read(move |conn| read_record(conn, &tenant, &key))
+            .await
     }
 
     async fn remember_signing_key(&self, kid: &str, jwk: &str) -> Result<String, StoreError> {
@@ -533,13 +679,8 @@ impl Storage for SqliteStorage {
 
     async fn usage(&self, tenant: &str, month: &str) -> Result<Usage, StoreError> {
         let (tenant, month) = (tenant.to_owned(), month.to_owned());
-        self.run(move |conn| {
-            Ok((
-                read_usage(conn, &tenant, &month)?.unwrap_or_default(),
-                false,
-            ))
-        })
-        .await
+        self.read(move |conn| Ok(read_usage(conn, &tenant, &month)?.unwrap_or_default()))
+            .await
     }
 
     async fn billing_queue(&self, tenant: &str) -> Result<Vec<BillingRow>, StoreError> {
@@ -572,9 +713,54 @@ impl Storage for SqliteStorage {
     }
 }
 
+/// Kills the writer thread as a bug outside any operation would: a job that panics in the
+/// writer loop itself (an operation's own panic is caught).
+#[cfg(test)]
+impl SqliteStorage {
+    pub(crate) fn kill_writer(&self) {
+        struct Panics;
+        impl Job for Panics {
+            fn run(&mut self, _: &Connection) -> bool {
+                panic!("killed by the test")
+            }
+            fn finish(self: Box<Self>, _: Result<(), StoreError>) {}
+        }
+        self.jobs.send(Box::new(Panics)).unwrap();
+        let writer = &self.workers[0];
+        for _ in 0..100 {
+            if writer.check().is_err() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        panic!("the writer did not die");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_operation_fails_alone_and_the_writer_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = SqliteStorage::open(&dir.path().join("t.db")).unwrap();
+        let panicked = storage
+            .run(|_| -> rusqlite::Result<((), bool)> { panic!("a bug") })
+            .await;
+        assert!(
+            matches!(&panicked, Err(StoreError::Database(m)) if m.contains("panicked: a bug")),
+            "{panicked:?}"
+        );
+        assert_eq!(storage.ping().await, Ok(()));
+        storage.kill_writer();
+        assert_eq!(
+            storage.ping().await,
+            Err(StoreError::Database(
+                "the SQLite writer thread panicked".into()
+            ))
+        );
+    }
 
     #[test]
     fn the_v2_migration_drops_pending_keys_and_keeps_done_ones() {
@@ -639,9 +825,9 @@ mod tests {
         let version: i64 = conn
             .query_row("SELECT max(version) FROM schema_version", [], |r| r.get(0))
             .unwrap();
-        assert_eq!(version, 3);
+        assert_eq!(version as usize, MIGRATIONS.len());
         assert_eq!(
-            read_trace(&conn, "t1").unwrap(),
+            read_trace(&conn, "demo", "t1").unwrap(),
             Some(TraceState {
                 tenant: "demo".into(),
                 head: Head {
@@ -683,6 +869,7 @@ mod tests {
             fu_tokens: 0,
             month: "2025-01".into(),
             now_ms: 8,
+            deadline_ms: None,
             chain_max: 10,
             plan: Default::default(),
         };
@@ -766,6 +953,182 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(kids, vec!["a", "b", "e"]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_sweep_deletes_expired_idempotency_records_in_bounded_passes() {
+        use crate::storage::batch::test_commits::commit as test_commit;
+
+        let dir = tempfile::tempdir().unwrap();
+        let retention = Retention {
+            idempotency: std::time::Duration::from_secs(3600),
+            sweep_every: std::time::Duration::from_millis(50),
+            sweep_rows: 2,
+        };
+        let storage = SqliteStorage::open_with(&dir.path().join("t.db"), retention).unwrap();
+        let now = crate::now_ms();
+        let hour_ms = 3_600_000;
+        // Five expired records, one just within the retention.
+        for (key, age_ms) in [
+            ("e1", 10 * hour_ms),
+            ("e2", 9 * hour_ms),
+            ("e3", 8 * hour_ms),
+            ("e4", 7 * hour_ms),
+            ("e5", 2 * hour_ms),
+            ("kept", hour_ms - 60_000),
+        ] {
+            let req = CommitRequest {
+                now_ms: now - age_ms,
+                ..test_commit("t", key, key, 1)
+            };
+            assert_eq!(storage.commit(req).await, Ok(CommitOutcome::Committed));
+        }
+        let mut left = Vec::new();
+        for _ in 0..100 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            left = storage
+                .run(|conn| {
+                    let keys = conn
+                        .prepare("SELECT key FROM idempotency ORDER BY key")?
+                        .query_map([], |r| r.get::<_, String>(0))?
+                        .collect::<rusqlite::Result<Vec<_>>>()?;
+                    Ok((keys, false))
+                })
+                .await
+                .unwrap();
+            if left == ["kept"] {
+                break;
+            }
+        }
+        assert_eq!(left, ["kept"]);
+        assert!(storage
+            .idempotency_record("t", "e1")
+            .await
+            .unwrap()
+            .is_none());
+        assert_eq!(
+            storage.idempotency_record("t", "kept").await.unwrap(),
+            Some(Record {
+                fingerprint: "fp-kept".into(),
+                response: r#"{"key":"kept"}"#.into(),
+            })
+        );
+        assert_eq!(storage.ping().await, Ok(()));
+        // A pass deletes at most its rows, oldest first.
+        let conn = Connection::open_in_memory().unwrap();
+        let mut conn = conn;
+        migrate(&mut conn).unwrap();
+        for (key, created) in [("a", 3), ("b", 1), ("c", 2), ("d", 9)] {
+            conn.execute(
+                "INSERT INTO idempotency VALUES ('t', ?1, 'fp', '{}', ?2)",
+                params![key, created],
+            )
+            .unwrap();
+        }
+        assert_eq!(sweep_idempotency(&conn, 5, 2).unwrap(), 2);
+        let left: Vec<String> = conn
+            .prepare("SELECT key FROM idempotency ORDER BY key")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(left, ["a", "d"]);
+    }
+
+    #[test]
+    fn the_v5_migration_keeps_traces_and_receipts_and_scopes_them_by_tenant() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate_to(&mut conn, 4).unwrap();
+        conn.execute_batch(
+            "INSERT INTO traces VALUES ('t1', 'demo', 1, 'sha256:h1', 7);
+             INSERT INTO receipts VALUES ('t1', 1, 'sha256:h1', NULL, 'demo', '{\"hop\":1}', 7);",
+        )
+        .unwrap();
+        migrate(&mut conn).unwrap();
+        let head = |tenant| read_trace(&conn, tenant, "t1").unwrap().map(|t| t.head.hop);
+        assert_eq!((head("demo"), head("other")), (Some(1), None));
+        // Another tenant's t1 is another chain; the append-only triggers are back.
+        conn.execute_batch(
+            "INSERT INTO traces VALUES ('t1', 'other', 1, 'sha256:o1', 8);
+             INSERT INTO receipts VALUES ('t1', 1, 'sha256:o1', NULL, 'other', '{}', 8);",
+        )
+        .unwrap();
+        let e = conn
+            .execute("DELETE FROM receipts WHERE tenant = 'demo'", [])
+            .unwrap_err();
+        assert!(e.to_string().contains("append-only"), "{e}");
+        let bodies: Vec<(String, String)> = conn
+            .prepare("SELECT tenant, body FROM receipts ORDER BY tenant")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(
+            bodies,
+            [
+                ("demo".into(), r#"{"hop":1}"#.into()),
+                ("other".into(), "{}".into())
+            ]
+        );
+    }
+
+    /// Chains, idempotency lookups and usage do not wait for the writer.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reads_run_beside_a_busy_writer() {
+        use crate::storage::batch::test_commits::commit as test_commit;
+        use std::time::{Duration, Instant};
+
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Arc::new(SqliteStorage::open(&dir.path().join("t.db")).unwrap());
+        let c = test_commit("t", "k", "a", 1);
+        assert_eq!(storage.commit(c).await, Ok(CommitOutcome::Committed));
+        let busy = {
+            let s = storage.clone();
+            tokio::spawn(async move {
+                s.run(|_| {
+                    std::thread::sleep(Duration::from_millis(1500));
+                    Ok(((), false))
+                })
+                .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let started = Instant::now();
+        let chain = storage
+            .chain("t", "a", ChainPage::ALL)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(chain.receipts.len(), 1);
+        assert!(storage
+            .idempotency_record("t", "k")
+            .await
+            .unwrap()
+            .is_some());
+        assert_eq!(storage.usage("t", "2025-01").await.unwrap().vex, 1);
+        assert!(
+            started.elapsed() < Duration::from_millis(1000),
+            "{:?}",
+            started.elapsed()
+        );
+        busy.await.unwrap().unwrap();
+    }
+
+    /// FULL (2): a transaction answered is on disk (see the module documentation).
+    #[tokio::test]
+    async fn the_writer_fsyncs_every_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = SqliteStorage::open(&dir.path().join("t.db")).unwrap();
+        let synchronous = storage
+            .run(|conn| {
+                let mode: i64 = conn.query_row("PRAGMA synchronous", [], |r| r.get(0))?;
+                Ok((mode, false))
+            })
+            .await
+            .unwrap();
+        assert_eq!(synchronous, 2, "synchronous=FULL");
     }
 
     #[test]

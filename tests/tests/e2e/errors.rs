@@ -4,7 +4,7 @@ use serde_json::{json, Value};
 use signet_e2e::payloads::{
     exchange_body, invoice_arguments, invoice_tool_call, sample_invoice, SOURCE_TYPE, TARGET_TYPE,
 };
-use signet_e2e::stack::{new_idempotency_key, DEMO_KEY, DEMO_TENANT, OTHER_KEY};
+use signet_e2e::stack::{new_idempotency_key, DEMO_KEY, DEMO_TENANT, OTHER_KEY, OTHER_TENANT};
 use signet_e2e::{Stack, StackOptions, Storage};
 
 use crate::{assert_error, assert_ok};
@@ -145,9 +145,10 @@ fn idempotency_key_reused_with_another_body_is_422() {
     assert_eq!(stack.vex_count(DEMO_TENANT), 1);
 }
 
-/// 403 TRACE_FORBIDDEN: a tenant may not extend another tenant's trace.
+/// SPEC §2: a trace id names a chain within its tenant. Another tenant sending the same trace
+/// id opens its own chain at hop 1 and learns nothing of the first tenant's.
 #[test]
-fn extending_another_tenants_trace_is_403() {
+fn another_tenants_trace_of_the_same_id_is_another_chain() {
     let stack = Stack::start(Storage::Sqlite);
     let first = assert_ok(&stack, &stack.exchange(&exchange_body(sample_invoice())));
     let trace_id = first["trace_id"].as_str().expect("trace_id");
@@ -157,9 +158,14 @@ fn extending_another_tenants_trace_is_403() {
         &headers(OTHER_KEY, &new_idempotency_key()),
         body.to_string().as_bytes(),
     );
-    assert_error(&stack, &r, 403, "TRACE_FORBIDDEN");
+    let theirs = assert_ok(&stack, &r);
+    assert_eq!(theirs["trace_id"], json!(trace_id));
+    assert_eq!(theirs["receipt"]["hop"], json!(1));
+    assert_eq!(theirs["receipt"]["prev_receipt_hash"], Value::Null);
+    assert_eq!(stack.vex_count(OTHER_TENANT), 1);
     let chain = stack.chain(trace_id);
     assert_eq!(chain.len(), 1);
+    assert_eq!(chain[0]["tenant"], json!(DEMO_TENANT));
 }
 
 /// 409 IDEMPOTENCY_IN_FLIGHT: a request with the same key is still being processed (held open

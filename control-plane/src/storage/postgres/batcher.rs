@@ -6,6 +6,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::NoTls;
 
 use super::commit::{commit_one, run_batch, BatchStatements};
+use crate::storage::worker::Alive;
 use crate::storage::{CommitOutcome, CommitRequest, StoreError};
 
 /// A commit queued for the batcher, with where its answer goes.
@@ -33,7 +34,9 @@ pub(super) fn run_batches(
     pool: Pool,
     main: tokio::runtime::Handle,
     mut queue: mpsc::UnboundedReceiver<Job>,
+    alive: Alive,
 ) {
+    let _alive = alive;
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -15,7 +15,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Row, Statement};
 
 use super::db;
-use crate::storage::batch::{decide_batch, Batch, Locked};
+use crate::storage::batch::{decide_batch_or_fail, Locked};
 use crate::storage::rows::{KeyRows, Rows};
 use crate::storage::{to_u64, CommitOutcome, CommitRequest, StoreError, Usage};
 use signet_protocol::internal::{Head, Record, TraceState};
@@ -27,8 +27,10 @@ JOIN idempotency i ON i.tenant = k.tenant AND i.key = k.key
 FOR UPDATE OF i";
 
 const LOCK_TRACES: &str = "
-SELECT trace_id, tenant, head_hop, head_hash FROM traces
-WHERE trace_id = ANY($1::text[]) AND head_hop > 0 FOR UPDATE";
+SELECT t.trace_id, t.tenant, t.head_hop, t.head_hash
+FROM unnest($1::text[], $2::text[]) AS k (tenant, trace_id)
+JOIN traces t ON t.tenant = k.tenant AND t.trace_id = k.trace_id
+WHERE t.head_hop > 0 FOR UPDATE OF t";
 
 const ENSURE_MONTHS: &str = "
 INSERT INTO usage_monthly (tenant, month, vex, fu)
@@ -55,7 +57,7 @@ RETURNING fingerprint, CASE WHEN xmax = 0 THEN NULL ELSE response END AS respons
 /// Locks (creating at hop 0 if absent) the trace row; hop 0 means "no trace yet".
 const LOCK_TRACE: &str = "
 INSERT INTO traces (trace_id, tenant, head_hop, head_hash, created_ms) VALUES ($1, $2, 0, NULL, $3)
-ON CONFLICT (trace_id) DO UPDATE SET head_hop = traces.head_hop
+ON CONFLICT (tenant, trace_id) DO UPDATE SET head_hop = traces.head_hop
 RETURNING tenant, head_hop, head_hash";
 
 /// Locks (creating at zero if absent) the month-to-date row.
@@ -71,7 +73,7 @@ SELECT r.*, $7 FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5:
 const SET_HEADS: &str = "
 INSERT INTO traces (trace_id, tenant, head_hop, head_hash, created_ms)
 SELECT h.*, $5 FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[]) AS h
-ON CONFLICT (trace_id) DO UPDATE SET head_hop = EXCLUDED.head_hop, head_hash = EXCLUDED.head_hash";
+ON CONFLICT (tenant, trace_id) DO UPDATE SET head_hop = EXCLUDED.head_hop, head_hash = EXCLUDED.head_hash";
 
 const SET_MONTHS: &str = "
 UPDATE usage_monthly SET vex = m.vex, fu = m.fu
@@ -205,7 +207,7 @@ pub(super) async fn run_batch(
 ) -> Result<Vec<CommitOutcome>, StoreError> {
     let result = async {
         let locked = lock_batch(client, st, requests).await?;
-        let decided = decide_batch(locked, requests);
+        let decided = decide_batch_or_fail(locked, requests)?;
         write_and_commit(client, &st.write, &decided.rows, decided.now_ms).await?;
         Ok(decided.outcomes)
     }
@@ -241,7 +243,7 @@ async fn lock_batch(
     let month_names: Vec<&str> = months.iter().map(|m| m.1).collect();
 
     let p_keys: [&(dyn ToSql + Sync); 2] = [&key_tenants, &key_names];
-    let p_traces: [&(dyn ToSql + Sync); 1] = [&trace_ids];
+    let p_traces: [&(dyn ToSql + Sync); 2] = [&key_tenants, &trace_ids];
     let p_months: [&(dyn ToSql + Sync); 2] = [&month_tenants, &month_names];
     // Sent in this order on one connection, so the months exist before they are locked.
     let (_, key_rows, trace_rows, _, month_rows) = tokio::try_join!(
@@ -263,7 +265,8 @@ async fn lock_batch(
     }
     for row in &trace_rows {
         if let Some(trace) = trace_of(row) {
-            locked.traces.insert(row.get("trace_id"), trace);
+            let key = (row.get("tenant"), row.get("trace_id"));
+            locked.traces.insert(key, trace);
         }
     }
     for row in &month_rows {
@@ -271,6 +274,7 @@ async fn lock_batch(
             .months
             .insert((row.get("tenant"), row.get("month")), usage_of(row));
     }
+    locked.locked_at_ms = crate::now_ms();
     // A month absent from the snapshot would count from zero and its update write nothing.
     if locked.months.len() != months.len() {
         return Err(StoreError::Database("a month row was not locked".into()));
@@ -416,19 +420,21 @@ async fn commit_one_attempt(pool: &Pool, req: &CommitRequest) -> Result<CommitOu
             client.query_one(&lock_month, &p_month),
         )
         .map_err(db)?;
-        let locked = Locked::of_one(
+        let mut locked = Locked::of_one(
             req,
             record_of(&key_row)?,
             trace_of(&trace_row),
             Some(usage_of(&month_row)),
         );
-        let mut batch = Batch::new(locked);
-        let outcome = batch.decide(req);
-        let (mut rows, now_ms) = batch.finish();
+        locked.locked_at_ms = crate::now_ms();
+        let mut decided = decide_batch_or_fail(locked, &[req])?;
         // LOCK_KEY already inserted the key's record.
-        rows.keys = KeyRows::default();
-        write_and_commit(&client, &write, &rows, now_ms).await?;
-        Ok(outcome)
+        decided.rows.keys = KeyRows::default();
+        write_and_commit(&client, &write, &decided.rows, decided.now_ms).await?;
+        decided
+            .outcomes
+            .pop()
+            .ok_or_else(|| StoreError::Database("no outcome".into()))
     }
     .await;
     if result.is_err() {
@@ -511,10 +517,13 @@ mod tests {
                 head: Some(head_3.clone())
             }))
         );
+        // Another tenant's trace A is another chain: hop 4 does not extend it.
         let theirs = commit("other", "y", "A", 4, &plan);
         assert_eq!(
             commit_one(&storage.pool, &theirs).await,
-            Ok(CommitOutcome::Rejected(Rejection::TraceForbidden))
+            Ok(CommitOutcome::Rejected(Rejection::ChainConflict {
+                head: None
+            }))
         );
         // The batch sees the single commit's key and head.
         let (a4, x) = (c("a4", "A", 4), c("x", "A", 3));
