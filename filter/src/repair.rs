@@ -193,7 +193,16 @@ impl Repairer {
                 '\n' => self.out.push_str("\\n"),
                 '\r' => self.out.push_str("\\r"),
                 '\t' => self.out.push_str("\\t"),
-                c if c < '\u{20}' => self.out.push_str(&format!("\\u{:04x}", u32::from(c))),
+                c if c < '\u{20}' => {
+                    // `\u00XX` without going through `fmt` (hot on a hostile string)
+                    const HEX: &[u8; 16] = b"0123456789abcdef";
+                    let b = u32::from(c);
+                    self.out.push_str("\\u00");
+                    for nibble in [b >> 4, b & 0xf] {
+                        let digit = HEX.get(nibble as usize).copied().unwrap_or(b'0');
+                        self.out.push(char::from(digit));
+                    }
+                }
                 c => self.out.push(c),
             }
         }
@@ -362,5 +371,13 @@ mod tests {
         // the closers stay (the parser rejects them); the brackets are closed at the end
         assert_eq!(out.len(), 3 * n);
         assert!(out.ends_with(']'));
+    }
+
+    #[test]
+    fn raw_control_characters_in_strings_are_escaped() {
+        assert_eq!(
+            fixed("{\"a\":\"x\u{1}\u{1f}\u{7}\"}"),
+            r#"{"a":"x\u0001\u001f\u0007"}"#
+        );
     }
 }

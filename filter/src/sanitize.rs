@@ -1,5 +1,8 @@
 //! SPEC §4 sanitizing of string values: drop C0 controls except TAB, LF, CR, and DEL; then turn
 //! CRLF and lone CR into LF. Member names are left alone (they are matched by schemas).
+//!
+//! Cost: one pass over each string, O(1) per byte, no recursion; linear in the payload
+//! (`benches/worst_case.rs`: flat ns/byte from 64 KiB to 4 MiB).
 
 use serde_json::Value;
 

@@ -1,5 +1,9 @@
 //! JMESPath expressions (mappings and invariants) with the registry's functions:
 //! `to_minor(amount, currency)`, `minor_units(currency)`, `is_currency(code)`.
+//!
+//! Cost: the expressions come from the operator's registry, not the request; each projects or
+//! filters the payload a fixed number of times, so evaluation is linear in the payload for a
+//! given registry (the built-in mappings: `benches/worst_case.rs`, 16 tool calls of 64 KB).
 
 use std::rc::Rc;
 use std::sync::Arc;
