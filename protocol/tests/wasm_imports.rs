@@ -120,12 +120,13 @@ fn probe_runs_in_a_wasi_host() {
         };
         const deep = (n) => "[".repeat(n) + "]".repeat(n);
         console.log(JSON.stringify([
-            run('{"b":1,"a":"cafe\u0301","n":[1e21,0.1,-0]}'),
+            run('{"b":1,"a":"cafe\u0301","n":[1e-7,0.1,-0]}'),
             run(deep(1024)),
             run('{"a":'.repeat(1024) + "1" + "}".repeat(1024)),
             run(deep(1025)),
             run('{"a":1,"a":2}'),
             run('["\\ud800"]'),
+            run('[1e21]'),
         ]));
     "#;
     let probe = build_probe();
@@ -143,7 +144,8 @@ fn probe_runs_in_a_wasi_host() {
         "{stdout}{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    assert_eq!(stdout.trim(), "[0,0,0,1,1,1]");
+    // the last: an integer beyond 2^53 is refused in the pipeline's strict mode (SPEC §1)
+    assert_eq!(stdout.trim(), "[0,0,0,1,1,1,1]");
 }
 
 #[test]
