@@ -80,6 +80,8 @@ pub struct Config {
     pub chain_max: u64,
     /// `SP_RECEIPT_MAX_SKEW_SECS`: how far a committed receipt's `ts` may be from now.
     pub receipt_max_skew: Duration,
+    /// `SP_IDEMPOTENCY_RETENTION_SECS`: how long a committed idempotency key is kept (7 days).
+    pub idempotency_retention: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -254,6 +256,13 @@ impl Config {
             1,
             86_400,
         )?);
+        let idempotency_retention = Duration::from_secs(parse_number(
+            "SP_IDEMPOTENCY_RETENTION_SECS",
+            get("SP_IDEMPOTENCY_RETENTION_SECS"),
+            7 * 24 * 3600,
+            60,
+            10 * 365 * 24 * 3600,
+        )?);
 
         Ok(Config {
             listeners,
@@ -267,6 +276,7 @@ impl Config {
             admin_key_hash,
             chain_max,
             receipt_max_skew,
+            idempotency_retention,
         })
     }
 }
@@ -392,6 +402,10 @@ mod tests {
         assert_eq!(c.limits.max_connections, 1024);
         assert_eq!(c.limits.idle_timeout, Duration::from_secs(30));
         assert_eq!(c.receipt_max_skew, Duration::from_secs(300));
+        assert_eq!(c.idempotency_retention, Duration::from_secs(604_800));
+        let short = config(&[("SP_IDEMPOTENCY_RETENTION_SECS", "3600")]).unwrap();
+        assert_eq!(short.idempotency_retention, Duration::from_secs(3600));
+        assert!(config(&[("SP_IDEMPOTENCY_RETENTION_SECS", "1")]).is_err());
         assert_eq!(
             c.storage,
             StorageConfig::Sqlite {

@@ -30,7 +30,7 @@ use std::time::Duration;
 use config::{Config, StorageConfig};
 use keys::KeyRing;
 use metrics::Metrics;
-use storage::{PostgresStorage, SqliteStorage, Storage, StoreError};
+use storage::{PostgresStorage, Retention, SqliteStorage, Storage, StoreError};
 use tenants::TenantDirectory;
 
 /// Shared state of the service.
@@ -52,7 +52,11 @@ pub struct ControlPlane {
 impl ControlPlane {
     /// Opens the storage (creating or migrating the schema) and loads the key ring.
     pub async fn start(config: Config) -> Result<Arc<Self>, Box<dyn std::error::Error>> {
-        let storage = open_storage(&config.storage).await?;
+        let retention = Retention {
+            idempotency: config.idempotency_retention,
+            ..Retention::DEFAULT
+        };
+        let storage = open_storage(&config.storage, retention).await?;
         let keys =
             KeyRing::load(storage.as_ref(), config.signing_key, config.previous_keys).await?;
         Ok(Arc::new(ControlPlane {
@@ -91,11 +95,14 @@ impl ControlPlane {
     }
 }
 
-pub async fn open_storage(config: &StorageConfig) -> Result<Arc<dyn Storage>, StoreError> {
+pub async fn open_storage(
+    config: &StorageConfig,
+    retention: Retention,
+) -> Result<Arc<dyn Storage>, StoreError> {
     Ok(match config {
-        StorageConfig::Sqlite { path } => Arc::new(SqliteStorage::open(path)?),
+        StorageConfig::Sqlite { path } => Arc::new(SqliteStorage::open_with(path, retention)?),
         StorageConfig::Postgres { url, pool_size } => {
-            Arc::new(PostgresStorage::connect(url, *pool_size).await?)
+            Arc::new(PostgresStorage::connect_with(url, *pool_size, retention).await?)
         }
     })
 }
