@@ -118,7 +118,8 @@ fn exchange(b: &Bench, lap: &mut impl FnMut(usize)) -> Value {
         fu_tokens: 0,
         deadline_ms: None,
     }
-    .to_json();
+    .to_json()
+    .unwrap();
     black_box((commit.get().len(), body.get().len()));
     lap(5);
     serde_json::from_str(commit.get()).unwrap()

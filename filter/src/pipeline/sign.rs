@@ -52,13 +52,15 @@ pub fn sign(
         allowed: true,
         reason: "no_forward".into(),
     };
+    // one clock reading: the receipt's ts and the commit's deadline agree
+    let now = host.now_millis();
     let mut extensions = Map::new();
     extensions.insert("payload_type".into(), request.payload_type.clone().into());
     extensions.insert("target_type".into(), request.target_type.clone().into());
     let draft = ReceiptDraft {
         trace_id: verified.trace_id.clone(),
         hop: head.as_ref().map_or(1, |h| h.hop.saturating_add(1)),
-        ts: time::rfc3339_millis(host.now_millis()),
+        ts: time::rfc3339_millis(now),
         tenant: (*tenant).to_owned(),
         cid: verified.cid.clone(),
         canon: route.keep_canon.then(|| verified.canon.clone()),
@@ -86,9 +88,7 @@ pub fn sign(
     let receipt_tenant = receipt.get("tenant").and_then(Value::as_str);
     let receipt_tenant = receipt_tenant.unwrap_or(tenant).to_owned();
     // the filter waits for its batch at most the callout timeout after this (commit_queue.rs)
-    let deadline_ms = host
-        .now_millis()
-        .saturating_add(config.control_plane.timeout_ms);
+    let deadline_ms = now.saturating_add(config.control_plane.timeout_ms);
     let commit = Commit {
         tenant: receipt_tenant.into(),
         idempotency_key: (*idempotency_key).into(),
@@ -98,7 +98,8 @@ pub fn sign(
         fu_tokens: 0,
         deadline_ms: Some(deadline_ms),
     }
-    .to_json();
+    .to_json()
+    .map_err(internal)?;
     let commit = CommitJson(commit, deadline_ms);
     let signed = Signed {
         response,

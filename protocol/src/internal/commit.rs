@@ -49,12 +49,10 @@ pub struct Commit<'a> {
 }
 
 impl Commit<'_> {
-    /// The JSON the filter queues. Only strings, integers and already-valid JSON: cannot fail.
-    pub fn to_json(&self) -> Box<RawValue> {
-        serde_json::to_string(self)
-            .ok()
-            .and_then(|text| RawValue::from_string(text).ok())
-            .unwrap_or_else(empty_object)
+    /// The JSON the filter queues, written once and not scanned again (`to_raw_value` trusts
+    /// its own serializer; `RawValue::from_string` would re-validate the whole commit).
+    pub fn to_json(&self) -> Result<Box<RawValue>, serde_json::Error> {
+        serde_json::value::to_raw_value(self)
     }
 }
 
@@ -114,10 +112,6 @@ impl<'a> CommitReply<'a> {
     }
 }
 
-fn empty_object() -> Box<RawValue> {
-    RawValue::from_string("{}".to_owned()).unwrap_or_else(|_| empty_object())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -136,7 +130,7 @@ mod tests {
             fu_tokens: 0,
             deadline_ms: None,
         };
-        let text = commit.to_json();
+        let text = commit.to_json().unwrap();
         assert_eq!(
             text.get(),
             r#"{"tenant":"demo","idempotency_key":"k\"1","fingerprint":"sha256:00","receipt":{"hop":1},"response":{"b":1,"a":[2]},"fu_tokens":0}"#
