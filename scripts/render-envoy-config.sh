@@ -3,7 +3,8 @@
 # only: it also runs in Dockerfile.envoy). Every placeholder must be set; the plugin
 # configuration comes from envoy/signet-plugin.json unless SIGNET_PLUGIN_CONFIG_FILE says.
 #   BIND_ADDRESS ENVOY_PORT ENVOY_ADMIN_ADDRESS ENVOY_ADMIN_PORT CONTROL_PLANE_HOST
-#   CONTROL_PLANE_INTERNAL_PORT UPSTREAM_HOST UPSTREAM_PORT SIGNET_FILTER_WASM
+#   CONTROL_PLANE_INTERNAL_PORT CONTROL_PLANE_PUBLIC_PORT UPSTREAM_HOST UPSTREAM_PORT
+#   SIGNET_FILTER_WASM
 # ENVOY_ADMIN_ADDRESS must be a loopback address: the admin API is never exposed.
 set -eu
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -11,7 +12,8 @@ template=${SIGNET_ENVOY_TEMPLATE:-$here/envoy/signet-local.yaml.tmpl}
 plugin_file=${SIGNET_PLUGIN_CONFIG_FILE:-$here/envoy/signet-plugin.json}
 
 for name in BIND_ADDRESS ENVOY_PORT ENVOY_ADMIN_ADDRESS ENVOY_ADMIN_PORT CONTROL_PLANE_HOST \
-    CONTROL_PLANE_INTERNAL_PORT UPSTREAM_HOST UPSTREAM_PORT SIGNET_FILTER_WASM; do
+    CONTROL_PLANE_INTERNAL_PORT CONTROL_PLANE_PUBLIC_PORT UPSTREAM_HOST UPSTREAM_PORT \
+    SIGNET_FILTER_WASM; do
     eval "value=\${$name:-}"
     [ -n "$value" ] || { echo "render-envoy-config: $name is not set" >&2; exit 1; }
 done
@@ -31,6 +33,7 @@ out=$(sed \
     -e "s|\${ENVOY_ADMIN_PORT}|$ENVOY_ADMIN_PORT|g" \
     -e "s|\${CONTROL_PLANE_HOST}|$CONTROL_PLANE_HOST|g" \
     -e "s|\${CONTROL_PLANE_INTERNAL_PORT}|$CONTROL_PLANE_INTERNAL_PORT|g" \
+    -e "s|\${CONTROL_PLANE_PUBLIC_PORT}|$CONTROL_PLANE_PUBLIC_PORT|g" \
     -e "s|\${UPSTREAM_HOST}|$UPSTREAM_HOST|g" \
     -e "s|\${UPSTREAM_PORT}|$UPSTREAM_PORT|g" \
     -e "s|\${SIGNET_FILTER_WASM}|$SIGNET_FILTER_WASM|g" \

@@ -31,6 +31,7 @@ fi
 export SP_API_KEYS SP_STORAGE SP_DB_PATH
 
 STACK_PIDS=()
+declare -A SERVICE_PID SERVICE_LOG   # by service key (control-plane, upstream, envoy)
 
 log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
@@ -77,22 +78,46 @@ json_field() {
     python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$1" "$2"
 }
 
-# start NAME LOG CMD...: runs CMD in the background as the leader of its own session and process
-# group (setsid), so that stack_stop ends it with everything it spawned, whether or not this
-# shell has a terminal. Ctrl-C reaches only this script, whose trap calls stack_stop.
+# start KEY NAME LOG CMD...: runs CMD in the background as the leader of its own session and
+# process group (setsid), so that stack_stop ends it with everything it spawned, whether or not
+# this shell has a terminal. Ctrl-C reaches only this script, whose trap calls stack_stop.
 start() {
-    local name=$1 logfile=$2
-    shift 2
+    local key=$1 name=$2 logfile=$3
+    shift 3
+    : >"$logfile"   # this run's lines only: they are what a failure shows
     setsid "$@" >>"$logfile" 2>&1 </dev/null &
     STACK_PIDS+=("$!")
+    SERVICE_PID[$key]=$!
+    SERVICE_LOG[$key]=$logfile
     log "started $name (pid $!, log $logfile)"
 }
 
-# wait_http NAME URL [SECONDS]: until URL answers 2xx.
+# service_failed KEY WHY: stops with WHY and the end of the service's log, so the reason (a
+# missing setting, a port taken, a database refused) is on the terminal.
+service_failed() {
+    local logfile=${SERVICE_LOG[$1]:-}
+    {
+        printf 'error: %s\n' "$2"
+        if [[ -n $logfile && -s $logfile ]]; then
+            printf -- '--- last lines of %s ---\n' "$logfile"
+            tail -n 20 "$logfile"
+        fi
+    } >&2
+    exit 1
+}
+
+# wait_http KEY NAME URL [SECONDS]: until URL answers 2xx; the service exiting first, or the
+# deadline, stops with its log.
 wait_http() {
-    local name=$1 url=$2 deadline=$((SECONDS + ${3:-30}))
+    local key=$1 name=$2 url=$3 limit=${4:-30} pid=${SERVICE_PID[$1]:-}
+    local deadline=$((SECONDS + limit))
     until curl -fsS -o /dev/null "$url" 2>/dev/null; do
-        ((SECONDS < deadline)) || die "$name did not come up ($url); see the logs in $SIGNET_RUN"
+        if [[ -n $pid ]] && ! kill -0 "$pid" 2>/dev/null; then
+            local status=0
+            wait "$pid" 2>/dev/null || status=$?
+            service_failed "$key" "$name exited (status $status) before answering $url"
+        fi
+        ((SECONDS < deadline)) || service_failed "$key" "$name did not come up ($url) in $limit s"
         sleep 0.2
     done
 }
@@ -107,25 +132,28 @@ stack_start() {
         fi
     done
 
-    start "control plane ($SP_STORAGE) on :$CONTROL_PLANE_PORT" "$SIGNET_RUN/control-plane.log" \
+    start control-plane "control plane ($SP_STORAGE) on :$CONTROL_PLANE_PORT" \
+        "$SIGNET_RUN/control-plane.log" \
         env PORT="$CONTROL_PLANE_PORT" SP_BIND=127.0.0.1 \
         SP_INTERNAL_PORT="$CONTROL_PLANE_INTERNAL_PORT" SP_ADMIN_PORT="$CONTROL_PLANE_ADMIN_PORT" \
         "$BIN/signet-control-plane"
-    start "demo upstream on :$UPSTREAM_PORT" "$SIGNET_RUN/upstream.log" \
+    start upstream "demo upstream on :$UPSTREAM_PORT" "$SIGNET_RUN/upstream.log" \
         "$BIN/demo-upstream" "127.0.0.1:$UPSTREAM_PORT"
-    wait_http "control plane" "http://127.0.0.1:$CONTROL_PLANE_PORT/.well-known/jwks.json"
-    wait_http "demo upstream" "http://127.0.0.1:$UPSTREAM_PORT/"
+    wait_http control-plane "control plane" \
+        "http://127.0.0.1:$CONTROL_PLANE_PORT/.well-known/jwks.json"
+    wait_http upstream "demo upstream" "http://127.0.0.1:$UPSTREAM_PORT/"
 
     BIND_ADDRESS=127.0.0.1 ENVOY_ADMIN_ADDRESS=127.0.0.1 CONTROL_PLANE_HOST=127.0.0.1 \
         UPSTREAM_HOST=127.0.0.1 ENVOY_PORT=$ENVOY_PORT ENVOY_ADMIN_PORT=$ENVOY_ADMIN_PORT \
-        CONTROL_PLANE_INTERNAL_PORT=$CONTROL_PLANE_INTERNAL_PORT UPSTREAM_PORT=$UPSTREAM_PORT \
+        CONTROL_PLANE_INTERNAL_PORT=$CONTROL_PLANE_INTERNAL_PORT \
+        CONTROL_PLANE_PUBLIC_PORT=$CONTROL_PLANE_PORT UPSTREAM_PORT=$UPSTREAM_PORT \
         SIGNET_FILTER_WASM=$WASM \
         "$ROOT/scripts/render-envoy-config.sh" >"$SIGNET_RUN/envoy.yaml"
     # The filter reads SP_PRIVATE_KEY_B64, SP_KID and SP_FILTER_TOKEN from this environment.
-    start "envoy on :$ENVOY_PORT (admin :$ENVOY_ADMIN_PORT)" "$SIGNET_RUN/envoy.log" \
+    start envoy "envoy on :$ENVOY_PORT (admin :$ENVOY_ADMIN_PORT)" "$SIGNET_RUN/envoy.log" \
         "$ENVOY_BIN" --config-path "$SIGNET_RUN/envoy.yaml" --disable-hot-restart \
         ${ENVOY_CONCURRENCY:+--concurrency "$ENVOY_CONCURRENCY"} --log-level info
-    wait_http envoy "http://127.0.0.1:$ENVOY_ADMIN_PORT/ready"
+    wait_http envoy envoy "http://127.0.0.1:$ENVOY_ADMIN_PORT/ready"
 }
 
 # Stops every process group stack_start created.

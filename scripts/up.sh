@@ -3,6 +3,7 @@
 # keeps running until Ctrl-C, which stops everything this script started.
 #
 #   Envoy (+ Signet filter)  http://127.0.0.1:10000   admin http://127.0.0.1:9901
+#                            (the one base URL of the public Signet API)
 #   control plane            http://127.0.0.1:8088    (SQLite in ./data; SP_STORAGE=postgres …)
 #                            internal API :8090 (the filter's), admin API :8091
 #   demo upstream            http://127.0.0.1:8089    (echoes what reaches it)
@@ -26,8 +27,8 @@ ENVOY="http://127.0.0.1:$ENVOY_PORT"
 CP="http://127.0.0.1:$CONTROL_PLANE_PORT"
 CP_ADMIN="http://127.0.0.1:$CONTROL_PLANE_ADMIN_PORT"
 
-# One exchange through Envoy, then the trace's bundle verified offline by the signet CLI against
-# the control plane's JWKS.
+# One exchange through Envoy, then the trace's bundle, exported through Envoy too (one base URL),
+# verified offline by the signet CLI against the JWKS.
 log "one verified exchange"
 exchange_file="$SIGNET_RUN/exchange.json"
 python3 -c 'import json,sys; print(json.dumps({
@@ -43,11 +44,13 @@ echo "$response" | python3 -m json.tool
 trace_id=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["trace_id"])' "$response")
 
 bundle="$SIGNET_RUN/bundle-$trace_id.json"
-curl -sS --fail-with-body -H "X-SIGNET-API-Key: demo-key" "$CP/v1/receipts/export/$trace_id" -o "$bundle" ||
+curl -sS --fail-with-body -H "X-SIGNET-API-Key: demo-key" "$ENVOY/v1/receipts/export/$trace_id" -o "$bundle" ||
     die "export of $trace_id failed: $(cat "$bundle")"
-"$BIN/signet" verify bundle "$bundle" --jwks "$CP/.well-known/jwks.json" ||
+"$BIN/signet" verify bundle "$bundle" --jwks "$ENVOY/.well-known/jwks.json" ||
     die "the exported bundle did not verify"
-log "bundle $bundle verified against $CP/.well-known/jwks.json"
+log "bundle $bundle verified against $ENVOY/.well-known/jwks.json"
+"$BIN/signet" health "$ENVOY/healthz" >/dev/null || die "$ENVOY/healthz is not ok"
+log "$ENVOY/healthz: the filter reaches the control plane"
 
 cat <<EOF
 
@@ -63,10 +66,13 @@ The stack is up (storage: $SP_STORAGE, signing key kid: $SP_KID). Try:
   # the same upstream without Signet
   curl -s $ENVOY/passthrough --data-binary @scripts/payloads/invoice-toolcall.json
 
-  # a trace's chain and its signed bundle, verified offline
-  curl -s -H "X-SIGNET-API-Key: demo-key" $CP/v1/receipts/chain/$trace_id
-  curl -s -H "X-SIGNET-API-Key: demo-key" $CP/v1/receipts/export/$trace_id > bundle.json
-  $BIN/signet verify bundle bundle.json --jwks $CP/.well-known/jwks.json
+  # a trace's chain and its signed bundle, verified offline: all through Envoy's one address
+  curl -s -H "X-SIGNET-API-Key: demo-key" $ENVOY/v1/receipts/chain/$trace_id
+  curl -s -H "X-SIGNET-API-Key: demo-key" $ENVOY/v1/receipts/export/$trace_id > bundle.json
+  $BIN/signet verify bundle bundle.json --jwks $ENVOY/.well-known/jwks.json
+
+  # health as the filter sees the control plane
+  curl -s $ENVOY/healthz
 
   # the tenant's usage, from the admin API (needs SP_ADMIN_KEY set when starting)
   curl -s -H "X-SIGNET-Admin-Key: \$SP_ADMIN_KEY" $CP_ADMIN/v1/admin/usage/demo

@@ -17,7 +17,9 @@ usage: signet canon [--rfc8785]          canonical JSON of stdin (signet-jcs, or
        signet cid [--rfc8785]            sha256:<hex> CID of stdin's canonical form
        signet keygen [--kid KID]         new Ed25519 seed (base64url) and its public JWK
        signet verify receipt|chain|bundle FILE [--jwks FILE_OR_URL] [--require-sig]
-                                         FILE may be - for stdin; prints `valid` or the first failure";
+                                         FILE may be - for stdin; prints `valid` or the first failure
+       signet health URL                 GET a /healthz URL: exit 0 when it answers 200 `ok`
+                                         (e.g. a container health check), else 1 with the body";
 
 /// How a command failed.
 enum Failure {
@@ -69,6 +71,7 @@ fn run() -> Result<(), Failure> {
         }
         "keygen" => keygen(&mut args),
         "verify" => verify(&mut args),
+        "health" => health(&mut args),
         other => Err(Failure::Usage(format!("unknown command {other:?}"))),
     }
 }
@@ -196,6 +199,36 @@ fn load_jwks(source: &str) -> Result<Jwks, Failure> {
         read_input(source)?
     };
     Jwks::from_json(&bytes).map_err(|e| Failure::Usage(format!("{source}: {e}")))
+}
+
+/// `health URL`: a Signet `/healthz` (the control plane's, or Envoy's through the filter).
+fn health(args: &mut lexopt::Parser) -> Result<(), Failure> {
+    let url = match args.next()? {
+        Some(Value(url)) => url.string()?,
+        Some(other) => return Err(other.unexpected().into()),
+        None => return Err(Failure::Usage("health: missing URL".into())),
+    };
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(5)))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut response = agent
+        .get(&url)
+        .call()
+        .map_err(|e| Failure::Invalid(format!("{url}: {e}")))?;
+    let status = response.status().as_u16();
+    let body = response
+        .body_mut()
+        .read_to_string()
+        .map_err(|e| Failure::Invalid(format!("{url}: {e}")))?;
+    let ok = serde_json::from_str::<serde_json::Value>(&body)
+        .is_ok_and(|health| health["status"] == "ok");
+    if status == 200 && ok {
+        write_stdout(format!("{}\n", body.trim()).as_bytes())
+    } else {
+        Err(Failure::Invalid(format!("{url}: {status} {}", body.trim())))
+    }
 }
 
 /// The bytes of `path`, or of stdin for `-`.

@@ -296,3 +296,52 @@ fn usage_errors_exit_2() {
     let output = signet(&["verify", "receipt", "/nonexistent/receipt.json"], b"");
     assert_eq!(output.status.code(), Some(2));
 }
+
+/// Serves `status` and `body` to one request on a fresh port; the URL of `/healthz` there.
+fn serve_once(status: &'static str, body: &'static str) -> (String, std::thread::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/healthz", listener.local_addr().unwrap());
+    let server = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        let mut request = [0u8; 4096];
+        let n = stream.read(&mut request).unwrap();
+        assert!(String::from_utf8_lossy(&request[..n]).starts_with("GET /healthz"));
+        let response = format!(
+            "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(response.as_bytes()).unwrap();
+    });
+    (url, server)
+}
+
+#[test]
+fn health_exits_0_only_for_a_200_ok() {
+    let (url, server) = serve_once("200 OK", r#"{"status":"ok","storage":"sqlite"}"#);
+    let output = signet(&["health", &url], b"");
+    server.join().unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert!(stdout(&output).contains(r#""status":"ok""#));
+
+    let (url, server) = serve_once(
+        "503 Service Unavailable",
+        r#"{"status":"unavailable","reason":"sqlite writer panicked"}"#,
+    );
+    let output = signet(&["health", &url], b"");
+    server.join().unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stderr(&output).contains("sqlite writer panicked"));
+
+    // 200 with a body that does not say ok is not healthy either
+    let (url, server) = serve_once("200 OK", r#"{"status":"starting"}"#);
+    assert_eq!(signet(&["health", &url], b"").status.code(), Some(1));
+    server.join().unwrap();
+
+    // nothing listening
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let output = signet(&["health", &format!("http://{port}/healthz")], b"");
+    assert_eq!(output.status.code(), Some(1));
+}

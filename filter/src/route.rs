@@ -23,6 +23,9 @@ pub enum Mode {
     Exchange,
     /// The route's body is the payload; it goes on upstream with receipt headers.
     Inline,
+    /// `/healthz` through Envoy: answered by the filter with the control plane's health as the
+    /// filter reaches it (`pipeline::health`).
+    Health,
 }
 
 impl Mode {
@@ -30,6 +33,7 @@ impl Mode {
         match self {
             Mode::Exchange => "exchange",
             Mode::Inline => "inline",
+            Mode::Health => "health",
         }
     }
 }
@@ -133,7 +137,7 @@ impl RouteSettings {
                 }
                 Some((payload, target))
             }
-            (Mode::Exchange, _) => None,
+            (Mode::Exchange | Mode::Health, _) => None,
         };
         if raw.tenant_requests_per_second == Some(0) {
             return Err(

@@ -54,6 +54,10 @@ fn render(dir: &Path, settings: &EnvoySettings, port: u16, admin_port: u16) -> P
             "CONTROL_PLANE_INTERNAL_PORT",
             settings.control_plane_port.to_string(),
         )
+        .env(
+            "CONTROL_PLANE_PUBLIC_PORT",
+            settings.control_plane_public_port.to_string(),
+        )
         .env("UPSTREAM_PORT", settings.upstream_port.to_string())
         .env("SIGNET_FILTER_WASM", &settings.wasm)
         .output()
@@ -73,6 +77,8 @@ fn render(dir: &Path, settings: &EnvoySettings, port: u16, admin_port: u16) -> P
 pub struct EnvoySettings {
     /// The control plane's internal API (`SP_INTERNAL_PORT`), where the filter's callouts go.
     pub control_plane_port: u16,
+    /// The control plane's public API (`PORT`): chains, exports and JWKS through Envoy.
+    pub control_plane_public_port: u16,
     pub upstream_port: u16,
     pub plugin_config: serde_json::Value,
     pub wasm: PathBuf,
@@ -185,6 +191,7 @@ mod tests {
         });
         let settings = EnvoySettings {
             control_plane_port: 1,
+            control_plane_public_port: 5,
             upstream_port: 2,
             plugin_config: plugin_config.clone(),
             wasm: PathBuf::from("/nonexistent/signet_filter.wasm"),
@@ -222,6 +229,7 @@ mod tests {
             .env("ENVOY_PORT", "10000")
             .env("ENVOY_ADMIN_PORT", "9901")
             .env("CONTROL_PLANE_INTERNAL_PORT", "8090")
+            .env("CONTROL_PLANE_PUBLIC_PORT", "8088")
             .env("UPSTREAM_PORT", "8089")
             .env("SIGNET_FILTER_WASM", "/x.wasm")
             .output()

@@ -108,6 +108,7 @@ impl Stack {
 
         let settings = EnvoySettings {
             control_plane_port: control_plane.internal_port,
+            control_plane_public_port: control_plane.port,
             upstream_port,
             plugin_config: options
                 .plugin_config

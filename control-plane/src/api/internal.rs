@@ -22,6 +22,12 @@ use crate::billing::MAX_FU_TOKENS;
 use crate::storage::{CommitOutcome, CommitRequest, StoreError};
 use crate::{now_ms, strict_json, ControlPlane};
 
+/// `GET /v1/internal/health`: the public `/healthz`, for the filter's own view (`/healthz`
+/// through Envoy): that it reaches this listener with a token this control plane accepts.
+pub async fn health(state: AppState, _: FilterAuth) -> Response {
+    super::public::healthz(state).await
+}
+
 /// `GET /v1/internal/tenant`: the `Grant` of the API key whose hash the filter sends.
 pub async fn tenant(
     State(cp): AppState,

@@ -6,7 +6,8 @@ use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::Value;
+use signet_protocol::internal::health::Health;
 use signet_protocol::internal::Code;
 use signet_protocol::{bundle, time};
 
@@ -20,14 +21,23 @@ pub async fn healthz(State(cp): AppState) -> Response {
     let timer = cp.metrics.time("ping");
     let ping = cp.storage.ping().await;
     timer.done();
-    let storage = cp.storage.kind();
+    let storage = cp.storage.kind().into();
     match ping {
-        Ok(()) => Json(json!({"status": "ok", "storage": storage, "database": "reachable"}))
-            .into_response(),
+        Ok(()) => Json(Health {
+            status: "ok".into(),
+            storage,
+            database: "reachable".into(),
+            reason: None,
+        })
+        .into_response(),
         Err(e) => {
             tracing::warn!("health check: {e}");
-            let body = json!({"status": "unavailable", "storage": storage,
-                              "database": "unreachable", "reason": e.to_string()});
+            let body = Health {
+                status: "unavailable".into(),
+                storage,
+                database: "unreachable".into(),
+                reason: Some(e.to_string().into()),
+            };
             (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
         }
     }

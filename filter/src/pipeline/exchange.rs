@@ -14,6 +14,7 @@ use super::headers::{
     receipt_headers, trim_ows, visible_ascii, Headers, API_KEY_HEADERS, FORGEABLE_HEADERS,
     IDEMPOTENCY_HIT_HEADER, IDEMPOTENCY_KEY_HEADERS, MAX_IDEMPOTENCY_KEY_BYTES, TRACE_HEADER,
 };
+use super::health;
 use super::reply::{classify, control_plane_error, Reply};
 use super::request::{self, bad_trace_id, Request};
 use super::sign::{self, Signed, Subject};
@@ -39,6 +40,8 @@ enum State {
     New(CachedRoute),
     /// Between the request headers and the answer.
     Open(Routed, Stage),
+    /// A `health` route: the control plane's health is asked for.
+    CheckingHealth,
     /// Answered (or passed on); the headers the upstream's response gets (inline mode).
     Done(Vec<(String, String)>),
 }
@@ -129,7 +132,7 @@ impl Exchange {
     pub fn response_headers(&self) -> &[(String, String)] {
         match &self.state {
             State::Done(headers) => headers,
-            State::New(_) | State::Open(..) => &[],
+            State::New(_) | State::Open(..) | State::CheckingHealth => &[],
         }
     }
 
@@ -159,6 +162,10 @@ impl Exchange {
                 );
             }
         };
+        if route.mode == Mode::Health {
+            self.state = State::CheckingHealth;
+            return Action::Call(callout(&self.config, Call::Health, None, Vec::new()));
+        }
         let read = match read_headers(host, headers, route.mode) {
             Ok(read) => read,
             Err(e) => return self.fail(host, e),
@@ -234,6 +241,10 @@ impl Exchange {
         host: &mut dyn Host,
         response: CalloutResponse,
     ) -> Action {
+        if let State::CheckingHealth = self.state {
+            self.state = State::Done(Vec::new());
+            return Action::Respond(health::answer(response));
+        }
         let Some((routed, stage)) = self.take_open() else {
             return Action::Pause; // a stray response (the exchange already answered)
         };
@@ -609,7 +620,8 @@ impl Exchange {
             headers.push((IDEMPOTENCY_HIT_HEADER.into(), "1".into()));
         }
         match routed.route.mode {
-            Mode::Exchange => {
+            // (a health route never gets here: it is answered at its headers)
+            Mode::Exchange | Mode::Health => {
                 headers.insert(0, ("content-type".into(), "application/json".into()));
                 let response = Response {
                     status: 200,
@@ -843,7 +855,7 @@ fn read_headers(
                     ),
                 ))
             }),
-        (None, Mode::Exchange) => Err(Box::new(ApiError::new(
+        (None, Mode::Exchange | Mode::Health) => Err(Box::new(ApiError::new(
             400,
             "MISSING_IDEMPOTENCY_KEY",
             "X-SIGNET-Idempotency-Key is required",

@@ -23,6 +23,7 @@
 //! - [`actions`]: what the exchange asks of the filter ([`Action`]) and the callouts it makes.
 //! - `exchange`: [`Exchange`] and its [`Stage`](exchange) enum, the step functions.
 //! - `headers`: the request and response header names, receipt headers of a 200 body.
+//! - `health`: `/healthz` through Envoy, the control plane's health as the filter reaches it.
 //! - `reply`: a control-plane answer, classified; which errors blame the filter.
 //! - `tenant_cache`: the tenant grants cached in shared data.
 //! - `request`: parsing the body (the envelope or the inline payload).
@@ -32,6 +33,7 @@
 pub mod actions;
 mod exchange;
 mod headers;
+mod health;
 mod reply;
 mod request;
 mod sign;

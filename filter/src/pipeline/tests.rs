@@ -154,6 +154,14 @@ impl FakeControlPlane {
                     body: serde_json::to_vec(&results).unwrap(),
                 }
             }
+            Call::Health => {
+                assert_eq!(header(":path").as_deref(), Some("/v1/internal/health"));
+                assert_eq!(header(":method").as_deref(), Some("GET"));
+                reply(
+                    200,
+                    json!({"status":"ok","storage":"sqlite","database":"reachable"}),
+                )
+            }
             Call::Idempotency => {
                 assert_eq!(header(":path").as_deref(), Some(idempotency::PATH));
                 assert_eq!(header(":method").as_deref(), Some("POST"));
@@ -1744,4 +1752,26 @@ fn an_unknown_key_is_remembered_for_five_seconds() {
         .insert(cid::sha256_hex(b"wrong-key"), grant("late", &[]));
     h.host.now += tenant_cache::UNKNOWN_TTL_MS;
     assert_eq!(respond(&h.exchange(&wrong, &body)).0, 200);
+}
+
+/// A `health` route needs no API key: it answers with the control plane's health as the
+/// filter reaches it, and 503 when it cannot.
+#[test]
+fn a_health_route_answers_the_control_planes_health_as_the_filter_sees_it() {
+    let mut h = Harness::new();
+    let route = h.route(json!({"mode":"health"}));
+    let (action, _) = h.send_on(route.clone(), &[], b"");
+    let (status, body, headers) = respond(&action);
+    assert_eq!((status, body["status"].as_str()), (200, Some("ok")));
+    assert_eq!(body["control_plane"]["storage"], "sqlite");
+    assert_eq!(
+        headers.get("content-type").map(String::as_str),
+        Some("application/json")
+    );
+    assert_eq!(h.cp.calls, vec![Call::Health]);
+    h.cp.outage = Some((None, Vec::new()));
+    let (status, body, _) = respond(&h.send_on(route, &[], b"").0);
+    assert_eq!(status, 503);
+    assert_eq!(body["filter"]["control_plane"], "unreachable");
+    assert_eq!(h.host.counter("signet.exchanges.mode.health"), 0);
 }

@@ -6,6 +6,7 @@
 //!   answered by one [`commit::CommitResult`] each.
 //! - [`idempotency`]: `POST /v1/internal/idempotency`, the stored answer of a key, and the
 //!   request [`idempotency::fingerprint`].
+//! - [`health`]: `GET /v1/internal/health` (and the public `/healthz`): [`health::Health`].
 //! - [`decide`]: the commit decision (idempotency, then the chain append) as a pure function, the
 //!   one both storage backends and the filter's test fake call.
 //! - [`code`]: every error code the control plane answers, with its status.
@@ -15,6 +16,7 @@
 pub mod code;
 pub mod commit;
 pub mod decide;
+pub mod health;
 pub mod idempotency;
 pub mod tenant;
 

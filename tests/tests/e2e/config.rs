@@ -38,6 +38,7 @@ fn assert_envoy_refuses_with_env(
     let settings = EnvoySettings {
         // Nothing listens there: the configuration is refused before any callout.
         control_plane_port: signet_e2e::ports::free_port(),
+        control_plane_public_port: signet_e2e::ports::free_port(),
         upstream_port: signet_e2e::ports::free_port(),
         plugin_config: plugin_config.clone(),
         wasm: binaries::filter_wasm(),

@@ -8,6 +8,7 @@ mod config;
 mod errors;
 mod hostile;
 mod idempotency;
+mod one_address;
 mod routes;
 mod shipped;
 mod stats;

@@ -82,3 +82,43 @@ fn shipped_configs_expose_no_admin_and_no_demo_key() {
     let template = read("envoy/signet-local.yaml.tmpl");
     assert!(template.contains("address: ${ENVOY_ADMIN_ADDRESS}, port_value: ${ENVOY_ADMIN_PORT}"));
 }
+
+/// `make up` tells the truth: a service that cannot start stops the script with the reason
+/// from its own log on the terminal, not only "see the logs". Here the control plane on
+/// PostgreSQL without `SP_POSTGRES_URL`, started by scripts/stack.sh as `make up` starts it.
+#[test]
+fn the_stack_script_prints_why_a_service_did_not_start() {
+    let run = tempfile::tempdir().expect("temp dir");
+    let bin = binaries::control_plane();
+    let bin_dir = bin.parent().expect("the binaries' directory");
+    let port = || signet_e2e::ports::free_port().to_string();
+    let script = format!(
+        "source {}/scripts/stack.sh && BIN={} && stack_secrets && stack_start",
+        binaries::workspace_root().display(),
+        bin_dir.display()
+    );
+    let output = Command::new("bash")
+        .args(["-c", &script])
+        .env("SIGNET_RUN", run.path())
+        .env("SIGNET_DATA", run.path().join("data"))
+        .env("SP_STORAGE", "postgres")
+        .env_remove("SP_POSTGRES_URL")
+        .env("ENVOY_PORT", port())
+        .env("ENVOY_ADMIN_PORT", port())
+        .env("CONTROL_PLANE_PORT", port())
+        .env("CONTROL_PLANE_INTERNAL_PORT", port())
+        .env("CONTROL_PLANE_ADMIN_PORT", port())
+        .env("UPSTREAM_PORT", port())
+        .output()
+        .expect("run scripts/stack.sh");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("control plane exited (status 1)"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("SP_POSTGRES_URL: required when SP_STORAGE=postgres"),
+        "the reason is on the terminal:\n{stderr}"
+    );
+}
