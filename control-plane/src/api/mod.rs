@@ -1,7 +1,10 @@
 //! HTTP routes. Every error body is the SPEC §4 `{"detail","code"}`.
 //!
 //! - `internal`: the filter's callouts (`signet_protocol::internal`).
-//! - `public`: health, metrics, JWKS, a trace's chain and signed export.
+//! - `public`: health, metrics, JWKS, the OpenAPI document (docs/openapi.json), a trace's chain
+//!   and signed export.
+//!
+//! Every route is documented in docs/openapi.json (`tests/tests/e2e/openapi.rs` checks both ways).
 //! - `admin`: tenant reload, usage.
 //!
 //! Each of `internal`, `public` and `admin` is its own [`Router`] ([`Routers`]), served on its
@@ -54,6 +57,7 @@ impl Routers {
             .route("/metrics", get(public::metrics))
             .route("/.well-known/jwks.json", get(public::jwks))
             .route("/.well-known/signet-jwks.json", get(public::jwks))
+            .route("/openapi.json", get(public::openapi))
             .route("/v1/receipts/chain/{trace_id}", get(public::chain))
             .route("/v1/receipts/export/{trace_id}", get(public::export));
         let admin = Router::new()

@@ -1,4 +1,4 @@
-//! Public endpoints: health, metrics, JWKS, and the chain and signed export of a trace for its
+//! Public endpoints: health, metrics, JWKS, the OpenAPI document, and the chain and signed export of a trace for its
 //! owner (the tenant's API key) or an auditor (the admin key), as [`ChainReader`] checks.
 
 use axum::extract::{Query, State};
@@ -41,6 +41,26 @@ pub async fn healthz(State(cp): AppState) -> Response {
             (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
         }
     }
+}
+
+/// The OpenAPI 3.1 document of the public and admin APIs (docs/openapi.json, built in).
+pub const OPENAPI: &str = include_str!("../../../docs/openapi.json");
+
+pub async fn openapi() -> Response {
+    (
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            ),
+            (
+                header::CACHE_CONTROL,
+                HeaderValue::from_static("public, max-age=300"),
+            ),
+        ],
+        OPENAPI,
+    )
+        .into_response()
 }
 
 pub async fn metrics(State(cp): AppState) -> Response {

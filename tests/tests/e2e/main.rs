@@ -9,6 +9,7 @@ mod errors;
 mod hostile;
 mod idempotency;
 mod one_address;
+mod openapi;
 mod routes;
 mod shipped;
 mod stats;
