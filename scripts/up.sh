@@ -11,6 +11,9 @@
 # Settings: ENVOY_PORT, ENVOY_ADMIN_PORT, CONTROL_PLANE_PORT, CONTROL_PLANE_INTERNAL_PORT,
 # CONTROL_PLANE_ADMIN_PORT, UPSTREAM_PORT, SIGNET_DATA and any
 # SP_* variable of the control plane (control-plane/README.md).
+# OBSERVE=1 (make up OBSERVE=1): Prometheus on PROMETHEUS_PORT (9090) scraping this stack with
+# ops/prometheus/alerts.yml, and Grafana on GRAFANA_PORT (3000) with ops/grafana's dashboard
+# when grafana-server is on PATH.
 set -euo pipefail
 source "$(dirname "$0")/stack.sh"
 
@@ -22,6 +25,40 @@ trap 'echo; log "stopping"; exit 0' INT TERM
 stack_build
 stack_secrets
 stack_start
+
+observe() {
+    local dir="$SIGNET_RUN/prometheus" port=${PROMETHEUS_PORT:-9090}
+    [[ -x ${PROMETHEUS_BIN:-} ]] || die "OBSERVE=1: no prometheus at ${PROMETHEUS_BIN:-} (make prometheus)"
+    mkdir -p "$dir"
+    cp "$ROOT/ops/prometheus/alerts.yml" "$dir/"
+    sed -e "s|127.0.0.1:9901|127.0.0.1:$ENVOY_ADMIN_PORT|" \
+        -e "s|127.0.0.1:8088|127.0.0.1:$CONTROL_PLANE_PORT|" \
+        "$ROOT/ops/prometheus/prometheus.yml" >"$dir/prometheus.yml"
+    start prometheus "prometheus on :$port" "$SIGNET_RUN/prometheus.log" \
+        "$PROMETHEUS_BIN" --config.file="$dir/prometheus.yml" --storage.tsdb.path="$dir/data" \
+        --web.listen-address="127.0.0.1:$port"
+    wait_http prometheus prometheus "http://127.0.0.1:$port/-/ready"
+    if command -v grafana-server >/dev/null; then
+        local grafana="$SIGNET_RUN/grafana" gport=${GRAFANA_PORT:-3000}
+        mkdir -p "$grafana/provisioning/datasources" "$grafana/provisioning/dashboards" "$grafana/dashboards"
+        printf 'apiVersion: 1\ndatasources:\n  - {name: Prometheus, type: prometheus, uid: prometheus, url: "http://127.0.0.1:%s", isDefault: true}\n' \
+            "$port" >"$grafana/provisioning/datasources/signet.yaml"
+        printf 'apiVersion: 1\nproviders:\n  - {name: signet, type: file, options: {path: "%s"}}\n' \
+            "$grafana/dashboards" >"$grafana/provisioning/dashboards/signet.yaml"
+        sed 's|${DS_PROMETHEUS}|prometheus|g' "$ROOT/ops/grafana/signet-dashboard.json" \
+            >"$grafana/dashboards/signet.json"
+        start grafana "grafana on :$gport" "$SIGNET_RUN/grafana.log" \
+            env GF_PATHS_PROVISIONING="$grafana/provisioning" GF_PATHS_DATA="$grafana/data" \
+            GF_SERVER_HTTP_ADDR=127.0.0.1 GF_SERVER_HTTP_PORT="$gport" GF_AUTH_ANONYMOUS_ENABLED=true \
+            grafana-server --homepath "${GRAFANA_HOME:-/usr/share/grafana}"
+        wait_http grafana grafana "http://127.0.0.1:$gport/api/health" 60
+        log "grafana: http://127.0.0.1:$gport/d/signet-envoy"
+    else
+        log "grafana-server is not installed: import ops/grafana/signet-dashboard.json into yours (ops/README.md)"
+    fi
+    log "prometheus: http://127.0.0.1:$port/alerts"
+}
+[[ -z ${OBSERVE:-} ]] || observe
 
 ENVOY="http://127.0.0.1:$ENVOY_PORT"
 CP="http://127.0.0.1:$CONTROL_PLANE_PORT"

@@ -10,6 +10,7 @@ mod hostile;
 mod idempotency;
 mod one_address;
 mod openapi;
+mod ops;
 mod routes;
 mod shipped;
 mod stats;
