@@ -30,11 +30,13 @@ $(PROMTOOL):
 	dpkg-deb -x $$(ls $(TOOLS)/deb/prometheus_*.deb | head -n1) $(TOOLS)
 	@$(PROMTOOL) --version >/dev/null
 
-# The ops kit: alert rules checked and unit-tested, the scrape config checked.
+# The ops kit: alert rules checked and unit-tested, the scrape config checked; and
+# docker-compose.yml against the Compose Specification's schema (no Docker needed).
 ops-check: prometheus
 	$(PROMTOOL) check rules ops/prometheus/alerts.yml
 	cd ops/prometheus && $(PROMTOOL) test rules alerts.test.yml
 	$(PROMTOOL) check config --syntax-only ops/prometheus/prometheus.yml
+	python3 scripts/check-compose.py docker-compose.yml $(TOOLS)/compose
 
 wasm: toolchain
 	$(CARGO) build -p signet-filter --profile wasm --target $(WASM_TARGET)

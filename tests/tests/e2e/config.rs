@@ -201,3 +201,69 @@ fn filter_with_the_wrong_token_is_refused() {
     );
     assert_eq!(stack.vex_count(signet_e2e::stack::DEMO_TENANT), 0);
 }
+
+/// The Envoy config of docker-compose.yml: the template rendered with exactly the values of
+/// Dockerfile.envoy's RUN line (read from that file), accepted by `envoy --mode validate` with
+/// the real filter.
+#[test]
+fn the_compose_envoy_config_validates() {
+    let root = binaries::workspace_root();
+    let dockerfile = std::fs::read_to_string(root.join("Dockerfile.envoy")).unwrap();
+    let run = dockerfile
+        .split("\nRUN ")
+        .find(|step| step.starts_with("BIND_ADDRESS="))
+        .expect("Dockerfile.envoy renders the template in a RUN step");
+    let settings: Vec<(String, String)> = run
+        .split_whitespace()
+        .filter_map(|word| word.split_once('='))
+        .filter(|(name, _)| name.chars().all(|c| c.is_ascii_uppercase() || c == '_'))
+        .map(|(name, value)| (name.to_owned(), value.to_owned()))
+        .collect();
+    assert!(settings
+        .iter()
+        .any(|(n, v)| n == "BIND_ADDRESS" && v == "0.0.0.0"));
+    let dir = tempfile::tempdir().unwrap();
+    let mut render = std::process::Command::new("sh");
+    render.arg(root.join("scripts/render-envoy-config.sh"));
+    for (name, value) in &settings {
+        render.env(name, value);
+    }
+    // the image's paths, as files of this checkout
+    render
+        .env("SIGNET_FILTER_WASM", binaries::filter_wasm())
+        .env(
+            "SIGNET_ENVOY_TEMPLATE",
+            root.join("envoy/signet-local.yaml.tmpl"),
+        )
+        .env(
+            "SIGNET_PLUGIN_CONFIG_FILE",
+            root.join("envoy/signet-plugin.json"),
+        );
+    let rendered = render.output().unwrap();
+    assert!(
+        rendered.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rendered.stderr)
+    );
+    let config = dir.path().join("compose-envoy.yaml");
+    std::fs::write(&config, &rendered.stdout).unwrap();
+    let output = std::process::Command::new(binaries::envoy())
+        .args([
+            "--mode",
+            "validate",
+            "--disable-hot-restart",
+            "--config-path",
+        ])
+        .arg(&config)
+        .env("SP_PRIVATE_KEY_B64", TEST_SEED)
+        .env("SP_KID", "e2e-compose")
+        .env("SP_FILTER_TOKEN", "e2e-filter-token-compose")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success() && String::from_utf8_lossy(&output.stdout).contains("OK"),
+        "{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
