@@ -83,6 +83,13 @@ enum Stage {
     Committing(Box<Committing>),
 }
 
+impl Routed {
+    /// What tells this request from another with the same key (SPEC §4).
+    fn fingerprint(&self, body: &[u8]) -> String {
+        idempotency::fingerprint(body, self.header_trace.as_deref())
+    }
+}
+
 /// A known tenant's request, holding its idempotency key on this worker.
 struct Admitted {
     grant: Grant,
@@ -228,8 +235,7 @@ impl Exchange {
                 self.on_body(host, routed, admitted, body)
             }
             Stage::Refusing { admitted, error } if end_of_stream => {
-                let fingerprint =
-                    idempotency::fingerprint(&read_body(), routed.header_trace.as_deref());
+                let fingerprint = routed.fingerprint(&read_body());
                 self.refuse(host, routed, admitted, fingerprint, *error)
             }
             stage => self.wait(routed, stage),
@@ -348,7 +354,7 @@ impl Exchange {
             (Some(body), None) => self.on_body(host, routed, admitted, body),
             (None, None) => self.wait(routed, Stage::AwaitingBody(admitted)),
             (Some(body), Some(error)) => {
-                let fingerprint = idempotency::fingerprint(&body, routed.header_trace.as_deref());
+                let fingerprint = routed.fingerprint(&body);
                 self.refuse(host, routed, admitted, fingerprint, error)
             }
             (None, Some(error)) => {
@@ -372,7 +378,7 @@ impl Exchange {
         let mut request = match request::parse(&body, &routed.route, registry, trace) {
             Ok(request) => request,
             Err(e) => {
-                let fingerprint = idempotency::fingerprint(&body, trace);
+                let fingerprint = routed.fingerprint(&body);
                 return self.refuse(host, routed, admitted, fingerprint, e);
             }
         };
@@ -441,20 +447,25 @@ impl Exchange {
         let Refused {
             fingerprint, error, ..
         } = refused;
-        let stored = match reply {
-            Ok(Reply::Ok(stored)) => stored,
+        let answer = match reply {
+            Ok(Reply::Ok(bytes)) => Ok(bytes),
+            // nothing stored for the key: the refusal stands
             Ok(Reply::Error(_, e)) if e.code == Code::IdempotencyKeyUnknown.as_str() => {
                 return self.fail(host, error)
             }
-            Ok(Reply::Error(status, e)) => {
-                host.count(&stats::callout_failures(Call::Idempotency.name()));
-                host.log(
-                    LogLevel::Warn,
-                    &format!("signet: idempotency lookup refused: {status} {}", e.code),
-                );
-                return self.fail(host, error);
-            }
+            Ok(Reply::Error(status, e)) => Err(format!("refused: {status} {}", e.code)),
+            Err(why) => Err(why),
+        };
+        let stored = answer.and_then(|bytes| {
+            let stored = serde_json::from_slice::<idempotency::Stored>(&bytes);
+            stored
+                .map(|s| (s.fingerprint.into_owned(), s.response.get().to_owned()))
+                .map_err(|e| format!("answer unreadable: {e}"))
+        });
+        let (stored_fingerprint, stored_response) = match stored {
+            Ok(stored) => stored,
             Err(why) => {
+                // no answer to be had: counted, and the refusal stands
                 host.count(&stats::callout_failures(Call::Idempotency.name()));
                 host.log(
                     LogLevel::Warn,
@@ -463,21 +474,10 @@ impl Exchange {
                 return self.fail(host, error);
             }
         };
-        let stored = match serde_json::from_slice::<idempotency::Stored>(&stored) {
-            Ok(stored) => stored,
-            Err(e) => {
-                host.count(&stats::callout_failures(Call::Idempotency.name()));
-                host.log(
-                    LogLevel::Warn,
-                    &format!("signet: idempotency answer unreadable: {e}"),
-                );
-                return self.fail(host, error);
-            }
-        };
-        if stored.fingerprint != fingerprint {
+        if stored_fingerprint != fingerprint {
             return self.fail(host, key_reused());
         }
-        let response = serde_json::from_str::<Value>(stored.response.get()).unwrap_or_default();
+        let response = serde_json::from_str::<Value>(&stored_response).unwrap_or_default();
         // an inline route forwards the payload again: the canonical form of the one stored
         let canon = response
             .get("normalized")
@@ -490,7 +490,7 @@ impl Exchange {
             return self.fail(host, error);
         }
         let headers = receipt_headers(&response);
-        let body = stored.response.get().as_bytes().to_vec();
+        let body = stored_response.into_bytes();
         self.deliver(host, &routed, canon, body, headers, true)
     }
 

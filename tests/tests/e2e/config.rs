@@ -121,6 +121,12 @@ fn example_existing_config_validates() {
         text.replace(wasm_path, &binaries::filter_wasm().display().to_string()),
     )
     .unwrap();
+    assert_envoy_validates(&config, "example");
+}
+
+/// `envoy --mode validate` accepts `config` with the real filter and a signing key.
+#[track_caller]
+fn assert_envoy_validates(config: &std::path::Path, name: &str) {
     let output = std::process::Command::new(binaries::envoy())
         .args([
             "--mode",
@@ -128,17 +134,17 @@ fn example_existing_config_validates() {
             "--disable-hot-restart",
             "--config-path",
         ])
-        .arg(&config)
+        .arg(config)
         .env("SP_PRIVATE_KEY_B64", TEST_SEED)
-        .env("SP_KID", "e2e-example")
-        .env("SP_FILTER_TOKEN", "e2e-filter-token-example")
+        .env("SP_KID", format!("e2e-{name}"))
+        .env("SP_FILTER_TOKEN", format!("e2e-filter-token-{name}"))
         .output()
         .unwrap();
-    let log = String::from_utf8_lossy(&output.stderr);
     assert!(
         output.status.success() && String::from_utf8_lossy(&output.stdout).contains("OK"),
-        "{}\n{log}",
-        String::from_utf8_lossy(&output.stdout)
+        "{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
     );
 }
 
@@ -247,23 +253,5 @@ fn the_compose_envoy_config_validates() {
     );
     let config = dir.path().join("compose-envoy.yaml");
     std::fs::write(&config, &rendered.stdout).unwrap();
-    let output = std::process::Command::new(binaries::envoy())
-        .args([
-            "--mode",
-            "validate",
-            "--disable-hot-restart",
-            "--config-path",
-        ])
-        .arg(&config)
-        .env("SP_PRIVATE_KEY_B64", TEST_SEED)
-        .env("SP_KID", "e2e-compose")
-        .env("SP_FILTER_TOKEN", "e2e-filter-token-compose")
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success() && String::from_utf8_lossy(&output.stdout).contains("OK"),
-        "{}\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert_envoy_validates(&config, "compose");
 }
