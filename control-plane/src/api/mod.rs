@@ -20,6 +20,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
+use signet_protocol::internal::forward as forward_message;
 use signet_protocol::internal::{commit, idempotency, tenant, Code};
 
 use crate::ControlPlane;
@@ -27,6 +28,7 @@ use crate::ControlPlane;
 mod admin;
 mod error;
 mod extract;
+mod forward;
 mod internal;
 mod public;
 
@@ -47,17 +49,20 @@ impl Routers {
         let internal = Router::new()
             .route(tenant::PATH, get(internal::tenant))
             .route(commit::PATH, post(internal::commits))
-            .route(idempotency::PATH, post(internal::idempotency));
+            .route(idempotency::PATH, post(internal::idempotency))
+            .route(forward_message::PATH, post(forward::forward));
         let public = Router::new()
             .route("/healthz", get(public::healthz))
             .route("/metrics", get(public::metrics))
             .route("/.well-known/jwks.json", get(public::jwks))
             .route("/.well-known/signet-jwks.json", get(public::jwks))
             .route("/v1/receipts/chain/{trace_id}", get(public::chain))
-            .route("/v1/receipts/export/{trace_id}", get(public::export));
+            .route("/v1/receipts/export/{trace_id}", get(public::export))
+            .route(forward::DELIVERIES_PATH, get(forward::deliveries));
         let admin = Router::new()
             .route("/v1/admin/reload", post(admin::reload))
-            .route("/v1/admin/usage/{tenant}", get(admin::usage));
+            .route("/v1/admin/usage/{tenant}", get(admin::usage))
+            .route(forward::REDRIVE_PATH, post(forward::redrive));
         Routers {
             public: finish(public, &state),
             internal: finish(internal, &state),

@@ -6,6 +6,8 @@
 //!   answered by one [`commit::CommitResult`] each.
 //! - [`idempotency`]: `POST /v1/internal/idempotency`, the stored answer of a key, and the
 //!   request [`idempotency::fingerprint`].
+//! - [`forward`]: `POST /v1/internal/forward`, a [`forward::ForwardRequest`] delivered once by
+//!   the control plane and answered with the receipt's [`forward::Forwarded`].
 //! - [`decide`]: the commit decision (idempotency, then the chain append) as a pure function, the
 //!   one both storage backends and the filter's test fake call.
 //! - [`code`]: every error code the control plane answers, with its status.
@@ -15,6 +17,7 @@
 pub mod code;
 pub mod commit;
 pub mod decide;
+pub mod forward;
 pub mod idempotency;
 pub mod tenant;
 
