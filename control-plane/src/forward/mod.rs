@@ -144,8 +144,10 @@ impl Forwarder {
         allowlist: &[String],
     ) -> Result<ForwardReply, Refused> {
         validate(&req)?;
-        let allowed = hel::evaluate(&req.url, allowlist, &[])
-            .map_err(|d| (d.code(), d.detail().to_owned()))?;
+        let allowed = hel::evaluate(&req.url, allowlist, &[]).map_err(|d| {
+            self.metrics.outcome("refused");
+            (d.code(), d.detail().to_owned())
+        })?;
         if let Some(existing) = self
             .storage
             .forward_find(&req.tenant, &req.idempotency_key)
