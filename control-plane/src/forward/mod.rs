@@ -156,7 +156,7 @@ impl Forwarder {
         {
             return self.replay(&req, existing);
         }
-        let url = delivery_url(&allowed.url)?;
+        let url = delivery_url(&allowed.url, Some(&allowed.host))?;
         let host = url.host().ok_or((Code::HelBadUrl, "no host".to_owned()))?;
         let pinned = match resolve::pin(&self.resolver, &self.policy, &host).await {
             Ok(ip) => ip,
@@ -178,7 +178,7 @@ impl Forwarder {
             hop: req.hop,
             prev_receipt_hash: req.prev_receipt_hash.clone(),
             cid: req.cid.clone(),
-            url: allowed.url.clone(),
+            url: url.to_string(),
             host: allowed.host.clone(),
             body: req.canon.clone(),
             now_ms: now,
@@ -260,7 +260,7 @@ impl Forwarder {
         } = claim;
         let attempt = delivery.attempts;
         let started = crate::now_ms();
-        let ended = match delivery_url(&delivery.url) {
+        let ended = match delivery_url(&delivery.url, None) {
             Err((_, e)) => self.failed(&delivery, attempt, started, Instant::now(), e, false),
             Ok(url) => {
                 let pinned = match url.host() {
@@ -419,11 +419,16 @@ fn elapsed_ms(since: Instant) -> i64 {
     i64::try_from(since.elapsed().as_millis()).unwrap_or(i64::MAX)
 }
 
-/// The URL a delivery is sent to: the one HEL normalized, without its fragment.
-fn delivery_url(url: &str) -> Result<url::Url, Refused> {
+/// The URL a delivery is sent to: the one HEL allowed, without its fragment, its host name
+/// the normalized one (UTS 46, no trailing dot) that certificates are checked against.
+fn delivery_url(url: &str, normalized_host: Option<&str>) -> Result<url::Url, Refused> {
     let mut url =
         url::Url::parse(url).map_err(|e| (Code::HelBadUrl, format!("forward_url: {e}")))?;
     url.set_fragment(None);
+    if let (Some(host), Some(url::Host::Domain(_))) = (normalized_host, url.host()) {
+        url.set_host(Some(host))
+            .map_err(|e| (Code::HelBadUrl, format!("forward_url host: {e}")))?;
+    }
     Ok(url)
 }
 

@@ -16,12 +16,17 @@ use hickory_proto::rr::{RData, Record, RecordType};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 
+/// Per name (fully qualified): the answers still to give, and the current one.
+type Table = HashMap<String, (VecDeque<Vec<IpAddr>>, Vec<IpAddr>)>;
+/// A status and its headers.
+type Answer = (u16, Vec<(String, String)>);
+
 /// A DNS server on 127.0.0.1 (UDP): `answers[name]` is the list of answers of successive
 /// A queries (the last repeats); AAAA queries get the IPv6 addresses of the current answer.
 /// Names it does not know are NXDOMAIN. Answers have TTL 0: nothing is cached.
 pub struct Dns {
     pub addr: SocketAddr,
-    answers: Arc<Mutex<HashMap<String, (VecDeque<Vec<IpAddr>>, Vec<IpAddr>)>>>,
+    answers: Arc<Mutex<Table>>,
     /// A queries per name.
     queries: Arc<Mutex<HashMap<String, usize>>>,
     task: tokio::task::JoinHandle<()>,
@@ -31,8 +36,7 @@ impl Dns {
     pub async fn start() -> Dns {
         let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let addr = socket.local_addr().unwrap();
-        let answers: Arc<Mutex<HashMap<String, (VecDeque<Vec<IpAddr>>, Vec<IpAddr>)>>> =
-            Arc::default();
+        let answers: Arc<Mutex<Table>> = Arc::default();
         let queries: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
         let (a, q) = (answers.clone(), queries.clone());
         let task = tokio::spawn(async move {
@@ -84,7 +88,7 @@ impl Drop for Dns {
 
 fn answer(
     request: &Message,
-    answers: &Mutex<HashMap<String, (VecDeque<Vec<IpAddr>>, Vec<IpAddr>)>>,
+    answers: &Mutex<Table>,
     queries: &Mutex<HashMap<String, usize>>,
 ) -> Vec<u8> {
     let mut reply = Message::new();
@@ -185,7 +189,7 @@ impl Received {
 pub struct Receiver {
     pub addr: SocketAddr,
     pub requests: Arc<Mutex<Vec<Received>>>,
-    statuses: Arc<Mutex<VecDeque<(u16, Vec<(String, String)>)>>>,
+    statuses: Arc<Mutex<VecDeque<Answer>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -211,7 +215,7 @@ impl Receiver {
         let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let requests: Arc<Mutex<Vec<Received>>> = Arc::default();
-        let statuses: Arc<Mutex<VecDeque<(u16, Vec<(String, String)>)>>> = Arc::default();
+        let statuses: Arc<Mutex<VecDeque<Answer>>> = Arc::default();
         let (reqs, stats) = (requests.clone(), statuses.clone());
         let task = tokio::spawn(async move {
             loop {

@@ -1,7 +1,7 @@
 //! What an exchange asks of the filter, and the control-plane callouts it makes.
 
 use serde_json::value::RawValue;
-use signet_protocol::internal::{self, commit, idempotency, tenant};
+use signet_protocol::internal::{self, commit, forward, idempotency, tenant};
 
 use crate::config::Config;
 
@@ -12,6 +12,8 @@ pub enum Call {
     Commit,
     /// The stored answer of an idempotency key, for a request the pipeline refuses.
     Idempotency,
+    /// The delivery of a verified payload to its `forward_url` (SPEC §5).
+    Forward,
 }
 
 impl Call {
@@ -20,6 +22,7 @@ impl Call {
             Call::Tenant => "tenant",
             Call::Commit => "commit",
             Call::Idempotency => "idempotency",
+            Call::Forward => "forward",
         }
     }
 }
@@ -115,6 +118,7 @@ pub fn callout(
         Call::Tenant => ("GET", tenant::PATH),
         Call::Commit => ("POST", commit::PATH),
         Call::Idempotency => ("POST", idempotency::PATH),
+        Call::Forward => ("POST", forward::PATH),
     };
     let mut headers = vec![
         (":method".to_owned(), method.to_owned()),
@@ -134,6 +138,9 @@ pub fn callout(
         cluster: cp.cluster.clone(),
         headers,
         body,
-        timeout_ms: cp.timeout_ms,
+        timeout_ms: match call {
+            Call::Forward => cp.forward_timeout_ms,
+            _ => cp.timeout_ms,
+        },
     }
 }
