@@ -18,8 +18,8 @@ use hyper::body::Bytes;
 
 /// Per name (fully qualified): the answers still to give, and the current one.
 type Table = HashMap<String, (VecDeque<Vec<IpAddr>>, Vec<IpAddr>)>;
-/// A status and its headers.
-type Answer = (u16, Vec<(String, String)>);
+/// A status, its headers, and how long to wait before answering.
+type Answer = (u16, Vec<(String, String)>, std::time::Duration);
 
 /// A DNS server on 127.0.0.1 (UDP): `answers[name]` is the list of answers of successive
 /// A queries (the last repeats); AAAA queries get the IPv6 addresses of the current answer.
@@ -133,6 +133,12 @@ pub struct TestCa {
     pub ca_pem: String,
     pub leaf_der: Vec<u8>,
     pub leaf_key_der: Vec<u8>,
+}
+
+impl Default for TestCa {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl TestCa {
@@ -263,11 +269,10 @@ impl Receiver {
                                     body: body.to_vec(),
                                     local: addr,
                                 });
-                                let (status, headers) = stats
-                                    .lock()
-                                    .unwrap()
-                                    .pop_front()
-                                    .unwrap_or((200, Vec::new()));
+                                let next = stats.lock().unwrap().pop_front();
+                                let (status, headers, delay) =
+                                    next.unwrap_or((200, Vec::new(), std::time::Duration::ZERO));
+                                tokio::time::sleep(delay).await;
                                 let mut response = hyper::Response::builder().status(status);
                                 for (n, v) in headers {
                                     response = response.header(n, v);
@@ -298,12 +303,18 @@ impl Receiver {
 
     /// The next answers, in order (with their headers, e.g. `Retry-After`).
     pub fn answer(&self, status: u16, headers: &[(&str, &str)]) {
+        self.answer_after(status, headers, std::time::Duration::ZERO);
+    }
+
+    /// The next answer, after `delay` (the request is recorded when it arrives).
+    pub fn answer_after(&self, status: u16, headers: &[(&str, &str)], delay: std::time::Duration) {
         self.statuses.lock().unwrap().push_back((
             status,
             headers
                 .iter()
                 .map(|(n, v)| (n.to_string(), v.to_string()))
                 .collect(),
+            delay,
         ));
     }
 
