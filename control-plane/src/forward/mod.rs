@@ -460,3 +460,76 @@ fn validate(req: &ForwardRequest) -> Result<(), Refused> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+impl ForwardService {
+    /// Ends the outbox worker, as a crash would.
+    pub(crate) fn stop_outbox(&self) {
+        let _ = self._stop.send(());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_delivery_id_is_one_per_tenant_and_key() {
+        let id = delivery_id("demo", "k-1");
+        assert!(id.starts_with("dlv_") && id.len() == 36, "{id}");
+        assert_eq!(id, delivery_id("demo", "k-1"));
+        assert_ne!(id, delivery_id("demo", "k-2"));
+        assert_ne!(id, delivery_id("other", "k-1"));
+        // the separator keeps ("ab","c") and ("a","bc") apart
+        assert_ne!(delivery_id("ab", "c"), delivery_id("a", "bc"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dead_outbox_worker_turns_healthz_red() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("t.db").to_string_lossy().into_owned();
+        let vars = [
+            (
+                "SP_PRIVATE_KEY_B64",
+                "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8",
+            ),
+            ("SP_KID", "test-k1"),
+            ("SP_FILTER_TOKEN", "filter-token-for-tests-0123456789"),
+            ("SP_STORAGE", "sqlite"),
+            ("SP_DB_PATH", db.as_str()),
+        ];
+        let lookup = |name: &str| {
+            vars.iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| v.to_string())
+        };
+        let config = crate::config::Config::from_lookup(lookup).unwrap();
+        let cp = crate::ControlPlane::start(config).await.unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let routers = crate::api::Routers::new(cp.clone());
+        tokio::spawn(async move { axum::serve(listener, routers.public).await });
+        let healthz = || async {
+            let r = reqwest::get(format!("{base}/healthz")).await.unwrap();
+            (
+                r.status().as_u16(),
+                r.json::<serde_json::Value>().await.unwrap(),
+            )
+        };
+        assert_eq!(healthz().await.0, 200);
+        cp.forward.stop_outbox();
+        let mut last = (0, serde_json::Value::Null);
+        for _ in 0..100 {
+            last = healthz().await;
+            if last.0 == 503 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(last.0, 503, "{}", last.1);
+        assert_eq!(
+            last.1["reason"],
+            "database error: the forward outbox worker stopped"
+        );
+    }
+}
