@@ -69,6 +69,7 @@ impl ControlPlane {
             storage.clone(),
             keys.signing_key().clone(),
             metrics.forward.clone(),
+            retention,
         )?;
         Ok(Arc::new(ControlPlane {
             metrics,

@@ -684,3 +684,51 @@ fn forwarded_receipt(trace: &str, forwarded: &Value) -> Value {
     };
     Value::Object(receipt::sign(&draft, &common::signing_key()).unwrap())
 }
+
+/// A finished delivery goes with its idempotency key's retention (then the key is new again
+/// and delivers anew); one still owed to its receiver stays.
+#[tokio::test]
+async fn finished_deliveries_are_swept_with_the_retention_and_owed_ones_stay() {
+    for backend in [Backend::Sqlite, Backend::Postgres] {
+        let f = Fixture::new(backend, &[("SP_FORWARD_RETRY_BASE_MS", "60000")]).await;
+        let url = f.url("hooks.example.com");
+        assert_eq!(
+            f.forward("sw-1", &url).await.body["forwarded"]["status_code"],
+            200
+        );
+        f.receiver.answer(503, &[]);
+        assert_eq!(
+            f.forward("sw-2", &url).await.body["forwarded"]["status_code"],
+            503
+        );
+        let storage = &f.server.cp.storage;
+        let future = signet_control_plane::now_ms() + 1000;
+        assert_eq!(
+            storage.forward_sweep(future, 10).await.unwrap(),
+            1,
+            "only the delivered one"
+        );
+        assert!(storage
+            .forward_find("demo", "sw-1")
+            .await
+            .unwrap()
+            .is_none());
+        assert_eq!(
+            f.deliveries(&trace_of("sw-1")).await["deliveries"],
+            json!([])
+        );
+        assert!(
+            storage
+                .forward_find("demo", "sw-2")
+                .await
+                .unwrap()
+                .is_some(),
+            "still owed"
+        );
+        // the key is new again
+        let again = f.forward("sw-1", &url).await;
+        assert_eq!(again.body["replay"], false, "{}", again.body);
+        assert_eq!(f.receiver.received().len(), 3);
+        f.finish().await;
+    }
+}

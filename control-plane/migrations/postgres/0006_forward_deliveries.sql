@@ -36,6 +36,8 @@ CREATE INDEX forward_deliveries_due ON forward_deliveries (next_attempt_ms)
     WHERE state IN ('delivering', 'pending');
 CREATE INDEX forward_deliveries_trace ON forward_deliveries (tenant, trace_id);
 CREATE INDEX forward_deliveries_dead ON forward_deliveries (state, tenant);
+-- delivered and dead deliveries are removed with their idempotency key's retention
+CREATE INDEX forward_deliveries_created ON forward_deliveries (created_ms);
 
 CREATE TABLE forward_attempts (
     delivery_id TEXT NOT NULL REFERENCES forward_deliveries (id),

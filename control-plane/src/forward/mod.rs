@@ -33,8 +33,9 @@ pub use metrics::ForwardMetrics;
 pub use settings::ForwardConfig;
 
 use crate::storage::forward::{Attempt, Claimed, Delivery, NewDelivery, Next, Recorded};
+use crate::storage::forward::{DEAD, DELIVERED};
 use crate::storage::worker::Worker;
-use crate::storage::{Storage, StoreError};
+use crate::storage::{Retention, Storage, StoreError};
 
 /// An error answer of the forward endpoint: its code and detail.
 pub type Refused = (Code, String);
@@ -49,6 +50,8 @@ pub struct Forwarder {
     storage: Arc<dyn Storage>,
     /// Names this instance's leases.
     instance: String,
+    /// The idempotency retention: a finished delivery is kept as long as its key.
+    retention: Retention,
 }
 
 /// The forwarder and its outbox worker, whose end (or panic) [`ForwardService::check`] reports.
@@ -65,6 +68,7 @@ impl ForwardService {
         storage: Arc<dyn Storage>,
         key: SigningKey,
         metrics: ForwardMetrics,
+        retention: Retention,
     ) -> Result<ForwardService, String> {
         if !config.allow_cidrs.is_empty() {
             let ranges: Vec<String> = config.allow_cidrs.iter().map(|c| c.to_string()).collect();
@@ -93,6 +97,7 @@ impl ForwardService {
             metrics,
             storage,
             instance,
+            retention,
         });
         let (stop, stopped) = tokio::sync::watch::channel(());
         let (worker, alive) = Worker::start("the forward outbox worker");
@@ -148,12 +153,7 @@ impl Forwarder {
             self.metrics.outcome("refused");
             (d.code(), d.detail().to_owned())
         })?;
-        if let Some(existing) = self
-            .storage
-            .forward_find(&req.tenant, &req.idempotency_key)
-            .await
-            .map_err(storage_error)?
-        {
+        if let Some(existing) = self.existing(&req).await? {
             return self.replay(&req, existing);
         }
         let url = delivery_url(&allowed.url, Some(&allowed.host))?;
@@ -224,6 +224,40 @@ impl Forwarder {
             forwarded: ended.forwarded,
             replay: false,
         })
+    }
+
+    /// The key's delivery, unless it ended before the key's retention (then it is swept now, as
+    /// the key counts as new: SPEC §4).
+    async fn existing(&self, req: &ForwardRequest) -> Result<Option<Delivery>, Refused> {
+        let find = || self.storage.forward_find(&req.tenant, &req.idempotency_key);
+        let Some(existing) = find().await.map_err(storage_error)? else {
+            return Ok(None);
+        };
+        let cutoff = self.retention.cutoff_ms(crate::now_ms());
+        let finished = existing.state == DELIVERED || existing.state == DEAD;
+        if !(finished && existing.created_ms < cutoff) {
+            return Ok(Some(existing));
+        }
+        self.sweep(cutoff).await;
+        find().await.map_err(storage_error)
+    }
+
+    /// Deletes finished deliveries created before `cutoff_ms`, in bounded passes.
+    async fn sweep(&self, cutoff_ms: i64) {
+        loop {
+            match self
+                .storage
+                .forward_sweep(cutoff_ms, self.retention.sweep_rows)
+                .await
+            {
+                Ok(deleted) if deleted < self.retention.sweep_rows => return,
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!("forward sweep: {e}");
+                    return;
+                }
+            }
+        }
     }
 
     /// The answer for a key that has a delivery: its first outcome, or that it is under way.

@@ -83,6 +83,7 @@ pub(crate) async fn run(
     let config = forwarder.config.clone();
     let token_prefix = format!("{}:", forwarder.instance);
     let mut last_depth = Instant::now() - Duration::from_secs(3600);
+    let mut last_sweep = Instant::now();
     loop {
         tokio::select! {
             _ = stop.changed() => return,
@@ -94,6 +95,12 @@ pub(crate) async fn run(
                 Ok(depth) => forwarder.metrics.set_depth(depth),
                 Err(e) => tracing::warn!("forward outbox depth: {e}"),
             }
+        }
+        if last_sweep.elapsed() >= forwarder.retention.sweep_every {
+            last_sweep = Instant::now();
+            forwarder
+                .sweep(forwarder.retention.cutoff_ms(crate::now_ms()))
+                .await;
         }
         let now = crate::now_ms();
         let lease_ms = i64::try_from(lease(&config).as_millis()).unwrap_or(i64::MAX);

@@ -155,6 +155,9 @@ pub trait ForwardStore: Send + Sync {
     /// Makes the chosen dead letters due now with a fresh budget; how many.
     async fn forward_redrive(&self, which: Redrive, now_ms: i64) -> Result<u64, StoreError>;
     async fn forward_depth(&self) -> Result<OutboxDepth, StoreError>;
+    /// Deletes at most `rows` delivered or dead deliveries created before `cutoff_ms` (oldest
+    /// first), with their attempts: their idempotency key has expired, so the key is new again.
+    async fn forward_sweep(&self, cutoff_ms: i64, rows: usize) -> Result<usize, StoreError>;
 }
 
 /// The columns of [`Delivery`], in its order, for both backends' SELECTs.

@@ -277,6 +277,37 @@ impl ForwardStore for PostgresStorage {
         n.map_err(db)
     }
 
+    async fn forward_sweep(&self, cutoff_ms: i64, rows: usize) -> Result<usize, StoreError> {
+        let rows = i64::try_from(rows).unwrap_or(i64::MAX);
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(db)?;
+        // rows another instance sweeps (or attempts) meanwhile are skipped
+        let ids: Vec<String> = tx
+            .query(
+                "SELECT id FROM forward_deliveries
+                 WHERE created_ms < $1 AND state IN ('delivered', 'dead')
+                 ORDER BY created_ms LIMIT $2 FOR UPDATE SKIP LOCKED",
+                &[&cutoff_ms, &rows],
+            )
+            .await
+            .map_err(db)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        tx.execute(
+            "DELETE FROM forward_attempts WHERE delivery_id = ANY($1)",
+            &[&ids],
+        )
+        .await
+        .map_err(db)?;
+        let deleted = tx
+            .execute("DELETE FROM forward_deliveries WHERE id = ANY($1)", &[&ids])
+            .await
+            .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        Ok(usize::try_from(deleted).unwrap_or(usize::MAX))
+    }
+
     async fn forward_depth(&self) -> Result<OutboxDepth, StoreError> {
         let row = self
             .client()

@@ -255,6 +255,26 @@ impl ForwardStore for SqliteStorage {
         .await
     }
 
+    async fn forward_sweep(&self, cutoff_ms: i64, rows: usize) -> Result<usize, StoreError> {
+        let rows = i64::try_from(rows).unwrap_or(i64::MAX);
+        self.run(move |conn| {
+            let chosen = "SELECT id FROM forward_deliveries
+                          WHERE created_ms < ?1 AND state IN ('delivered', 'dead')
+                          ORDER BY created_ms LIMIT ?2";
+            conn.prepare_cached(&format!(
+                "DELETE FROM forward_attempts WHERE delivery_id IN ({chosen})"
+            ))?
+            .execute(params![cutoff_ms, rows])?;
+            let deleted = conn
+                .prepare_cached(&format!(
+                    "DELETE FROM forward_deliveries WHERE id IN ({chosen})"
+                ))?
+                .execute(params![cutoff_ms, rows])?;
+            Ok((deleted, true))
+        })
+        .await
+    }
+
     async fn forward_depth(&self) -> Result<OutboxDepth, StoreError> {
         self.read(|conn| {
             let count = |state: &str| -> rusqlite::Result<u64> {
