@@ -19,7 +19,12 @@ usage: signet canon [--rfc8785]          canonical JSON of stdin (signet-jcs, or
        signet verify receipt|chain|bundle FILE [--jwks FILE_OR_URL] [--require-sig]
                                          FILE may be - for stdin; prints `valid` or the first failure
        signet health URL                 GET a /healthz URL: exit 0 when it answers 200 `ok`
-                                         (e.g. a container health check), else 1 with the body";
+                                         (e.g. a container health check), else 1 with the body
+       signet verify-delivery --headers FILE --body FILE --jwks FILE_OR_URL [--url TARGET_URI]
+                                         a captured forwarded delivery (SPEC §5): its RFC 9421
+                                         signature, Content-Digest and CID; the headers file is
+                                         the request line (`POST /path HTTP/1.1`) then `Name: value`
+                                         lines, the target URI https://<Host><path> unless --url";
 
 /// How a command failed.
 enum Failure {
@@ -72,6 +77,7 @@ fn run() -> Result<(), Failure> {
         "keygen" => keygen(&mut args),
         "verify" => verify(&mut args),
         "health" => health(&mut args),
+        "verify-delivery" => verify_delivery(&mut args),
         other => Err(Failure::Usage(format!("unknown command {other:?}"))),
     }
 }
@@ -181,6 +187,83 @@ fn verify(args: &mut lexopt::Parser) -> Result<(), Failure> {
         eprintln!("note: signatures were not checked (no --jwks)");
     }
     write_stdout(b"valid\n")
+}
+
+/// `verify-delivery`: the receiver's check of a delivery, with the protocol's one definition of
+/// the signature base.
+fn verify_delivery(args: &mut lexopt::Parser) -> Result<(), Failure> {
+    let (mut headers, mut body, mut jwks, mut url) = (None, None, None, None);
+    while let Some(arg) = args.next()? {
+        match arg {
+            Long("headers") => headers = Some(args.value()?.string()?),
+            Long("body") => body = Some(args.value()?.string()?),
+            Long("jwks") => jwks = Some(args.value()?.string()?),
+            Long("url") => url = Some(args.value()?.string()?),
+            other => return Err(other.unexpected().into()),
+        }
+    }
+    let missing = |what: &str| Failure::Usage(format!("verify-delivery: missing --{what}"));
+    let headers = read_input(&headers.ok_or_else(|| missing("headers"))?)?;
+    let body = read_input(&body.ok_or_else(|| missing("body"))?)?;
+    let jwks = load_jwks(&jwks.ok_or_else(|| missing("jwks"))?)?;
+    let text = String::from_utf8(headers)
+        .map_err(|_| Failure::Invalid("the headers file is not UTF-8".into()))?;
+    let mut lines = text.lines().map(|l| l.trim_end_matches('\r'));
+    let mut method = "POST".to_owned();
+    let mut path = None;
+    let mut fields: Vec<(String, String)> = Vec::new();
+    for line in lines.by_ref() {
+        if line.is_empty() {
+            break;
+        }
+        match line.split_once(':') {
+            Some((name, value)) if !name.contains(' ') => {
+                fields.push((name.trim().to_ascii_lowercase(), value.trim().to_owned()))
+            }
+            _ => {
+                // the request line
+                let mut parts = line.split_whitespace();
+                method = parts.next().unwrap_or("POST").to_owned();
+                path = parts.next().map(str::to_owned);
+            }
+        }
+    }
+    let header = |name: &str| {
+        let values: Vec<&str> = fields
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+            .collect();
+        (!values.is_empty()).then(|| values.join(", "))
+    };
+    let target = match url {
+        Some(url) => url,
+        None => {
+            let host = header("host").ok_or_else(|| {
+                Failure::Usage("verify-delivery: no Host header; give --url".into())
+            })?;
+            let path = path.ok_or_else(|| {
+                Failure::Usage("verify-delivery: no request line; give --url".into())
+            })?;
+            format!("https://{host}{path}")
+        }
+    };
+    let verified = signet_protocol::http_signature::verify(&method, &target, &header, &body, &jwks)
+        .map_err(Failure::Invalid)?;
+    if header("x-signet-cid").as_deref() != Some(cid::cid(&body).as_str()) {
+        return Err(Failure::Invalid(
+            "X-Signet-Cid is not the CID of the body".into(),
+        ));
+    }
+    write_stdout(
+        format!(
+            "valid (kid {}, created {}, delivery {})\n",
+            verified.kid,
+            verified.created,
+            header("x-signet-delivery").unwrap_or_default()
+        )
+        .as_bytes(),
+    )
 }
 
 /// A JWKS from a file or an http(s) URL.

@@ -345,3 +345,79 @@ fn health_exits_0_only_for_a_200_ok() {
     let output = signet(&["health", &format!("http://{port}/healthz")], b"");
     assert_eq!(output.status.code(), Some(1));
 }
+
+/// A delivery as a receiver captures it: the request line and headers, and the body.
+#[test]
+fn verify_delivery_checks_a_captured_delivery_against_the_jwks() {
+    use signet_protocol::http_signature as sig;
+    let key = SigningKey::from_seed([9; 32], "k-del");
+    let dir = tempfile_dir("verify-delivery");
+    let body = br#"{"amount":12}"#;
+    let digest = sig::content_digest(body);
+    let cid = cid::cid(body);
+    let fields = [
+        ("content-type", "application/json"),
+        ("content-digest", digest.as_str()),
+        ("x-signet-delivery", "dlv_1"),
+        ("x-signet-trace", "t-1"),
+        ("x-signet-hop", "1"),
+        ("x-signet-cid", cid.as_str()),
+        ("x-signet-attempt", "1"),
+    ];
+    let signed = sig::sign(
+        "POST",
+        "https://hooks.example.com:8443/in?x=1",
+        &fields,
+        1_700_000_000,
+        &key,
+    );
+    let mut headers = String::from("POST /in?x=1 HTTP/1.1\r\nHost: hooks.example.com:8443\r\n");
+    for (n, v) in fields {
+        headers.push_str(&format!("{n}: {v}\r\n"));
+    }
+    headers.push_str(&format!(
+        "Signature-Input: {}\r\nSignature: {}\r\n",
+        signed.signature_input, signed.signature
+    ));
+    let jwks = Jwks {
+        keys: vec![key.public_jwk()],
+    };
+    let (h, b, j) = (dir.join("headers"), dir.join("body"), dir.join("jwks.json"));
+    std::fs::write(&h, &headers).unwrap();
+    std::fs::write(&b, body).unwrap();
+    std::fs::write(&j, jwks.to_json()).unwrap();
+    let run = |body_file: &Path| {
+        signet(
+            &[
+                "verify-delivery",
+                "--headers",
+                h.to_str().unwrap(),
+                "--body",
+                body_file.to_str().unwrap(),
+                "--jwks",
+                j.to_str().unwrap(),
+            ],
+            b"",
+        )
+    };
+    let ok = run(&b);
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    assert!(stdout(&ok).starts_with("valid (kid k-del, created 1700000000, delivery dlv_1)"));
+    let tampered = dir.join("tampered");
+    std::fs::write(&tampered, br#"{"amount":13}"#).unwrap();
+    let bad = run(&tampered);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(stderr(&bad).contains("Content-Digest"), "{}", stderr(&bad));
+    // another key's JWKS
+    let other = Jwks {
+        keys: vec![SigningKey::from_seed([10; 32], "k-del").public_jwk()],
+    };
+    std::fs::write(&j, other.to_json()).unwrap();
+    assert_eq!(run(&b).status.code(), Some(1));
+}
+
+fn tempfile_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("signet-cli-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}

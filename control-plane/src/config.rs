@@ -82,6 +82,8 @@ pub struct Config {
     pub receipt_max_skew: Duration,
     /// `SP_IDEMPOTENCY_RETENTION_SECS`: how long a committed idempotency key is kept (7 days).
     pub idempotency_retention: Duration,
+    /// `SP_DNS_SERVERS`, `SP_FORWARD_*`: delivering to `forward_url`.
+    pub forward: crate::forward::ForwardConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,7 +104,7 @@ impl std::fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-fn invalid(variable: &'static str, problem: impl Into<String>) -> ConfigError {
+pub(crate) fn invalid(variable: &'static str, problem: impl Into<String>) -> ConfigError {
     ConfigError {
         variable,
         problem: problem.into(),
@@ -277,6 +279,7 @@ impl Config {
             chain_max,
             receipt_max_skew,
             idempotency_retention,
+            forward: crate::forward::ForwardConfig::from_lookup(&get)?,
         })
     }
 }
@@ -328,7 +331,7 @@ fn parse_listeners(get: &impl Fn(&str) -> Option<String>) -> Result<Listeners, C
     Ok(listeners)
 }
 
-fn parse_number(
+pub(crate) fn parse_number(
     variable: &'static str,
     value: Option<String>,
     default: u64,

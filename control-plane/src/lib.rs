@@ -8,6 +8,8 @@
 //! - [`api`]: the HTTP routes, their handlers, the extractors that authenticate callers and the
 //!   one error answer.
 //! - [`storage`]: the receipt store (SQLite or PostgreSQL): commits, chains, usage, billing queue.
+//! - [`forward`]: delivering exchanges to their `forward_url` (SPEC §5), and the outbox that
+//!   retries them.
 //! - [`tenants`]: API keys (kept as hashes), what each grants and each tenant's billing plan.
 //! - [`billing`]: SPEC §6 tier math: what one usage event bills.
 //! - [`keys`]: the signing key and the JWKS of every kid ever used.
@@ -18,6 +20,7 @@
 pub mod api;
 pub mod billing;
 pub mod config;
+pub mod forward;
 pub mod keys;
 pub mod metrics;
 pub mod server;
@@ -47,6 +50,7 @@ pub struct ControlPlane {
     pub receipt_max_skew: Duration,
     /// `SP_REQUEST_TIMEOUT_SECS`.
     pub request_timeout: Duration,
+    pub forward: forward::ForwardService,
 }
 
 impl ControlPlane {
@@ -59,8 +63,17 @@ impl ControlPlane {
         let storage = open_storage(&config.storage, retention).await?;
         let keys =
             KeyRing::load(storage.as_ref(), config.signing_key, config.previous_keys).await?;
+        let metrics = Metrics::new(storage.kind());
+        let forward = forward::ForwardService::start(
+            config.forward,
+            storage.clone(),
+            keys.signing_key().clone(),
+            metrics.forward.clone(),
+            retention,
+        )?;
         Ok(Arc::new(ControlPlane {
-            metrics: Metrics::new(storage.kind()),
+            metrics,
+            forward,
             storage,
             tenants: RwLock::new(Arc::new(config.tenants)),
             global_allowlist: config.global_allowlist,

@@ -38,6 +38,9 @@ pub struct Metrics {
     pub storage_seconds: Family<StorageLabels, Histogram>,
     /// Commits per `/v1/internal/commits` call (how much the filters' group commit gathers).
     pub commit_batch_size: Histogram,
+    /// `signet_forward_*`, in a registry of their own (prefix `signet`).
+    pub forward: crate::forward::ForwardMetrics,
+    forward_registry: Registry,
 }
 
 fn storage_histogram() -> Histogram {
@@ -60,7 +63,11 @@ impl Metrics {
             // 1 .. 64 (the filter's largest batch)
             commit_batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 7)),
             registry: Registry::default(),
+            forward: crate::forward::ForwardMetrics::default(),
+            forward_registry: Registry::default(),
         };
+        let mut forward_registry = Registry::with_prefix("signet");
+        m.forward.register(&mut forward_registry);
         registry.register("commits", "Receipts stored", m.commits.clone());
         registry.register(
             "chain_conflicts",
@@ -85,7 +92,11 @@ impl Metrics {
             "Commits per batch call from a filter",
             m.commit_batch_size.clone(),
         );
-        Metrics { registry, ..m }
+        Metrics {
+            registry,
+            forward_registry,
+            ..m
+        }
     }
 
     /// Counts an error answered, whole response or single commit of a batch.
@@ -112,7 +123,10 @@ impl Metrics {
     pub fn encode(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        use prometheus_client::encoding::text::{encode_eof, encode_registry};
+        let _ = encode_registry(&mut out, &self.registry);
+        let _ = encode_registry(&mut out, &self.forward_registry);
+        let _ = encode_eof(&mut out);
         out
     }
 }

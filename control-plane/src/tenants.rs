@@ -132,6 +132,21 @@ impl TenantDirectory {
         Ok(Self { grants, plans })
     }
 
+    /// The HEL allowlist of `tenant`: every entry of any of its keys (each with the global
+    /// allowlist); `None` for a tenant no key has.
+    pub fn allowlist_of_tenant(&self, tenant: &str) -> Option<Vec<String>> {
+        let mut grants = self
+            .grants
+            .values()
+            .filter(|g| g.tenant == tenant)
+            .peekable();
+        grants.peek()?;
+        let mut allowlist: Vec<String> = grants.flat_map(|g| g.allowlist.iter().cloned()).collect();
+        allowlist.sort();
+        allowlist.dedup();
+        Some(allowlist)
+    }
+
     pub fn grant_for_key_hash(&self, key_hash: &str) -> Option<Arc<Grant>> {
         self.grants.get(&key_hash.to_ascii_lowercase()).cloned()
     }

@@ -7,6 +7,10 @@
 //! - [`keys`]: Ed25519 signing keys from a base64url seed, JWK and JWKS.
 //! - [`receipt`], [`chain`], [`bundle`]: building, signing and verifying SR-1 receipts, chains and
 //!   export bundles.
+//! - [`hel`]: the egress policy on `forward_url` decided before resolution (SPEC §5), which
+//!   the filter applies and the control plane checks again before delivering.
+//! - [`http_signature`]: the RFC 9421 signature base and RFC 9530 `Content-Digest` of a
+//!   forwarded delivery, built by the control plane and checked by the CLI.
 //! - [`internal`]: the filter ↔ control-plane API, one definition for both sides, and the commit
 //!   decision both storage backends share.
 //! - [`time`], [`trace`], [`error`]: receipt timestamps, trace ids, the SPEC §4 error body and
@@ -36,6 +40,8 @@ pub mod canonical;
 pub mod chain;
 pub mod cid;
 pub mod error;
+pub mod hel;
+pub mod http_signature;
 pub mod internal;
 pub mod keys;
 pub mod receipt;

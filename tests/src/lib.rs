@@ -8,6 +8,10 @@
 pub mod binaries;
 pub mod control_plane;
 pub mod envoy;
+/// The DNS server, test CA and HTTPS receiver of forwarding's tests: one definition, the
+/// control plane's (its integration tests use it too).
+#[path = "../../control-plane/tests/forward_support/mod.rs"]
+pub mod forward_support;
 pub mod http;
 pub mod payloads;
 pub mod ports;

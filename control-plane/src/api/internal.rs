@@ -197,6 +197,15 @@ async fn commit_one(cp: &ControlPlane, item: &RawValue) -> Result<Accepted, Http
     let now = now_ms();
     let month = time::rfc3339_millis(now.max(0) as u64)[..7].to_owned();
     let fu_tokens = commit.fu_tokens;
+    // a forwarded exchange: its delivery's retries carry the committed receipt
+    let forwarded = r.contains_key("forwarded").then(|| {
+        (
+            commit.tenant.to_string(),
+            commit.idempotency_key.to_string(),
+            hop,
+            receipt_hash.clone(),
+        )
+    });
     let timer = cp.metrics.time("commit");
     let outcome = cp
         .storage
@@ -221,6 +230,15 @@ async fn commit_one(cp: &ControlPlane, item: &RawValue) -> Result<Accepted, Http
     timer.done();
     match outcome.map_err(HttpError::storage)? {
         CommitOutcome::Committed => {
+            if let Some((tenant, key, hop, hash)) = forwarded {
+                if let Err(e) = cp
+                    .storage
+                    .forward_link_receipt(&tenant, &key, hop, &hash)
+                    .await
+                {
+                    tracing::warn!("linking a delivery to its receipt: {e}");
+                }
+            }
             cp.metrics.commits.inc();
             cp.metrics.vex.inc();
             cp.metrics.fu.inc_by(fu_tokens);

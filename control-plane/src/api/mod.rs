@@ -23,6 +23,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
+use signet_protocol::internal::forward as forward_message;
 use signet_protocol::internal::{commit, health, idempotency, tenant, Code};
 
 use crate::ControlPlane;
@@ -30,6 +31,7 @@ use crate::ControlPlane;
 mod admin;
 mod error;
 mod extract;
+mod forward;
 mod internal;
 mod public;
 
@@ -51,7 +53,8 @@ impl Routers {
             .route(tenant::PATH, get(internal::tenant))
             .route(commit::PATH, post(internal::commits))
             .route(idempotency::PATH, post(internal::idempotency))
-            .route(health::PATH, get(internal::health));
+            .route(health::PATH, get(internal::health))
+            .route(forward_message::PATH, post(forward::forward));
         let public = Router::new()
             .route("/healthz", get(public::healthz))
             .route("/metrics", get(public::metrics))
@@ -59,10 +62,12 @@ impl Routers {
             .route("/.well-known/signet-jwks.json", get(public::jwks))
             .route("/openapi.json", get(public::openapi))
             .route("/v1/receipts/chain/{trace_id}", get(public::chain))
-            .route("/v1/receipts/export/{trace_id}", get(public::export));
+            .route("/v1/receipts/export/{trace_id}", get(public::export))
+            .route(forward::DELIVERIES_PATH, get(forward::deliveries));
         let admin = Router::new()
             .route("/v1/admin/reload", post(admin::reload))
-            .route("/v1/admin/usage/{tenant}", get(admin::usage));
+            .route("/v1/admin/usage/{tenant}", get(admin::usage))
+            .route(forward::REDRIVE_PATH, post(forward::redrive));
         Routers {
             public: finish(public, &state),
             internal: finish(internal, &state),

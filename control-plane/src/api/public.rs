@@ -16,10 +16,14 @@ use super::{HttpError, State as AppState};
 use crate::storage::{ChainPage, StoredChain};
 use crate::{now_ms, ControlPlane};
 
-/// 200 when the database answers and every storage worker runs; else 503 with the reason.
+/// 200 when the database answers and every storage worker (and the forward outbox worker)
+/// runs; else 503 with the reason.
 pub async fn healthz(State(cp): AppState) -> Response {
     let timer = cp.metrics.time("ping");
-    let ping = cp.storage.ping().await;
+    let ping = match cp.forward.check() {
+        Ok(()) => cp.storage.ping().await,
+        Err(e) => Err(e),
+    };
     timer.done();
     let storage = cp.storage.kind().into();
     match ping {

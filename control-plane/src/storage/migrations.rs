@@ -13,6 +13,7 @@ pub(crate) const SQLITE: &[&str] = &[
     include_str!("../../migrations/sqlite/0003_same_keys_as_postgres.sql"),
     include_str!("../../migrations/sqlite/0004_idempotency_retention.sql"),
     include_str!("../../migrations/sqlite/0005_traces_scoped_by_tenant.sql"),
+    include_str!("../../migrations/sqlite/0006_forward_deliveries.sql"),
 ];
 
 /// Entry `i` takes a PostgreSQL schema from version `i` to `i + 1`.
@@ -22,6 +23,7 @@ pub(crate) const POSTGRES: &[&str] = &[
     include_str!("../../migrations/postgres/0003_commit_is_the_only_write.sql"),
     include_str!("../../migrations/postgres/0004_idempotency_retention.sql"),
     include_str!("../../migrations/postgres/0005_traces_scoped_by_tenant.sql"),
+    include_str!("../../migrations/postgres/0006_forward_deliveries.sql"),
 ];
 
 #[cfg(test)]

@@ -25,6 +25,8 @@ use batcher::{run_batches, Job};
 
 mod batcher;
 mod commit;
+/// [`ForwardStore`](super::ForwardStore) on this backend.
+mod forward;
 
 /// How long a request waits for a pooled connection (`wait`: every connection busy), for a new
 /// one (`create`: connect and authenticate) and for a returned one to be checked (`recycle`):

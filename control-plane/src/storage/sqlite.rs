@@ -36,6 +36,9 @@ const WAL_RESTART_FRAMES: i64 = 16_384;
 
 use super::migrations::SQLITE as MIGRATIONS;
 
+/// [`ForwardStore`](super::ForwardStore) on this backend.
+mod forward;
+
 pub struct SqliteStorage {
     jobs: mpsc::Sender<Box<dyn Job>>,
     /// Reads that need no lock (chains, idempotency lookups, usage) go here, off the writer:

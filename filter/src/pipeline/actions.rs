@@ -2,6 +2,7 @@
 
 use serde_json::value::RawValue;
 use signet_protocol::internal::{self, commit, health, idempotency, tenant};
+use signet_protocol::internal::{self, commit, forward, idempotency, tenant};
 
 use crate::config::Config;
 
@@ -14,6 +15,8 @@ pub enum Call {
     Idempotency,
     /// The control plane's health, for `/healthz` through Envoy.
     Health,
+    /// The delivery of a verified payload to its `forward_url` (SPEC §5).
+    Forward,
 }
 
 impl Call {
@@ -23,6 +26,7 @@ impl Call {
             Call::Commit => "commit",
             Call::Idempotency => "idempotency",
             Call::Health => "health",
+            Call::Forward => "forward",
         }
     }
 }
@@ -119,6 +123,7 @@ pub fn callout(
         Call::Commit => ("POST", commit::PATH),
         Call::Idempotency => ("POST", idempotency::PATH),
         Call::Health => ("GET", health::PATH),
+        Call::Forward => ("POST", forward::PATH),
     };
     let mut headers = vec![
         (":method".to_owned(), method.to_owned()),
@@ -138,6 +143,9 @@ pub fn callout(
         cluster: cp.cluster.clone(),
         headers,
         body,
-        timeout_ms: cp.timeout_ms,
+        timeout_ms: match call {
+            Call::Forward => cp.forward_timeout_ms,
+            _ => cp.timeout_ms,
+        },
     }
 }

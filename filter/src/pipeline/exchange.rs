@@ -10,6 +10,7 @@ use signet_protocol::internal::{idempotency, Code, CommitReply, ErrorReply, Gran
 use signet_protocol::{cid, trace, ApiError};
 
 use super::actions::{callout, Action, Call, CalloutResponse, Forward, Response};
+use super::forward;
 use super::headers::{
     receipt_headers, trim_ows, visible_ascii, Headers, API_KEY_HEADERS, FORGEABLE_HEADERS,
     IDEMPOTENCY_HIT_HEADER, IDEMPOTENCY_KEY_HEADERS, MAX_IDEMPOTENCY_KEY_BYTES, TRACE_HEADER,
@@ -73,12 +74,13 @@ enum Stage {
     /// answered (SPEC §4: a replay gets the stored response even when the pipeline would
     /// refuse the request now, and a reused key is 422 whatever the new body).
     CheckingReplay(Box<Refused>),
+    /// The control plane delivers to `forward_url` (pipeline/forward.rs); its answer is signed
+    /// into the receipt.
+    Forwarding(Box<Forwarding>),
     // A stage that waits for a callout between the body and the commit slots in here, holding
     // what it needs to resume, and gets an arm in `on_callout_response`:
     // - LLM-fallback repair: after deterministic repair fails, before transform
     //   (`AwaitingRepair { admitted, request, .. }`);
-    // - forward: after HEL allows `forward_url`, before signing; its outcome goes into the
-    //   receipt (`Forwarding { verified: Verified, .. }`).
     /// The signed receipt is in a commit batch.
     Committing(Box<Committing>),
 }
@@ -102,6 +104,15 @@ struct Signable {
     admitted: Admitted,
     request: Request,
     verified: Verified,
+    /// The receipt's `forwarded`, once the delivery answered.
+    forwarded: Option<Value>,
+}
+
+/// Waiting for the delivery's first attempt, then signed on `head`.
+struct Forwarding {
+    subject: Signable,
+    head: Option<Head>,
+    retries: u8,
 }
 
 /// A request the pipeline refused, waiting for its key's stored answer.
@@ -257,6 +268,7 @@ impl Exchange {
         let call = match &stage {
             Stage::AwaitingTenant { .. } => Call::Tenant,
             Stage::CheckingReplay(_) => Call::Idempotency,
+            Stage::Forwarding(_) => Call::Forward,
             Stage::Committing(_) => Call::Commit,
             Stage::AwaitingBody(_) | Stage::Refusing { .. } => return self.wait(routed, stage),
         };
@@ -278,6 +290,20 @@ impl Exchange {
         match stage {
             Stage::AwaitingTenant { body } => self.on_tenant(host, routed, reply, body),
             Stage::Committing(committing) => self.on_commit(host, routed, reply, *committing),
+            Stage::Forwarding(forwarding) => {
+                let Forwarding {
+                    mut subject,
+                    head,
+                    retries,
+                } = *forwarding;
+                match forward::outcome(host, reply) {
+                    Ok(forwarded) => {
+                        subject.forwarded = Some(forwarded);
+                        self.commit(host, routed, subject, head, retries)
+                    }
+                    Err(e) => self.fail(host, e),
+                }
+            }
             Stage::AwaitingBody(_) | Stage::Refusing { .. } | Stage::CheckingReplay(_) => {
                 self.wait(routed, stage)
             }
@@ -396,12 +422,41 @@ impl Exchange {
             .as_deref()
             .and_then(|t| self.known_head(&admitted.grant.tenant, t));
         let guessed = request.trace_id.is_some() && head.is_none();
+        let retries = 1 + u8::from(guessed);
+        if let Some(allowed) = &verified.forward {
+            let ask = forward::Ask {
+                tenant: &admitted.grant.tenant,
+                idempotency_key: admitted.in_flight.key(),
+                fingerprint: &request.fingerprint,
+                verified: &verified,
+                allowed,
+                head: head.as_ref(),
+                now_ms: host.now_millis(),
+            };
+            let call = match forward::ask(&self.config, &ask) {
+                Ok(call) => call,
+                Err(e) => return self.fail(host, e),
+            };
+            let forwarding = Forwarding {
+                subject: Signable {
+                    admitted,
+                    request,
+                    verified,
+                    forwarded: None,
+                },
+                head,
+                retries,
+            };
+            self.state = State::Open(routed, Stage::Forwarding(Box::new(forwarding)));
+            return Action::Call(call);
+        }
         let subject = Signable {
             admitted,
             request,
             verified,
+            forwarded: None,
         };
-        self.commit(host, routed, subject, head, 1 + u8::from(guessed))
+        self.commit(host, routed, subject, head, retries)
     }
 
     /// An admitted request the pipeline refuses: with the client's own key, its stored answer
@@ -508,6 +563,7 @@ impl Exchange {
             idempotency_key: subject.admitted.in_flight.key(),
             request: &subject.request,
             verified: &subject.verified,
+            forwarded: subject.forwarded.as_ref(),
         };
         match sign::sign(host, &self.config, &routed.route, &signing, head) {
             Ok((commit, signed)) => {

@@ -28,10 +28,12 @@
 //! - `tenant_cache`: the tenant grants cached in shared data.
 //! - `request`: parsing the body (the envelope or the inline payload).
 //! - `verify`: sanitize → normalize → HEL → canonical form and CID.
+//! - `forward`: the delivery to `forward_url` before signing, its outcome in the receipt.
 //! - `sign`: the receipt, the SPEC §4 200 body ([`exchange_response`]) and the commit.
 
 pub mod actions;
 mod exchange;
+mod forward;
 mod headers;
 mod health;
 mod reply;

@@ -21,6 +21,8 @@ pub struct Subject<'a> {
     pub idempotency_key: &'a str,
     pub request: &'a Request,
     pub verified: &'a Verified,
+    /// The first delivery attempt's outcome, when the request had a `forward_url`.
+    pub forwarded: Option<&'a Value>,
 }
 
 /// A signed receipt's answer, kept until commit stores it.
@@ -46,17 +48,26 @@ pub fn sign(
         idempotency_key,
         request,
         verified,
+        forwarded,
     } = subject;
     let policy = Policy {
         engine: "HEL".into(),
         allowed: true,
-        reason: "no_forward".into(),
+        reason: if forwarded.is_some() {
+            "ok"
+        } else {
+            "no_forward"
+        }
+        .into(),
     };
     // one clock reading: the receipt's ts and the commit's deadline agree
     let now = host.now_millis();
     let mut extensions = Map::new();
     extensions.insert("payload_type".into(), request.payload_type.clone().into());
     extensions.insert("target_type".into(), request.target_type.clone().into());
+    if let Some(forwarded) = forwarded {
+        extensions.insert("forwarded".into(), (*forwarded).clone());
+    }
     let draft = ReceiptDraft {
         trace_id: verified.trace_id.clone(),
         hop: head.as_ref().map_or(1, |h| h.hop.saturating_add(1)),
@@ -73,7 +84,10 @@ pub fn sign(
     // inline routes that drop `canon` for privacy do not store the payload either
     let normalized =
         (route.mode == Mode::Exchange || route.keep_canon).then(|| verified.normalized.clone());
-    let response = exchange_response(&receipt, normalized, &policy)?;
+    let mut response = exchange_response(&receipt, normalized, &policy)?;
+    if let (Some(forwarded), Value::Object(body)) = (forwarded, &mut response) {
+        body.insert("forwarded".into(), (*forwarded).clone());
+    }
     let headers = receipt_headers(&response);
     let response = serde_json::value::to_raw_value(&response).map_err(internal)?;
     let head = Head {

@@ -9,8 +9,9 @@ use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use signet_protocol::internal::tenant::{self, KEY_HASH_HEADER};
 use signet_protocol::internal::{
-    commit, decide, idempotency, Candidate, Code, Commit, CommitBatch, CommitReply, CommitResult,
-    CommitResults, Decision, ErrorReply, Grant, Head, Record, TraceState, FILTER_TOKEN_HEADER,
+    commit, decide, forward, idempotency, Candidate, Code, Commit, CommitBatch, CommitReply,
+    CommitResult, CommitResults, Decision, ErrorReply, Grant, Head, Record, TraceState,
+    FILTER_TOKEN_HEADER,
 };
 use signet_protocol::{cid, receipt, Jwks};
 
@@ -60,6 +61,8 @@ struct FakeControlPlane {
     /// The control plane's clock (Unix ms); 0: it never finds a commit late.
     clock_ms: u64,
     signer: signet_protocol::SigningKey,
+    /// Every forward request received.
+    forwards: Vec<forward::ForwardRequest>,
 }
 
 impl FakeControlPlane {
@@ -84,6 +87,7 @@ impl FakeControlPlane {
             racing_writers: 0,
             clock_ms: 0,
             signer,
+            forwards: Vec::new(),
         }
     }
 
@@ -161,6 +165,22 @@ impl FakeControlPlane {
                     200,
                     json!({"status":"ok","storage":"sqlite","database":"reachable"}),
                 )
+            }
+            Call::Forward => {
+                assert_eq!(header(":path").as_deref(), Some(forward::PATH));
+                assert_eq!(callout.timeout_ms, 15_000);
+                let request: forward::ForwardRequest =
+                    serde_json::from_slice(callout.body.as_deref().unwrap()).unwrap();
+                self.forwards.push(request.clone());
+                match self.scripted.get("forward") {
+                    Some((status, body)) => reply(*status, body.clone()),
+                    None => reply(
+                        200,
+                        json!({"delivery_id": "dlv_test", "replay": false, "forwarded": {
+                            "url": request.url, "status_code": 200, "host": "api.example.com",
+                            "pinned_ip": "203.0.113.7", "response_size": 2}}),
+                    ),
+                }
             }
             Call::Idempotency => {
                 assert_eq!(header(":path").as_deref(), Some(idempotency::PATH));
@@ -760,16 +780,107 @@ fn status_403_hel_denials_and_trace_ownership() {
 }
 
 #[test]
-fn an_allowed_forward_url_is_not_delivered_yet() {
+fn an_allowed_forward_url_is_delivered_before_signing_and_its_outcome_is_signed() {
     let mut h = Harness::new();
-    for url in [
-        "https://api.example.com/hook",
-        "https://GLOBAL.example.org./x",
-    ] {
-        let action = h.post(url, &exchange_body(json!({"forward_url": url})));
-        assert_eq!(error_of(&action), (422, "FORWARD_UNAVAILABLE".into()));
-    }
-    assert!(h.cp.chains.is_empty());
+    let url = "https://API.example.com./hook#frag";
+    let (status, body, _) = respond(&h.post("k-f", &exchange_body(json!({"forward_url": url}))));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(h.cp.calls, vec![Call::Tenant, Call::Forward, Call::Commit]);
+    let asked = &h.cp.forwards[0];
+    assert_eq!(
+        asked.url, "https://api.example.com./hook#frag",
+        "as HEL parsed it"
+    );
+    assert_eq!(
+        (asked.tenant.as_str(), asked.idempotency_key.as_str()),
+        ("demo", "k-f")
+    );
+    assert_eq!((asked.hop, asked.prev_receipt_hash.as_deref()), (1, None));
+    assert_eq!(asked.cid, cid::cid(asked.canon.as_bytes()));
+    let forwarded = json!({"url": asked.url, "status_code": 200, "host": "api.example.com",
+                           "pinned_ip": "203.0.113.7", "response_size": 2});
+    assert_eq!(body["forwarded"], forwarded);
+    assert_eq!(body["policy"]["reason"], "ok");
+    let trace = body["trace_id"].as_str().unwrap().to_owned();
+    let stored = h.cp.chains[&trace][0].clone();
+    assert_eq!(
+        stored["forwarded"], forwarded,
+        "the signed receipt holds the outcome"
+    );
+    assert_eq!(stored["policy"]["reason"], "ok");
+    assert_eq!(stored["cid"].as_str(), Some(asked.cid.as_str()));
+    // the next exchange on the trace tells the control plane which head it signs on
+    let next =
+        exchange_body(json!({"forward_url": "https://api.example.com/2", "trace_id": trace}));
+    assert_eq!(respond(&h.post("k-g", &next)).0, 200);
+    let second = &h.cp.forwards[1];
+    assert_eq!(second.hop, 2);
+    assert_eq!(
+        second.prev_receipt_hash.as_deref(),
+        stored["receipt_hash"].as_str()
+    );
+    // without forward_url: no callout, reason no_forward
+    let (_, plain, _) = respond(&h.post("k-h", &exchange_body(json!({}))));
+    assert_eq!(plain["policy"]["reason"], "no_forward");
+    assert!(plain.get("forwarded").is_none());
+    assert_eq!(h.cp.forwards.len(), 2);
+}
+
+#[test]
+fn a_failed_first_attempt_is_signed_as_it_was() {
+    let mut h = Harness::new();
+    let failed = json!({"url": "https://api.example.com/hook", "host": "api.example.com",
+                        "error": "connect: connection refused"});
+    h.cp.scripted.insert(
+        "forward",
+        (
+            200,
+            json!({"delivery_id": "dlv_x", "replay": false, "forwarded": failed}),
+        ),
+    );
+    let (status, body, _) = respond(&h.post(
+        "k-f",
+        &exchange_body(json!({"forward_url": "https://api.example.com/hook"})),
+    ));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["forwarded"], failed);
+    let trace = body["trace_id"].as_str().unwrap();
+    assert_eq!(h.cp.chains[trace][0]["forwarded"], failed);
+}
+
+#[test]
+fn a_refusal_after_resolution_is_the_exchange_s_403_and_nothing_is_signed() {
+    let mut h = Harness::new();
+    h.cp.scripted.insert(
+        "forward",
+        (
+            403,
+            json!({"detail": "resolves to 127.0.0.1", "code": "HEL_RESOLVED_LOOPBACK"}),
+        ),
+    );
+    let action = h.post(
+        "k-f",
+        &exchange_body(json!({"forward_url": "https://api.example.com/hook"})),
+    );
+    assert_eq!(error_of(&action), (403, "HEL_RESOLVED_LOOPBACK".into()));
+    assert!(!h.cp.calls.contains(&Call::Commit));
+    assert_eq!(
+        h.host
+            .counter("signet.denials.reason.HEL_RESOLVED_LOOPBACK"),
+        1
+    );
+    assert!(
+        h.worker.borrow().in_flight.is_empty(),
+        "the key is free again"
+    );
+    // no answer at all: the control plane is unavailable
+    h.cp.scripted.remove("forward");
+    h.cp.outage = Some((None, Vec::new()));
+    let action = h.post(
+        "k-g",
+        &exchange_body(json!({"forward_url": "https://api.example.com/hook"})),
+    );
+    assert_eq!(error_of(&action).0, 503);
 }
 
 /// Headers of a request that stays open (its body has not arrived).

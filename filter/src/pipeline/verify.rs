@@ -18,6 +18,9 @@ pub struct Verified {
     pub normalized: Value,
     pub canon: String,
     pub cid: String,
+    /// The `forward_url` HEL allowed: the exchange delivers before it signs
+    /// (`pipeline/forward.rs`).
+    pub forward: Option<policy::Allowed>,
 }
 
 /// Verifies the request's payload (taking it out of `request`).
@@ -39,21 +42,17 @@ pub fn verify(
     for _ in 0..normalized.repairs {
         host.count(stats::REPAIRS);
     }
-    if let Some(url) = &request.forward_url {
-        match policy::evaluate(url, &grant.allowlist, &config.global_allowlist) {
+    let forward = match &request.forward_url {
+        None => None,
+        Some(url) => match policy::evaluate(url, &grant.allowlist, &config.global_allowlist) {
             Err(denial) => {
                 host.count(&stats::denials(denial.reason()));
                 return Err(ApiError::new(403, denial.reason(), denial.detail()));
             }
-            // The forward callout slots in here (a stage between verify and sign, see `Stage`
-            // in exchange.rs); its outcome goes into the receipt's policy.
-            Ok(_) => return Err(ApiError::new(
-                422,
-                "FORWARD_UNAVAILABLE",
-                "forward_url is allowed by the egress policy, but forwarding is not available yet",
-            )),
-        }
-    }
+            // delivered by the control plane before signing (Stage::Forwarding)
+            Ok(allowed) => Some(allowed),
+        },
+    };
     let canon = canonical::to_canonical(&normalized.value, Profile::Signet)
         .map_err(|e| ApiError::new(500, "INTERNAL", format!("cannot canonicalize: {e}")))?;
     let trace_id = match &request.trace_id {
@@ -65,5 +64,6 @@ pub fn verify(
         cid: cid::cid(canon.as_bytes()),
         canon,
         normalized: normalized.value,
+        forward,
     })
 }

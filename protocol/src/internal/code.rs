@@ -46,6 +46,15 @@ codes! {
     MissingAdminKey = 401 "MISSING_ADMIN_KEY", "No admin key on an admin endpoint.";
     UnknownAdminKey = 401 "UNKNOWN_ADMIN_KEY", "A wrong admin key (or none is configured).";
     UnknownTenant = 403 "UNKNOWN_TENANT", "A commit for a tenant that is not configured (e.g. after a reload).";
+    HelBadUrl = 403 "HEL_BAD_URL", "A `forward_url` that is not an absolute URL with a host and without userinfo.";
+    HelSchemeNotHttps = 403 "HEL_SCHEME_NOT_HTTPS", "A `forward_url` that is not `https`.";
+    HelHostNotAllowed = 403 "HEL_HOST_NOT_ALLOWED", "A `forward_url` host in neither the tenant's nor the global allowlist.";
+    HelResolvedLoopback = 403 "HEL_RESOLVED_LOOPBACK", "The `forward_url` host is or resolves to a loopback address.";
+    HelResolvedPrivate = 403 "HEL_RESOLVED_PRIVATE", "The `forward_url` host is or resolves to a private-use, shared (CGNAT) or unique-local address.";
+    HelResolvedLinkLocal = 403 "HEL_RESOLVED_LINKLOCAL", "The `forward_url` host is or resolves to a link-local address (cloud metadata among them).";
+    HelResolvedReserved = 403 "HEL_RESOLVED_RESERVED", "The `forward_url` host is or resolves to another address that is not globally routable (IANA special-purpose registries).";
+    HelNoResolution = 403 "HEL_NO_RESOLUTION", "The `forward_url` host has no address (NXDOMAIN or no A/AAAA records).";
+    HelResolutionFailed = 403 "HEL_RESOLUTION_FAILED", "The `forward_url` host could not be resolved (DNS failure or timeout).";
     TraceForbidden = 403 "TRACE_FORBIDDEN", "The trace was opened by another tenant.";
     NotFound = 404 "NOT_FOUND", "No such endpoint.";
     TraceNotFound = 404 "TRACE_NOT_FOUND", "No such trace (or not the caller's).";

@@ -7,6 +7,8 @@
 //! - [`idempotency`]: `POST /v1/internal/idempotency`, the stored answer of a key, and the
 //!   request [`idempotency::fingerprint`].
 //! - [`health`]: `GET /v1/internal/health` (and the public `/healthz`): [`health::Health`].
+//! - [`forward`]: `POST /v1/internal/forward`, a [`forward::ForwardRequest`] delivered once by
+//!   the control plane and answered with the receipt's [`forward::Forwarded`].
 //! - [`decide`]: the commit decision (idempotency, then the chain append) as a pure function, the
 //!   one both storage backends and the filter's test fake call.
 //! - [`code`]: every error code the control plane answers, with its status.
@@ -17,6 +19,7 @@ pub mod code;
 pub mod commit;
 pub mod decide;
 pub mod health;
+pub mod forward;
 pub mod idempotency;
 pub mod tenant;
 

@@ -6,6 +6,7 @@ mod chain;
 mod commits;
 mod config;
 mod errors;
+mod forward;
 mod hostile;
 mod idempotency;
 mod one_address;
