@@ -82,6 +82,8 @@ pub struct Config {
     pub receipt_max_skew: Duration,
     /// `SP_IDEMPOTENCY_RETENTION_SECS`: how long a committed idempotency key is kept (7 days).
     pub idempotency_retention: Duration,
+    /// `SP_OPENAI_*`: the LLM fallback's provider.
+    pub fallback: crate::fallback::FallbackConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,7 +104,7 @@ impl std::fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-fn invalid(variable: &'static str, problem: impl Into<String>) -> ConfigError {
+pub(crate) fn invalid(variable: &'static str, problem: impl Into<String>) -> ConfigError {
     ConfigError {
         variable,
         problem: problem.into(),
@@ -264,6 +266,14 @@ impl Config {
             10 * 365 * 24 * 3600,
         )?);
 
+        let fallback = crate::fallback::FallbackConfig::from_lookup(&get)?;
+        if fallback.timeout >= limits.request_timeout {
+            return Err(invalid(
+                "SP_OPENAI_TIMEOUT_MS",
+                "must be shorter than SP_REQUEST_TIMEOUT_SECS, which cuts the repair request",
+            ));
+        }
+
         Ok(Config {
             listeners,
             limits,
@@ -277,6 +287,7 @@ impl Config {
             chain_max,
             receipt_max_skew,
             idempotency_retention,
+            fallback,
         })
     }
 }
@@ -328,7 +339,7 @@ fn parse_listeners(get: &impl Fn(&str) -> Option<String>) -> Result<Listeners, C
     Ok(listeners)
 }
 
-fn parse_number(
+pub(crate) fn parse_number(
     variable: &'static str,
     value: Option<String>,
     default: u64,
@@ -414,6 +425,11 @@ mod tests {
         );
         assert_eq!(c.chain_max, 1000);
         assert!(c.admin_key_hash.is_none());
+        assert_eq!(c.fallback.base_url, "https://api.openai.com/v1");
+        assert_eq!(c.fallback.model, "gpt-4o-mini");
+        assert_eq!(c.fallback.api_key, None);
+        assert_eq!(c.fallback.timeout, Duration::from_secs(20));
+        assert_eq!(c.fallback.max_tokens, 1024);
     }
 
     #[test]
@@ -454,6 +470,13 @@ mod tests {
                 "SP_HEL_ALLOWLIST",
             ),
             (&[("SP_PREVIOUS_JWKS", "{}")], "SP_PREVIOUS_JWKS"),
+            (
+                &[("SP_OPENAI_BASE_URL", "api.openai.com")],
+                "SP_OPENAI_BASE_URL",
+            ),
+            (&[("SP_OPENAI_TIMEOUT_MS", "0")], "SP_OPENAI_TIMEOUT_MS"),
+            (&[("SP_OPENAI_TIMEOUT_MS", "30000")], "SP_OPENAI_TIMEOUT_MS"),
+            (&[("SP_OPENAI_MAX_TOKENS", "0")], "SP_OPENAI_MAX_TOKENS"),
             (
                 &[(
                     "SP_PREVIOUS_JWKS",

@@ -38,6 +38,8 @@ pub struct Metrics {
     pub storage_seconds: Family<StorageLabels, Histogram>,
     /// Commits per `/v1/internal/commits` call (how much the filters' group commit gathers).
     pub commit_batch_size: Histogram,
+    /// The LLM fallback's (`signet_fallback_*`, `signet_fu_*`).
+    pub fallback: crate::fallback::FallbackMetrics,
 }
 
 fn storage_histogram() -> Histogram {
@@ -60,6 +62,7 @@ impl Metrics {
             // 1 .. 64 (the filter's largest batch)
             commit_batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 7)),
             registry: Registry::default(),
+            fallback: crate::fallback::FallbackMetrics::new(),
         };
         registry.register("commits", "Receipts stored", m.commits.clone());
         registry.register(
@@ -111,8 +114,11 @@ impl Metrics {
 
     pub fn encode(&self) -> String {
         let mut out = String::new();
+        use prometheus_client::encoding::text::{encode_eof, encode_registry};
         // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        let _ = encode_registry(&mut out, &self.registry);
+        let _ = encode_registry(&mut out, &self.fallback.registry);
+        let _ = encode_eof(&mut out);
         out
     }
 }

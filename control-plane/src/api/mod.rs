@@ -20,7 +20,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use signet_protocol::internal::{commit, idempotency, tenant, Code};
+use signet_protocol::internal::{commit, idempotency, repair, tenant, Code};
 
 use crate::ControlPlane;
 
@@ -47,7 +47,8 @@ impl Routers {
         let internal = Router::new()
             .route(tenant::PATH, get(internal::tenant))
             .route(commit::PATH, post(internal::commits))
-            .route(idempotency::PATH, post(internal::idempotency));
+            .route(idempotency::PATH, post(internal::idempotency))
+            .route(repair::PATH, post(internal::repair));
         let public = Router::new()
             .route("/healthz", get(public::healthz))
             .route("/metrics", get(public::metrics))

@@ -7,6 +7,7 @@
 //! - [`migrations`]: each backend's schema, the `.sql` files of `control-plane/migrations/`.
 //! - `sqlite`, `postgres`: a backend locks the rows a commit depends on, calls
 //!   [`batch::decide_batch`] and writes its rows, atomically.
+//! - [`fallback`]: the LLM fallback's FU reservations and settlements ([`FallbackStore`]).
 //! - [`worker`]: the liveness of a backend's threads and tasks, which `ping` reports.
 //!
 //! A new table (or column, or constraint) is a new migration file in each of
@@ -23,12 +24,14 @@ use crate::billing::BillingPlan;
 use signet_protocol::internal::{Candidate, Head, Record, Rejection};
 
 mod batch;
+pub mod fallback;
 mod migrations;
 mod postgres;
 mod rows;
 mod sqlite;
 mod worker;
 
+pub use fallback::FallbackStore;
 pub use postgres::PostgresStorage;
 pub use sqlite::SqliteStorage;
 
@@ -277,6 +280,8 @@ pub trait Storage: Send + Sync + 'static {
     async fn signing_keys(&self) -> Result<Vec<String>, StoreError>;
     async fn usage(&self, tenant: &str, month: &str) -> Result<Usage, StoreError>;
     async fn billing_queue(&self, tenant: &str) -> Result<Vec<BillingRow>, StoreError>;
+    /// The LLM fallback's reservations and settlements.
+    fn fallback(&self) -> &dyn FallbackStore;
 }
 
 /// Hops and counters are stored as signed 64-bit integers. A hop is at most the chain cap and a

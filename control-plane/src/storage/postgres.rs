@@ -25,6 +25,7 @@ use batcher::{run_batches, Job};
 
 mod batcher;
 mod commit;
+mod fallback;
 
 /// How long a request waits for a pooled connection (`wait`: every connection busy), for a new
 /// one (`create`: connect and authenticate) and for a returned one to be checked (`recycle`):
@@ -198,6 +199,10 @@ fn db(e: tokio_postgres::Error) -> StoreError {
 
 #[async_trait]
 impl Storage for PostgresStorage {
+    fn fallback(&self) -> &dyn FallbackStore {
+        self
+    }
+
     fn kind(&self) -> &'static str {
         "postgres"
     }

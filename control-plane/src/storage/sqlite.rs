@@ -36,6 +36,8 @@ const WAL_RESTART_FRAMES: i64 = 16_384;
 
 use super::migrations::SQLITE as MIGRATIONS;
 
+mod fallback;
+
 pub struct SqliteStorage {
     jobs: mpsc::Sender<Box<dyn Job>>,
     /// Reads that need no lock (chains, idempotency lookups, usage) go here, off the writer:
@@ -590,6 +592,10 @@ fn insert_each<P: rusqlite::Params>(
 
 #[async_trait]
 impl Storage for SqliteStorage {
+    fn fallback(&self) -> &dyn FallbackStore {
+        self
+    }
+
     fn kind(&self) -> &'static str {
         "sqlite"
     }

@@ -6,6 +6,8 @@
 //!   answered by one [`commit::CommitResult`] each.
 //! - [`idempotency`]: `POST /v1/internal/idempotency`, the stored answer of a key, and the
 //!   request [`idempotency::fingerprint`].
+//! - [`repair`]: `POST /v1/internal/repair`, the LLM-fallback repair of an embedded JSON text,
+//!   metered in FU against the tenant's monthly quota.
 //! - [`decide`]: the commit decision (idempotency, then the chain append) as a pure function, the
 //!   one both storage backends and the filter's test fake call.
 //! - [`code`]: every error code the control plane answers, with its status.
@@ -16,6 +18,7 @@ pub mod code;
 pub mod commit;
 pub mod decide;
 pub mod idempotency;
+pub mod repair;
 pub mod tenant;
 
 pub use code::Code;
