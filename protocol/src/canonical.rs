@@ -229,7 +229,8 @@ fn normalize_names(object: &mut Map<String, Value>) -> Result<(), CanonError> {
 }
 
 /// NFC form of `s`, borrowed when it already is (the common case: checked without allocating).
-fn nfc(s: &str) -> Cow<'_, str> {
+/// What the `signet-jcs` profile makes of every string, e.g. the tenant a receipt names.
+pub fn nfc(s: &str) -> Cow<'_, str> {
     // Every character below U+0300 is a starter that composes with nothing below U+0300, so text
     // made only of them is NFC; in UTF-8 that is text without a byte >= 0xCC. This skips the
     // per-character lookups for ASCII and Latin-1 text (ASCII checked 8 bytes at a time).

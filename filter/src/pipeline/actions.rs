@@ -1,7 +1,7 @@
 //! What an exchange asks of the filter, and the control-plane callouts it makes.
 
 use serde_json::value::RawValue;
-use signet_protocol::internal::{self, commit, tenant};
+use signet_protocol::internal::{self, commit, idempotency, tenant};
 
 use crate::config::Config;
 
@@ -10,6 +10,8 @@ use crate::config::Config;
 pub enum Call {
     Tenant,
     Commit,
+    /// The stored answer of an idempotency key, for a request the pipeline refuses.
+    Idempotency,
 }
 
 impl Call {
@@ -17,6 +19,7 @@ impl Call {
         match self {
             Call::Tenant => "tenant",
             Call::Commit => "commit",
+            Call::Idempotency => "idempotency",
         }
     }
 }
@@ -73,7 +76,8 @@ pub struct Forward {
 pub enum Action {
     /// Wait for more of the body or for a callout.
     Pause,
-    /// Dispatch this callout (the tenant lookup), then wait.
+    /// Send this callout, then wait for its answer: a tenant lookup joins the one out for its
+    /// key (single flight); any other call is the exchange's own.
     Call(Callout),
     /// Queue this [`internal::Commit`] for the worker's next batch ([`crate::commit_queue`]),
     /// then wait; its answer comes back through
@@ -110,6 +114,7 @@ pub fn callout(
     let (method, path) = match call {
         Call::Tenant => ("GET", tenant::PATH),
         Call::Commit => ("POST", commit::PATH),
+        Call::Idempotency => ("POST", idempotency::PATH),
     };
     let mut headers = vec![
         (":method".to_owned(), method.to_owned()),

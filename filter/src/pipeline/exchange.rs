@@ -5,7 +5,8 @@ use std::cell::RefCell;
 use std::rc::Rc;
 
 use serde_json::Value;
-use signet_protocol::internal::{Code, CommitReply, ErrorReply, Grant, Head, Outcome};
+use signet_protocol::canonical::{self, Profile};
+use signet_protocol::internal::{idempotency, Code, CommitReply, ErrorReply, Grant, Head, Outcome};
 use signet_protocol::{cid, trace, ApiError};
 
 use super::actions::{callout, Action, Call, CalloutResponse, Forward, Response};
@@ -48,6 +49,9 @@ struct Routed {
     key_hash: String,
     /// Missing or invalid: answered once the API key is known (auth comes first).
     idempotency_key: Result<String, Box<ApiError>>,
+    /// The client named the key (an inline request without one gets a fresh key, which no
+    /// earlier request can have stored).
+    key_given: bool,
     header_trace: Option<String>,
 }
 
@@ -56,6 +60,16 @@ enum Stage {
     AwaitingTenant { body: Option<Vec<u8>> },
     /// Admitted; waiting for the end of the body.
     AwaitingBody(Admitted),
+    /// Refused before its body (the route's rate): the body is awaited only to tell whether
+    /// the request replays a stored one.
+    Refusing {
+        admitted: Admitted,
+        error: Box<ApiError>,
+    },
+    /// Refused by the pipeline: the key's stored answer is looked up before the refusal is
+    /// answered (SPEC §4: a replay gets the stored response even when the pipeline would
+    /// refuse the request now, and a reused key is 422 whatever the new body).
+    CheckingReplay(Box<Refused>),
     // A stage that waits for a callout between the body and the commit slots in here, holding
     // what it needs to resume, and gets an arm in `on_callout_response`:
     // - LLM-fallback repair: after deterministic repair fails, before transform
@@ -66,7 +80,7 @@ enum Stage {
     Committing(Box<Committing>),
 }
 
-/// A tenant that passed the rate and in-flight checks.
+/// A known tenant's request, holding its idempotency key on this worker.
 struct Admitted {
     grant: Grant,
     /// The idempotency key, freed on this worker when the exchange ends, however it ends.
@@ -78,6 +92,14 @@ struct Signable {
     admitted: Admitted,
     request: Request,
     verified: Verified,
+}
+
+/// A request the pipeline refused, waiting for its key's stored answer.
+struct Refused {
+    /// Held, never read: the key stays in flight on this worker until the answer.
+    _admitted: Admitted,
+    fingerprint: String,
+    error: ApiError,
 }
 
 struct Committing {
@@ -148,6 +170,7 @@ impl Exchange {
         let ReadHeaders {
             key_hash,
             idempotency_key,
+            key_given,
             header_trace,
             ..
         } = read;
@@ -156,6 +179,7 @@ impl Exchange {
             route,
             key_hash,
             idempotency_key,
+            key_given,
             header_trace,
         };
         let ttl_ms = self.config.tenant_cache_ttl_ms;
@@ -196,6 +220,11 @@ impl Exchange {
                 let body = read_body();
                 self.on_body(host, routed, admitted, body)
             }
+            Stage::Refusing { admitted, error } if end_of_stream => {
+                let fingerprint =
+                    idempotency::fingerprint(&read_body(), routed.header_trace.as_deref());
+                self.refuse(host, routed, admitted, fingerprint, *error)
+            }
             stage => self.wait(routed, stage),
         }
     }
@@ -210,10 +239,15 @@ impl Exchange {
         };
         let call = match &stage {
             Stage::AwaitingTenant { .. } => Call::Tenant,
+            Stage::CheckingReplay(_) => Call::Idempotency,
             Stage::Committing(_) => Call::Commit,
-            Stage::AwaitingBody(_) => return self.wait(routed, stage),
+            Stage::AwaitingBody(_) | Stage::Refusing { .. } => return self.wait(routed, stage),
         };
-        let reply = match classify(response) {
+        let reply = classify(response);
+        if let Stage::CheckingReplay(refused) = stage {
+            return self.on_stored_answer(host, routed, reply, *refused);
+        }
+        let reply = match reply {
             Ok(reply) => reply,
             Err(why) => {
                 host.count(&stats::callout_failures(call.name()));
@@ -227,7 +261,9 @@ impl Exchange {
         match stage {
             Stage::AwaitingTenant { body } => self.on_tenant(host, routed, reply, body),
             Stage::Committing(committing) => self.on_commit(host, routed, reply, *committing),
-            Stage::AwaitingBody(_) => self.wait(routed, stage),
+            Stage::AwaitingBody(_) | Stage::Refusing { .. } | Stage::CheckingReplay(_) => {
+                self.wait(routed, stage)
+            }
         }
     }
 
@@ -268,7 +304,8 @@ impl Exchange {
     }
 
     /// Once the tenant is known: the idempotency key (400), the route's rate (429), the key in
-    /// flight on this worker (409); then the body, if it is complete.
+    /// flight on this worker (409); then the body, if it is complete. Over the rate, a request
+    /// with the client's key waits for its body all the same: it may replay a stored request.
     fn admit(
         &mut self,
         host: &mut dyn Host,
@@ -280,8 +317,9 @@ impl Exchange {
             Ok(key) => key.clone(),
             Err(e) => return self.fail(host, (**e).clone()),
         };
-        if let Some(error) = over_rate(host, &routed.route, &grant.tenant) {
-            return self.fail(host, error);
+        let over_rate = over_rate(host, &routed.route, &grant.tenant);
+        if let (Some(error), false) = (&over_rate, routed.key_given) {
+            return self.fail(host, error.clone());
         }
         let Some(in_flight) = InFlightKey::enter(&self.worker, &grant.tenant, &idempotency_key)
         else {
@@ -295,9 +333,17 @@ impl Exchange {
             );
         };
         let admitted = Admitted { grant, in_flight };
-        match body {
-            Some(body) => self.on_body(host, routed, admitted, body),
-            None => self.wait(routed, Stage::AwaitingBody(admitted)),
+        match (body, over_rate) {
+            (Some(body), None) => self.on_body(host, routed, admitted, body),
+            (None, None) => self.wait(routed, Stage::AwaitingBody(admitted)),
+            (Some(body), Some(error)) => {
+                let fingerprint = idempotency::fingerprint(&body, routed.header_trace.as_deref());
+                self.refuse(host, routed, admitted, fingerprint, error)
+            }
+            (None, Some(error)) => {
+                let error = Box::new(error);
+                self.wait(routed, Stage::Refusing { admitted, error })
+            }
         }
     }
 
@@ -314,11 +360,17 @@ impl Exchange {
         let trace = routed.header_trace.as_deref();
         let mut request = match request::parse(&body, &routed.route, registry, trace) {
             Ok(request) => request,
-            Err(e) => return self.fail(host, e),
+            Err(e) => {
+                let fingerprint = idempotency::fingerprint(&body, trace);
+                return self.refuse(host, routed, admitted, fingerprint, e);
+            }
         };
         let verified = match verify(host, &self.config, &admitted.grant, &mut request) {
             Ok(verified) => verified,
-            Err(e) => return self.fail(host, e),
+            Err(e) => {
+                let fingerprint = std::mem::take(&mut request.fingerprint);
+                return self.refuse(host, routed, admitted, fingerprint, e);
+            }
         };
         // A callout stage before signing (see `Stage`) returns `self.wait(routed, …)` with its
         // callout here; its answer continues with the commit below.
@@ -333,6 +385,102 @@ impl Exchange {
             verified,
         };
         self.commit(host, routed, subject, head, 1 + u8::from(guessed))
+    }
+
+    /// An admitted request the pipeline refuses: with the client's own key, its stored answer
+    /// is looked up before `error` is answered ([`Stage::CheckingReplay`]).
+    fn refuse(
+        &mut self,
+        host: &mut dyn Host,
+        routed: Routed,
+        admitted: Admitted,
+        fingerprint: String,
+        error: ApiError,
+    ) -> Action {
+        if !routed.key_given {
+            return self.fail(host, error);
+        }
+        // the tenant as receipts (and so their idempotency records) name it
+        let lookup = idempotency::Lookup {
+            tenant: canonical::nfc(&admitted.grant.tenant),
+            idempotency_key: admitted.in_flight.key().into(),
+        };
+        let Ok(body) = serde_json::to_vec(&lookup) else {
+            return self.fail(host, error);
+        };
+        let lookup = callout(&self.config, Call::Idempotency, Some(body), Vec::new());
+        let refused = Refused {
+            _admitted: admitted,
+            fingerprint,
+            error,
+        };
+        self.state = State::Open(routed, Stage::CheckingReplay(Box::new(refused)));
+        Action::Call(lookup)
+    }
+
+    /// The key's stored answer: the same request replays it; another request is 422
+    /// `IDEMPOTENCY_KEY_REUSED`; no stored answer (or none to be had) leaves the refusal.
+    fn on_stored_answer(
+        &mut self,
+        host: &mut dyn Host,
+        routed: Routed,
+        reply: Result<Reply, String>,
+        refused: Refused,
+    ) -> Action {
+        let Refused {
+            fingerprint, error, ..
+        } = refused;
+        let stored = match reply {
+            Ok(Reply::Ok(stored)) => stored,
+            Ok(Reply::Error(_, e)) if e.code == Code::IdempotencyKeyUnknown.as_str() => {
+                return self.fail(host, error)
+            }
+            Ok(Reply::Error(status, e)) => {
+                host.count(&stats::callout_failures(Call::Idempotency.name()));
+                host.log(
+                    LogLevel::Warn,
+                    &format!("signet: idempotency lookup refused: {status} {}", e.code),
+                );
+                return self.fail(host, error);
+            }
+            Err(why) => {
+                host.count(&stats::callout_failures(Call::Idempotency.name()));
+                host.log(
+                    LogLevel::Warn,
+                    &format!("signet: control plane idempotency call failed: {why}"),
+                );
+                return self.fail(host, error);
+            }
+        };
+        let stored = match serde_json::from_slice::<idempotency::Stored>(&stored) {
+            Ok(stored) => stored,
+            Err(e) => {
+                host.count(&stats::callout_failures(Call::Idempotency.name()));
+                host.log(
+                    LogLevel::Warn,
+                    &format!("signet: idempotency answer unreadable: {e}"),
+                );
+                return self.fail(host, error);
+            }
+        };
+        if stored.fingerprint != fingerprint {
+            return self.fail(host, key_reused());
+        }
+        let response = serde_json::from_str::<Value>(stored.response.get()).unwrap_or_default();
+        // an inline route forwards the payload again: the canonical form of the one stored
+        let canon = response
+            .get("normalized")
+            .and_then(|n| canonical::to_canonical(n, Profile::Signet).ok());
+        if routed.route.mode == Mode::Inline
+            && routed.route.inline_body == InlineBody::Normalized
+            && canon.is_none()
+        {
+            // the route keeps no payload: nothing to forward again, the refusal stands
+            return self.fail(host, error);
+        }
+        let headers = receipt_headers(&response);
+        let body = stored.response.get().as_bytes().to_vec();
+        self.deliver(host, &routed, canon, body, headers, true)
     }
 
     /// Signs the receipt on `head` and commits it.
@@ -416,7 +564,8 @@ impl Exchange {
                 let tenant = &subject.admitted.grant.tenant;
                 self.remember_head(tenant, &subject.verified.trace_id, signed.head);
                 let response = String::from(Box::<str>::from(signed.response)).into_bytes();
-                self.deliver(host, &routed, subject, response, signed.headers, false)
+                let canon = Some(subject.verified.canon);
+                self.deliver(host, &routed, canon, response, signed.headers, false)
             }
             Ok(CommitReply {
                 outcome: Outcome::Replay,
@@ -427,7 +576,8 @@ impl Exchange {
                     .map(|v| receipt_headers(&v))
                     .unwrap_or_default();
                 let response = stored.get().as_bytes().to_vec();
-                self.deliver(host, &routed, committing.subject, response, headers, true)
+                let canon = Some(committing.subject.verified.canon);
+                self.deliver(host, &routed, canon, response, headers, true)
             }
             Ok(CommitReply {
                 outcome: Outcome::Replay,
@@ -443,12 +593,13 @@ impl Exchange {
         }
     }
 
-    /// Answers with a verified (or replayed) exchange's 200 body and its receipt headers.
+    /// Answers with a verified (or replayed) exchange's 200 body and its receipt headers; an
+    /// inline route forwards `canon`, the normalized payload, when it forwards that.
     fn deliver(
         &mut self,
         host: &mut dyn Host,
         routed: &Routed,
-        subject: Signable,
+        canon: Option<String>,
         body: Vec<u8>,
         mut headers: Vec<(String, String)>,
         replay: bool,
@@ -471,7 +622,7 @@ impl Exchange {
                 // a replay forwards the same canonical payload: it is deterministic
                 let body = match routed.route.inline_body {
                     InlineBody::Original => None,
-                    InlineBody::Normalized => Some(subject.verified.canon.into_bytes()),
+                    InlineBody::Normalized => canon.map(String::into_bytes),
                 };
                 let response_headers = headers.clone();
                 let mut set_headers = headers;
@@ -623,6 +774,7 @@ fn over_rate(host: &mut dyn Host, route: &RouteSettings, tenant: &str) -> Option
 struct ReadHeaders {
     key_hash: String,
     idempotency_key: Result<String, Box<ApiError>>,
+    key_given: bool,
     header_trace: Option<String>,
     declared_length: Option<u64>,
 }
@@ -676,6 +828,7 @@ fn read_headers(
         .ok()
         .flatten()
         .and_then(|n| std::str::from_utf8(trim_ows(n)).ok()?.parse::<u64>().ok());
+    let key_given = idempotency_key.is_some();
     let idempotency_key = match (idempotency_key, mode) {
         (Some(key), _) => visible_ascii(key)
             .filter(|k| k.len() <= MAX_IDEMPOTENCY_KEY_BYTES)
@@ -701,9 +854,19 @@ fn read_headers(
     Ok(ReadHeaders {
         key_hash: cid::sha256_hex(api_key.as_bytes()),
         idempotency_key,
+        key_given,
         header_trace,
         declared_length,
     })
+}
+
+/// A key stored for another request (SPEC §4), as the control plane's commit answers it.
+fn key_reused() -> ApiError {
+    ApiError::new(
+        Code::IdempotencyKeyReused.status(),
+        Code::IdempotencyKeyReused.as_str(),
+        "the idempotency key was used for a different request",
+    )
 }
 
 /// The control plane's answer for a key no tenant has (here from the cache).

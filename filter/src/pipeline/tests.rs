@@ -9,8 +9,8 @@ use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use signet_protocol::internal::tenant::{self, KEY_HASH_HEADER};
 use signet_protocol::internal::{
-    commit, decide, Candidate, Code, Commit, CommitBatch, CommitReply, CommitResult, CommitResults,
-    Decision, ErrorReply, Grant, Head, Record, TraceState, FILTER_TOKEN_HEADER,
+    commit, decide, idempotency, Candidate, Code, Commit, CommitBatch, CommitReply, CommitResult,
+    CommitResults, Decision, ErrorReply, Grant, Head, Record, TraceState, FILTER_TOKEN_HEADER,
 };
 use signet_protocol::{cid, receipt, Jwks};
 
@@ -108,6 +108,11 @@ impl FakeControlPlane {
         if let (Call::Tenant, Some((status, body))) = (callout.call, self.scripted.get("tenant")) {
             return reply(*status, body.clone());
         }
+        if let (Call::Idempotency, Some((status, body))) =
+            (callout.call, self.scripted.get("idempotency"))
+        {
+            return reply(*status, body.clone());
+        }
         match callout.call {
             Call::Tenant => {
                 assert_eq!(header(":path").as_deref(), Some(tenant::PATH));
@@ -147,6 +152,31 @@ impl FakeControlPlane {
                 CalloutResponse {
                     status: Some(200),
                     body: serde_json::to_vec(&results).unwrap(),
+                }
+            }
+            Call::Idempotency => {
+                assert_eq!(header(":path").as_deref(), Some(idempotency::PATH));
+                assert_eq!(header(":method").as_deref(), Some("POST"));
+                let body = callout.body.as_deref().unwrap();
+                let lookup: idempotency::Lookup = serde_json::from_slice(body).unwrap();
+                let slot = (
+                    lookup.tenant.into_owned(),
+                    lookup.idempotency_key.into_owned(),
+                );
+                match self.slots.get(&slot) {
+                    Some(record) => {
+                        let response = RawValue::from_string(record.response.to_string()).unwrap();
+                        let stored = idempotency::Stored {
+                            fingerprint: record.fingerprint.as_str().into(),
+                            response: &response,
+                        };
+                        raw_reply(200, &stored)
+                    }
+                    None => error(
+                        404,
+                        "IDEMPOTENCY_KEY_UNKNOWN",
+                        "no committed request has this idempotency key",
+                    ),
                 }
             }
         }
@@ -909,8 +939,10 @@ fn status_422_rows() {
         let action = h.post(&format!("k-{i}"), &body);
         assert_eq!(error_of(&action), (422, code.to_owned()), "case {i}");
     }
-    // refused before signing: nothing reached the control plane but the tenant lookup
-    assert_eq!(h.cp.calls, vec![Call::Tenant]);
+    // refused before signing: each asked only whether its key had a stored answer
+    let lookups = vec![Call::Idempotency; h.cp.calls.len() - 1];
+    assert_eq!(h.cp.calls, [vec![Call::Tenant], lookups.clone()].concat());
+    assert_eq!(lookups.len(), 12);
     assert!(h.worker.borrow().in_flight.is_empty());
     // nothing was stored: a corrected retry with the same key works
     assert_eq!(respond(&h.post("k-0", &exchange_body(json!({})))).0, 200);
@@ -964,11 +996,113 @@ fn status_429_when_a_tenant_exceeds_the_route_rate() {
     assert_eq!(respond(&send(&mut h, "k-2")).0, 200);
     let calls_before = h.cp.calls.len();
     assert_eq!(error_of(&send(&mut h, "k-3")), (429, "RATE_LIMITED".into()));
-    // refused before any callout, nothing counted
-    assert_eq!(h.cp.calls.len(), calls_before);
+    // refused before the pipeline: only its key was looked up, nothing counted
+    assert_eq!(&h.cp.calls[calls_before..], &[Call::Idempotency]);
     assert_eq!(h.host.counter("signet.errors.code.RATE_LIMITED"), 1);
+    assert_eq!(h.host.counter("signet.exchanges.mode.exchange"), 2);
+    assert!(h.worker.borrow().in_flight.is_empty());
+    // a replay of a stored request is answered with its stored response, over the rate too
+    let (status, _, headers) = respond(&send(&mut h, "k-1"));
+    assert_eq!(status, 200);
+    assert_eq!(
+        headers.get("x-signet-idempotency-hit").map(String::as_str),
+        Some("1")
+    );
     h.host.now += 1_000;
     assert_eq!(respond(&send(&mut h, "k-3")).0, 200);
+}
+
+/// SPEC §4: a replay returns the stored response even when the pipeline would refuse the
+/// request now, and a reused key is 422 `IDEMPOTENCY_KEY_REUSED` even when the new body is
+/// invalid; a key nobody stored leaves the pipeline's refusal.
+#[test]
+fn a_refused_request_is_answered_from_its_key_when_it_was_stored() {
+    let mut h = Harness::new();
+    let body = exchange_body(json!({"trace_id": "order-7"}));
+    let (status, first, _) = respond(&h.post("k-1", &body));
+    assert_eq!(status, 200);
+
+    // A request stored when the pipeline took it, which it refuses now (a changed allowlist
+    // or registry; here its forward_url's host is not allowed): the stored answer, replayed.
+    let refused_now = exchange_body(json!({"forward_url": "https://evil.test/in"}));
+    assert_eq!(error_of(&h.post("k-0", &refused_now)).0, 403);
+    let response = respond(&h.post("k-setup", &exchange_body(json!({})))).1;
+    h.cp.slots.insert(
+        ("demo".into(), "k-2".into()),
+        Record {
+            fingerprint: idempotency::fingerprint(&refused_now, None),
+            response: response.to_string().into(),
+        },
+    );
+    let (status, replayed, headers) = respond(&h.post("k-2", &refused_now));
+    assert_eq!((status, &replayed), (200, &response));
+    assert_eq!(
+        headers.get("x-signet-idempotency-hit").map(String::as_str),
+        Some("1")
+    );
+    assert_eq!(
+        headers.get("x-signet-receipt-hash").map(String::as_str),
+        response["receipt"]["receipt_hash"].as_str()
+    );
+    assert_eq!(h.host.counter("signet.idempotent_hits"), 1);
+
+    // a reused key with an invalid body: 422 reused, not the body's own error
+    assert_eq!(
+        error_of(&h.post("k-1", br#"{"payload_type":5}"#)),
+        (422, "IDEMPOTENCY_KEY_REUSED".into())
+    );
+    assert_eq!(
+        error_of(&h.post("k-1", b"not json")),
+        (422, "IDEMPOTENCY_KEY_REUSED".into())
+    );
+    // a key nobody stored: the pipeline's refusal, and the key stays free
+    assert_eq!(
+        error_of(&h.post("k-new", br#"{"payload_type":5}"#)),
+        (422, "INVALID_REQUEST".into())
+    );
+    assert_eq!(error_of(&h.post("k-new", &refused_now)).0, 403);
+    assert!(h.worker.borrow().in_flight.is_empty());
+    let vex = h.host.counter("signet.exchanges.mode.exchange");
+    assert_eq!(vex, 2, "replays and refusals count nothing");
+    assert_eq!(first["trace_id"], "order-7");
+}
+
+/// The lookup cannot be made or answered: the client gets the pipeline's refusal, never a 503
+/// (nor a fail-open pass-through), and the failure is counted.
+#[test]
+fn a_failed_lookup_leaves_the_refusal() {
+    let mut h = Harness::new();
+    h.cp.scripted.insert(
+        "idempotency",
+        (500, json!({"detail":"x","code":"STORAGE_UNAVAILABLE"})),
+    );
+    assert_eq!(
+        error_of(&h.post("k-1", br#"{"payload_type":5}"#)),
+        (422, "INVALID_REQUEST".into())
+    );
+    h.cp.scripted.insert(
+        "idempotency",
+        (401, json!({"detail":"x","code":"FILTER_UNAUTHORIZED"})),
+    );
+    assert_eq!(
+        error_of(&h.post("k-2", br#"{"payload_type":5}"#)),
+        (422, "INVALID_REQUEST".into())
+    );
+    assert_eq!(
+        h.host.counter("signet.callout_failures.call.idempotency"),
+        2
+    );
+}
+
+/// An inline request without an idempotency key gets a fresh one: no stored answer can exist,
+/// so a refusal is answered at once.
+#[test]
+fn an_inline_request_without_a_key_is_refused_without_a_lookup() {
+    let mut h = Harness::new();
+    let route = inline_route(&h, json!({}));
+    let (action, _) = h.send_on(route, &[("x-signet-api-key", KEY)], b"[1]");
+    assert_eq!(error_of(&action).0, 422);
+    assert_eq!(h.cp.calls, vec![Call::Tenant]);
 }
 
 #[test]

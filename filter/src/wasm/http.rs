@@ -76,9 +76,9 @@ impl StreamHandle {
                     }
                     action = self.fail_callout();
                 }
-                // the one callout an exchange makes itself, sent from the root (single flight)
+                // sent from the root, which hands the answer back (set_effective_context)
                 PipelineAction::Call(callout) => {
-                    if self.callouts.look_up(self, callout) {
+                    if self.callouts.call(self, callout) {
                         return types::Action::Pause;
                     }
                     action = self.fail_callout();

@@ -1,6 +1,8 @@
-//! The root context: the plugin configuration, this VM's worker state, and the commit batches
-//! ([`CommitQueue`]; why they leave from here: see [`crate::commit_queue`]). An exchange queues
-//! its commit and, when the queue was idle, wakes the root through a per-VM shared queue.
+//! The root context: the plugin configuration, this VM's worker state, and every control-plane
+//! callout: commit batches ([`CommitQueue`]; why they leave from here: see
+//! [`crate::commit_queue`]), tenant lookups (single flight) and the exchanges' own calls. An
+//! exchange queues its callout and wakes the root through a per-VM shared queue; the root sends
+//! it and hands the answer to the exchange.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -24,14 +26,23 @@ use crate::worker::WorkerState;
 
 // ---- callouts that leave from the root: shared by the root and the HTTP contexts of one VM ----
 
-/// Commit batches and tenant lookups: an exchange queues them here and the root sends them, so
-/// their answers reach the root, which lives as long as the VM (see [`crate::commit_queue`]).
+/// Most of an exchange's own callouts (neither commits nor tenant lookups) queued or out at
+/// once on one worker; beyond, the exchange answers as for a failed callout.
+pub const MAX_CALLS: usize = 1024;
+
+/// Commit batches, tenant lookups and the exchanges' own calls: an exchange queues them here
+/// and the root sends them, so their answers reach the root, which lives as long as the VM
+/// (see [`crate::commit_queue`]), and it hands each answer to its exchange.
 #[derive(Default)]
 pub(super) struct RootCallouts {
     queue: RefCell<CommitQueue>,
     lookups: RefCell<TenantLookups<Callout>>,
     /// Lookups out, by callout token: the key hash they answer for.
     lookup_tokens: RefCell<HashMap<u32, String>>,
+    /// Exchanges' own calls waiting to be sent: (context id, callout).
+    calls: RefCell<Vec<(u32, Callout)>>,
+    /// Exchanges' own calls out, by callout token: the context id each answers.
+    call_tokens: RefCell<HashMap<u32, u32>>,
     /// The shared queue that wakes this VM's root context.
     doorbell: Cell<Option<u32>>,
     /// Exchanges waiting for a commit or a lookup, by context id.
@@ -71,10 +82,35 @@ impl RootCallouts {
         rung
     }
 
-    /// Joins (or queues) the lookup of the callout's API key. False when it cannot be sent
-    /// (too many keys at once, or the root cannot be woken): the exchange answers as for a
-    /// failed callout.
-    pub(super) fn look_up(&self, stream: &StreamHandle, callout: Callout) -> bool {
+    /// Queues an exchange's callout for the root to send: a tenant lookup joins the one out for
+    /// its key. False when it cannot be sent (too many at once, or the root cannot be woken):
+    /// the exchange answers as for a failed callout.
+    pub(super) fn call(&self, stream: &StreamHandle, callout: Callout) -> bool {
+        if callout.call == Call::Tenant {
+            return self.look_up(stream, callout);
+        }
+        let Ok(mut calls) = self.calls.try_borrow_mut() else {
+            return false;
+        };
+        let out = self.call_tokens.try_borrow().map_or(0, |t| t.len());
+        if calls.len().saturating_add(out) >= MAX_CALLS {
+            WasmHost.log(
+                LogLevel::Warn,
+                &format!("signet: {MAX_CALLS} exchange callouts already out on this worker"),
+            );
+            return false;
+        }
+        calls.push((stream.id, callout));
+        self.wait(stream);
+        let rung = self.ring();
+        if !rung {
+            calls.retain(|(id, _)| *id != stream.id);
+        }
+        rung
+    }
+
+    /// Joins (or queues) the lookup of the callout's API key.
+    fn look_up(&self, stream: &StreamHandle, callout: Callout) -> bool {
         let key_hash = callout
             .headers
             .iter()
@@ -184,6 +220,25 @@ impl SignetRoot {
         }
     }
 
+    /// Sends the exchanges' own queued calls; one that cannot be sent is answered as a failed
+    /// callout.
+    fn dispatch_calls(&self) {
+        let queued = match self.callouts.calls.try_borrow_mut() {
+            Ok(mut calls) => std::mem::take(&mut *calls),
+            Err(_) => return,
+        };
+        for (id, callout) in queued {
+            match dispatch(&callout) {
+                Some(token) => {
+                    if let Ok(mut tokens) = self.callouts.call_tokens.try_borrow_mut() {
+                        tokens.insert(token, id);
+                    }
+                }
+                None => self.answer(id, CalloutResponse::none()),
+            }
+        }
+    }
+
     /// Hands a lookup's answer to every exchange waiting for it.
     fn answer_lookup(&self, key_hash: &str, response: &CalloutResponse) {
         let waiters = match self.callouts.lookups.try_borrow_mut() {
@@ -206,7 +261,7 @@ impl SignetRoot {
         }
     }
 
-    /// Hands one exchange its commit's answer.
+    /// Hands one exchange the answer it waits for (its commit's, lookup's or own call's).
     fn answer(&self, id: u32, answer: CalloutResponse) {
         let stream = self
             .callouts
@@ -252,8 +307,17 @@ impl Context for SignetRoot {
             .try_borrow_mut()
             .ok()
             .and_then(|mut tokens| tokens.remove(&token_id));
-        match lookup {
-            Some(key_hash) => self.answer_lookup(&key_hash, &response),
+        if let Some(key_hash) = lookup {
+            return self.answer_lookup(&key_hash, &response);
+        }
+        let call = self
+            .callouts
+            .call_tokens
+            .try_borrow_mut()
+            .ok()
+            .and_then(|mut tokens| tokens.remove(&token_id));
+        match call {
+            Some(id) => self.answer(id, response),
             // the root's other callouts are commit batches, one at a time
             None => {
                 self.deliver(response);
@@ -316,6 +380,7 @@ impl RootContext for SignetRoot {
         // the messages only wake us; the callouts are in the VM's memory
         while let Ok(Some(_)) = hostcalls::dequeue_shared_queue(queue_id) {}
         self.dispatch_lookups();
+        self.dispatch_calls();
         self.dispatch_commits();
     }
 

@@ -282,8 +282,9 @@ fn fail_open_route_passes_through_when_the_control_plane_is_down() {
 }
 
 /// 429 RATE_LIMITED: the exchange route caps each tenant at 2 requests per second
-/// (`tenant_requests_per_second` in the route metadata); a refused request reaches no callout and counts
-/// nothing, and the other tenant keeps its own budget.
+/// (`tenant_requests_per_second` in the route metadata); a refused request counts nothing (its
+/// only callout asks whether its key holds a stored answer), and the other tenant keeps its own
+/// budget.
 #[test]
 fn tenant_over_the_route_rate_is_429() {
     let stack = Stack::with_options(StackOptions {
