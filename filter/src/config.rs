@@ -37,6 +37,8 @@ struct RawControlPlane {
     authority: Option<String>,
     #[serde(default = "default_timeout_ms")]
     timeout_ms: u64,
+    #[serde(default = "default_repair_timeout_ms")]
+    repair_timeout_ms: u64,
 }
 
 fn default_tenant_cache_ttl_s() -> u64 {
@@ -44,6 +46,10 @@ fn default_tenant_cache_ttl_s() -> u64 {
 }
 fn default_timeout_ms() -> u64 {
     2000
+}
+/// Above the control plane's provider timeout (`SP_OPENAI_TIMEOUT_MS`, 20 s by default).
+fn default_repair_timeout_ms() -> u64 {
+    25_000
 }
 fn default_true() -> bool {
     true
@@ -55,6 +61,8 @@ pub struct ControlPlane {
     pub cluster: String,
     pub authority: String,
     pub timeout_ms: u64,
+    /// How long the LLM-fallback repair callout may take (`control_plane.repair_timeout_ms`).
+    pub repair_timeout_ms: u64,
     /// `X-SIGNET-Filter-Token` of every internal call.
     pub filter_token: String,
 }
@@ -91,6 +99,12 @@ impl Config {
             return Err(format!(
                 "control_plane.timeout_ms: {} is outside 1..=60000",
                 cp.timeout_ms
+            ));
+        }
+        if !(1..=120_000).contains(&cp.repair_timeout_ms) {
+            return Err(format!(
+                "control_plane.repair_timeout_ms: {} is outside 1..=120000",
+                cp.repair_timeout_ms
             ));
         }
         if raw.tenant_cache_ttl_s > 86_400 {
@@ -137,6 +151,7 @@ impl Config {
                 authority: cp.authority.unwrap_or_else(|| cp.cluster.clone()),
                 cluster: cp.cluster,
                 timeout_ms: cp.timeout_ms,
+                repair_timeout_ms: cp.repair_timeout_ms,
                 filter_token,
             },
             tenant_cache_ttl_ms: raw.tenant_cache_ttl_s * 1000,
@@ -177,6 +192,7 @@ pub(crate) mod tests {
                 cluster: "cp".into(),
                 authority: "cp".into(),
                 timeout_ms: 2000,
+                repair_timeout_ms: 25_000,
                 filter_token: "tok".into()
             }
         );

@@ -1,7 +1,7 @@
 //! What an exchange asks of the filter, and the control-plane callouts it makes.
 
 use serde_json::value::RawValue;
-use signet_protocol::internal::{self, commit, idempotency, tenant};
+use signet_protocol::internal::{self, commit, idempotency, repair, tenant};
 
 use crate::config::Config;
 
@@ -12,6 +12,8 @@ pub enum Call {
     Commit,
     /// The stored answer of an idempotency key, for a request the pipeline refuses.
     Idempotency,
+    /// The LLM-fallback repair of an embedded JSON text (`control_plane.repair_timeout_ms`).
+    Repair,
 }
 
 impl Call {
@@ -20,6 +22,7 @@ impl Call {
             Call::Tenant => "tenant",
             Call::Commit => "commit",
             Call::Idempotency => "idempotency",
+            Call::Repair => "repair",
         }
     }
 }
@@ -115,6 +118,7 @@ pub fn callout(
         Call::Tenant => ("GET", tenant::PATH),
         Call::Commit => ("POST", commit::PATH),
         Call::Idempotency => ("POST", idempotency::PATH),
+        Call::Repair => ("POST", repair::PATH),
     };
     let mut headers = vec![
         (":method".to_owned(), method.to_owned()),
@@ -134,6 +138,10 @@ pub fn callout(
         cluster: cp.cluster.clone(),
         headers,
         body,
-        timeout_ms: cp.timeout_ms,
+        // a repair waits for the LLM provider
+        timeout_ms: match call {
+            Call::Repair => cp.repair_timeout_ms,
+            _ => cp.timeout_ms,
+        },
     }
 }

@@ -31,6 +31,7 @@
 
 pub mod actions;
 mod exchange;
+mod fallback;
 mod headers;
 mod reply;
 mod request;

@@ -57,6 +57,10 @@ pub fn sign(
     let mut extensions = Map::new();
     extensions.insert("payload_type".into(), request.payload_type.clone().into());
     extensions.insert("target_type".into(), request.target_type.clone().into());
+    if let Some(fu) = verified.fallback_fu {
+        extensions.insert("fallback_used".into(), true.into());
+        extensions.insert("fu_tokens".into(), fu.into());
+    }
     let draft = ReceiptDraft {
         trace_id: verified.trace_id.clone(),
         hop: head.as_ref().map_or(1, |h| h.hop.saturating_add(1)),
@@ -95,7 +99,8 @@ pub fn sign(
         fingerprint: request.fingerprint.as_str().into(),
         receipt: Value::Object(receipt),
         response: &response,
-        fu_tokens: 0,
+        // what the receipt states; metered by the repair callout, not by the commit
+        fu_tokens: verified.fallback_fu.unwrap_or(0),
         deadline_ms: Some(deadline_ms),
     }
     .to_json()
