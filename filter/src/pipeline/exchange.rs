@@ -76,8 +76,6 @@ enum Stage {
     Repairing(Box<Repairing>),
     // A stage that waits for a callout between the body and the commit slots in here, holding
     // what it needs to resume, and gets an arm in `on_callout_response`:
-    // - LLM-fallback repair: after deterministic repair fails, before transform
-    //   (`AwaitingRepair { admitted, request, .. }`);
     // - forward: after HEL allows `forward_url`, before signing; its outcome goes into the
     //   receipt (`Forwarding { verified: Verified, .. }`).
     /// The signed receipt is in a commit batch.

@@ -6,6 +6,7 @@ mod chain;
 mod commits;
 mod config;
 mod errors;
+mod fallback;
 mod hostile;
 mod idempotency;
 mod routes;
