@@ -22,6 +22,7 @@ both_backends!(
     unusable_answers_are_metered_and_refused,
     concurrent_repairs_never_exceed_the_monthly_limit,
     a_reservation_that_never_settles_stops_counting_when_it_expires,
+    settled_repairs_and_dead_reservations_go_with_the_idempotency_retention,
 );
 
 mod sqlite_only {
@@ -530,5 +531,117 @@ async fn a_reservation_that_never_settles_stops_counting_when_it_expires(backend
         Ok(200)
     );
     server.stop().await;
+    db.cleanup().await;
+}
+
+/// The retention sweep that removes old idempotency records removes the fallback's results
+/// (their replays end with the exchange's) and long-expired reservations too.
+async fn settled_repairs_and_dead_reservations_go_with_the_idempotency_retention(backend: Backend) {
+    use signet_control_plane::storage::fallback::{Settled, Settlement, StoredRepair};
+    use signet_control_plane::storage::{Retention, Storage};
+
+    let db = TestDb::new(backend).await;
+    let retention = Retention {
+        idempotency: Duration::from_secs(3600),
+        sweep_every: Duration::from_millis(50),
+        sweep_rows: 2,
+    };
+    let storage: Arc<dyn Storage> = match backend {
+        Backend::Sqlite => Arc::new(
+            signet_control_plane::storage::SqliteStorage::open_with(
+                std::path::Path::new(&db.env["SP_DB_PATH"]),
+                retention,
+            )
+            .unwrap(),
+        ),
+        Backend::Postgres => Arc::new(
+            signet_control_plane::storage::PostgresStorage::connect_with(
+                &db.env["SP_POSTGRES_URL"],
+                2,
+                retention,
+            )
+            .await
+            .unwrap(),
+        ),
+    };
+    let store = storage.fallback();
+    let now = signet_control_plane::now_ms();
+    let hour = 3_600_000;
+    let reservation = |key: &str, at: i64, expires: i64| Reservation {
+        id: format!("id-{key}"),
+        tenant: "demo".into(),
+        month: "2026-12".into(),
+        idempotency_key: key.into(),
+        fingerprint: "sha256:f".into(),
+        tokens: 10,
+        limit: None,
+        now_ms: at,
+        expires_ms: expires,
+    };
+    // three repairs settled long ago (more than one pass of 2 rows), one just now
+    for (key, at) in [
+        ("old-1", now - 3 * hour),
+        ("old-2", now - 3 * hour),
+        ("old-3", now - 2 * hour),
+        ("new", now),
+    ] {
+        let r = reservation(key, at, at + 60_000);
+        assert_eq!(store.reserve(r.clone()).await, Ok(Reserved::Reserved));
+        let settled = store
+            .settle(Settlement {
+                id: r.id.clone(),
+                tenant: r.tenant.clone(),
+                month: r.month.clone(),
+                idempotency_key: key.into(),
+                fingerprint: r.fingerprint.clone(),
+                fu_tokens: 7,
+                usage_estimated: false,
+                result: StoredRepair {
+                    status: 200,
+                    body: "{}".into(),
+                },
+                now_ms: at,
+                plan: Arc::default(),
+            })
+            .await;
+        assert!(
+            matches!(settled, Ok(Settled::Metered { .. })),
+            "{settled:?}"
+        );
+    }
+    // a reservation whose call died two hours ago
+    // (in another month: the probes below reserve in 2026-12 and must not be counted)
+    let dead = Reservation {
+        month: "2026-11".into(),
+        ..reservation("dead", now - 2 * hour, now - 2 * hour + 60_000)
+    };
+    assert_eq!(store.reserve(dead).await, Ok(Reserved::Reserved));
+    let replays = |key: &'static str| {
+        let store = storage.clone();
+        async move {
+            let r = reservation(key, signet_control_plane::now_ms(), now + 60_000);
+            matches!(
+                store.fallback().reserve(r.clone()).await,
+                Ok(Reserved::Replay(_))
+            )
+        }
+    };
+    let mut swept = false;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let held = store
+            .reserved_tokens("demo", "2026-11", now - 2 * hour)
+            .await
+            .unwrap();
+        if !replays("old-1").await && !replays("old-3").await && held == 0 {
+            swept = true;
+            break;
+        }
+    }
+    assert!(swept, "old results and the dead reservation are swept");
+    assert!(replays("new").await, "a recent result still replays");
+    // the FU metered stay: the sweep removes replay records, never usage
+    assert_eq!(storage.usage("demo", "2026-12").await.unwrap().fu, 28);
+    drop(storage);
     db.cleanup().await;
 }

@@ -173,10 +173,12 @@ async fn sweep_loop(
                     .get()
                     .await
                     .map_err(|e| StoreError::Database(e.to_string()))?;
-                client
+                let keys = client
                     .execute(SWEEP_IDEMPOTENCY, &[&cutoff, &rows])
                     .await
-                    .map_err(db)
+                    .map_err(db)?;
+                // the fallback's results replay for as long as the exchange's key does
+                Ok::<_, StoreError>(keys.max(fallback::sweep(&client, cutoff, rows).await?))
             };
             match pass.await {
                 Ok(deleted) if deleted < rows as u64 => break,

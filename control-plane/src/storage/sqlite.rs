@@ -199,7 +199,10 @@ fn sweep_loop(jobs: mpsc::Sender<Box<dyn Job>>, retention: Retention, stopped: m
         let cutoff = retention.cutoff_ms(crate::now_ms());
         loop {
             let pass = run_blocking(&jobs, move |conn| {
-                sweep_idempotency(conn, cutoff, rows).map(|deleted| (deleted, true))
+                // the fallback's results replay for as long as the exchange's key does
+                let deleted = sweep_idempotency(conn, cutoff, rows)?
+                    .max(fallback::sweep(conn, cutoff, rows)?);
+                Ok((deleted, true))
             });
             match pass {
                 Ok(deleted) if deleted < retention.sweep_rows => break,

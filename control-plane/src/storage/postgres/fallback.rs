@@ -184,6 +184,37 @@ async fn settle(tx: &Transaction<'_>, s: &Settlement) -> Result<Settled, StoreEr
     })
 }
 
+/// At most `$2` settled repairs created before `$1` (oldest first), skipping rows another
+/// instance holds.
+const SWEEP_REPAIRS: &str = "
+DELETE FROM fallback_repairs WHERE ctid IN (
+    SELECT ctid FROM fallback_repairs WHERE created_ms < $1
+    ORDER BY created_ms LIMIT $2 FOR UPDATE SKIP LOCKED
+)";
+
+/// At most `$2` reservations expired before `$1`.
+const SWEEP_RESERVATIONS: &str = "
+DELETE FROM fu_reservations WHERE ctid IN (
+    SELECT ctid FROM fu_reservations WHERE expires_ms < $1 LIMIT $2 FOR UPDATE SKIP LOCKED
+)";
+
+/// One pass of the retention sweep over the fallback's tables; the larger count deleted.
+pub(super) async fn sweep(
+    client: &tokio_postgres::Client,
+    cutoff_ms: i64,
+    rows: i64,
+) -> Result<u64, StoreError> {
+    let repairs = client
+        .execute(SWEEP_REPAIRS, &[&cutoff_ms, &rows])
+        .await
+        .map_err(db)?;
+    let reservations = client
+        .execute(SWEEP_RESERVATIONS, &[&cutoff_ms, &rows])
+        .await
+        .map_err(db)?;
+    Ok(repairs.max(reservations))
+}
+
 #[async_trait]
 impl FallbackStore for PostgresStorage {
     async fn reserve(&self, reservation: Reservation) -> Result<Reserved, StoreError> {

@@ -154,6 +154,24 @@ fn settle(conn: &Connection, s: &Settlement) -> rusqlite::Result<(Settled, bool)
     ))
 }
 
+/// Deletes at most `rows` settled repairs created before `cutoff_ms` (oldest first) and at most
+/// `rows` reservations expired before it; the larger count.
+pub(super) fn sweep(conn: &Connection, cutoff_ms: i64, rows: i64) -> rusqlite::Result<usize> {
+    let repairs = conn
+        .prepare_cached(
+            "DELETE FROM fallback_repairs WHERE rowid IN
+                 (SELECT rowid FROM fallback_repairs WHERE created_ms < ?1 ORDER BY created_ms LIMIT ?2)",
+        )?
+        .execute(params![cutoff_ms, rows])?;
+    let reservations = conn
+        .prepare_cached(
+            "DELETE FROM fu_reservations WHERE rowid IN
+                 (SELECT rowid FROM fu_reservations WHERE expires_ms < ?1 LIMIT ?2)",
+        )?
+        .execute(params![cutoff_ms, rows])?;
+    Ok(repairs.max(reservations))
+}
+
 #[async_trait]
 impl FallbackStore for SqliteStorage {
     async fn reserve(&self, reservation: Reservation) -> Result<Reserved, StoreError> {
