@@ -21,10 +21,15 @@ BIN="$TARGET_DIR/release"
 : "${SIGNET_DATA:=$ROOT/data}"        # dev key, filter token, SQLite database
 : "${SIGNET_RUN:=$ROOT/.run}"         # rendered Envoy config, logs
 
-# The demo tenant: API key `demo-key`, may forward to *.example.com. (Only here, for `make up`
-# and `make bench` on loopback; docker-compose.yml takes SP_API_KEYS from .env.)
+# The demo tenant: API key `demo-key`, may forward to *.example.com; with SP_OPENAI_API_KEY set
+# it has the LLM fallback too, up to 100000 FU a month. (Only here, for `make up` and
+# `make bench` on loopback; docker-compose.yml takes SP_API_KEYS from .env.)
 if [[ -z ${SP_API_KEYS:-} ]]; then
-    SP_API_KEYS='{"demo-key":{"tenant":"demo","allowlist":["*.example.com"]}}'
+    if [[ -n ${SP_OPENAI_API_KEY:-} ]]; then
+        SP_API_KEYS='{"demo-key":{"tenant":"demo","allowlist":["*.example.com"],"fallback_enabled":true,"fu_monthly_limit":100000}}'
+    else
+        SP_API_KEYS='{"demo-key":{"tenant":"demo","allowlist":["*.example.com"]}}'
+    fi
 fi
 : "${SP_STORAGE:=sqlite}"
 : "${SP_DB_PATH:=$SIGNET_DATA/signet.db}"

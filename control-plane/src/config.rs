@@ -84,6 +84,8 @@ pub struct Config {
     pub idempotency_retention: Duration,
     /// `SP_DNS_SERVERS`, `SP_FORWARD_*`: delivering to `forward_url`.
     pub forward: crate::forward::ForwardConfig,
+    /// `SP_OPENAI_*`: the LLM fallback's provider.
+    pub fallback: crate::fallback::FallbackConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -266,6 +268,14 @@ impl Config {
             10 * 365 * 24 * 3600,
         )?);
 
+        let fallback = crate::fallback::FallbackConfig::from_lookup(&get)?;
+        if fallback.timeout >= limits.request_timeout {
+            return Err(invalid(
+                "SP_OPENAI_TIMEOUT_MS",
+                "must be shorter than SP_REQUEST_TIMEOUT_SECS, which cuts the repair request",
+            ));
+        }
+
         Ok(Config {
             listeners,
             limits,
@@ -280,6 +290,7 @@ impl Config {
             receipt_max_skew,
             idempotency_retention,
             forward: crate::forward::ForwardConfig::from_lookup(&get)?,
+            fallback,
         })
     }
 }
@@ -417,6 +428,11 @@ mod tests {
         );
         assert_eq!(c.chain_max, 1000);
         assert!(c.admin_key_hash.is_none());
+        assert_eq!(c.fallback.base_url, "https://api.openai.com/v1");
+        assert_eq!(c.fallback.model, "gpt-4o-mini");
+        assert_eq!(c.fallback.api_key, None);
+        assert_eq!(c.fallback.timeout, Duration::from_secs(20));
+        assert_eq!(c.fallback.max_tokens, 1024);
     }
 
     #[test]
@@ -457,6 +473,13 @@ mod tests {
                 "SP_HEL_ALLOWLIST",
             ),
             (&[("SP_PREVIOUS_JWKS", "{}")], "SP_PREVIOUS_JWKS"),
+            (
+                &[("SP_OPENAI_BASE_URL", "api.openai.com")],
+                "SP_OPENAI_BASE_URL",
+            ),
+            (&[("SP_OPENAI_TIMEOUT_MS", "0")], "SP_OPENAI_TIMEOUT_MS"),
+            (&[("SP_OPENAI_TIMEOUT_MS", "30000")], "SP_OPENAI_TIMEOUT_MS"),
+            (&[("SP_OPENAI_MAX_TOKENS", "0")], "SP_OPENAI_MAX_TOKENS"),
             (
                 &[(
                     "SP_PREVIOUS_JWKS",

@@ -12,6 +12,7 @@
 //!   retries them.
 //! - [`tenants`]: API keys (kept as hashes), what each grants and each tenant's billing plan.
 //! - [`billing`]: SPEC §6 tier math: what one usage event bills.
+//! - [`fallback`]: the LLM-fallback repair, its provider client and its FU quota.
 //! - [`keys`]: the signing key and the JWKS of every kid ever used.
 //! - [`metrics`]: the Prometheus counters served at `/metrics`.
 //! - [`server`]: one listener per API, with its connection limit and timeouts.
@@ -21,6 +22,7 @@ pub mod api;
 pub mod billing;
 pub mod config;
 pub mod forward;
+pub mod fallback;
 pub mod keys;
 pub mod metrics;
 pub mod server;
@@ -51,6 +53,8 @@ pub struct ControlPlane {
     /// `SP_REQUEST_TIMEOUT_SECS`.
     pub request_timeout: Duration,
     pub forward: forward::ForwardService,
+    /// The LLM fallback (`SP_OPENAI_*`).
+    pub fallback: fallback::Fallback,
 }
 
 impl ControlPlane {
@@ -83,6 +87,7 @@ impl ControlPlane {
             chain_max: config.chain_max,
             receipt_max_skew: config.receipt_max_skew,
             request_timeout: config.limits.request_timeout,
+            fallback: fallback::Fallback::new(config.fallback)?,
         }))
     }
 

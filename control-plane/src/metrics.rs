@@ -41,6 +41,8 @@ pub struct Metrics {
     /// `signet_forward_*`, in a registry of their own (prefix `signet`).
     pub forward: crate::forward::ForwardMetrics,
     forward_registry: Registry,
+    /// The LLM fallback's (`signet_fallback_*`, `signet_fu_*`).
+    pub fallback: crate::fallback::FallbackMetrics,
 }
 
 fn storage_histogram() -> Histogram {
@@ -65,6 +67,7 @@ impl Metrics {
             registry: Registry::default(),
             forward: crate::forward::ForwardMetrics::default(),
             forward_registry: Registry::default(),
+            fallback: crate::fallback::FallbackMetrics::new(),
         };
         let mut forward_registry = Registry::with_prefix("signet");
         m.forward.register(&mut forward_registry);
@@ -122,10 +125,11 @@ impl Metrics {
 
     pub fn encode(&self) -> String {
         let mut out = String::new();
-        // Writing into a String cannot fail.
         use prometheus_client::encoding::text::{encode_eof, encode_registry};
+        // Writing into a String cannot fail.
         let _ = encode_registry(&mut out, &self.registry);
         let _ = encode_registry(&mut out, &self.forward_registry);
+        let _ = encode_registry(&mut out, &self.fallback.registry);
         let _ = encode_eof(&mut out);
         out
     }

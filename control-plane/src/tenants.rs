@@ -26,6 +26,16 @@ pub struct TenantDirectory {
     /// by the global `SP_HEL_ALLOWLIST`.
     grants: HashMap<String, Arc<Grant>>,
     plans: HashMap<String, Arc<BillingPlan>>,
+    /// The LLM fallback of each tenant: on when any of its keys enables it.
+    fallbacks: HashMap<String, FallbackGrant>,
+}
+
+/// What the LLM fallback may do for a tenant.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FallbackGrant {
+    pub enabled: bool,
+    /// `fu_monthly_limit`: FU a UTC calendar month may use; `None`: no limit.
+    pub fu_monthly_limit: Option<u64>,
 }
 
 impl TenantDirectory {
@@ -58,6 +68,7 @@ impl TenantDirectory {
             })?;
 
         let mut grants = HashMap::new();
+        let mut fallbacks: HashMap<String, FallbackGrant> = HashMap::new();
         // Tenant-level settings must agree across all keys of a tenant.
         let mut items: HashMap<String, TenantItems> = HashMap::new();
         for (n, (api_key, entry)) in keys.into_iter().enumerate() {
@@ -91,6 +102,9 @@ impl TenantDirectory {
                 }
             }
             items.insert(entry.tenant.clone(), tenant_items);
+            let fallback = fallbacks.entry(entry.tenant.clone()).or_default();
+            fallback.enabled |= entry.fallback_enabled;
+            fallback.fu_monthly_limit = entry.fu_monthly_limit;
             grants.insert(
                 api_key_hash(&api_key),
                 Arc::new(Grant {
@@ -129,7 +143,11 @@ impl TenantDirectory {
                 })
             });
         }
-        Ok(Self { grants, plans })
+        Ok(Self {
+            grants,
+            plans,
+            fallbacks,
+        })
     }
 
     /// The HEL allowlist of `tenant`: every entry of any of its keys (each with the global
@@ -154,6 +172,11 @@ impl TenantDirectory {
     /// The billing plan of a tenant known by any key or by its reserved capacity.
     pub fn plan(&self, tenant: &str) -> Option<Arc<BillingPlan>> {
         self.plans.get(tenant).cloned()
+    }
+
+    /// The LLM fallback of a tenant known by a key.
+    pub fn fallback(&self, tenant: &str) -> Option<FallbackGrant> {
+        self.fallbacks.get(tenant).copied()
     }
 
     pub fn key_count(&self) -> usize {

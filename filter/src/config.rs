@@ -39,6 +39,8 @@ struct RawControlPlane {
     timeout_ms: u64,
     #[serde(default = "default_forward_timeout_ms")]
     forward_timeout_ms: u64,
+    #[serde(default = "default_repair_timeout_ms")]
+    repair_timeout_ms: u64,
 }
 
 fn default_tenant_cache_ttl_s() -> u64 {
@@ -49,6 +51,10 @@ fn default_timeout_ms() -> u64 {
 }
 fn default_forward_timeout_ms() -> u64 {
     15_000
+}
+/// Above the control plane's provider timeout (`SP_OPENAI_TIMEOUT_MS`, 20 s by default).
+fn default_repair_timeout_ms() -> u64 {
+    25_000
 }
 fn default_true() -> bool {
     true
@@ -63,6 +69,8 @@ pub struct ControlPlane {
     /// The forward callout's timeout: the control plane resolves and delivers the first
     /// attempt inside it (its own `SP_FORWARD_TIMEOUT_MS` should be shorter).
     pub forward_timeout_ms: u64,
+    /// How long the LLM-fallback repair callout may take (`control_plane.repair_timeout_ms`).
+    pub repair_timeout_ms: u64,
     /// `X-SIGNET-Filter-Token` of every internal call.
     pub filter_token: String,
 }
@@ -105,6 +113,12 @@ impl Config {
             return Err(format!(
                 "control_plane.forward_timeout_ms: {} is outside 1..=120000",
                 cp.forward_timeout_ms
+            ));
+        }
+        if !(1..=120_000).contains(&cp.repair_timeout_ms) {
+            return Err(format!(
+                "control_plane.repair_timeout_ms: {} is outside 1..=120000",
+                cp.repair_timeout_ms
             ));
         }
         if raw.tenant_cache_ttl_s > 86_400 {
@@ -152,6 +166,7 @@ impl Config {
                 cluster: cp.cluster,
                 timeout_ms: cp.timeout_ms,
                 forward_timeout_ms: cp.forward_timeout_ms,
+                repair_timeout_ms: cp.repair_timeout_ms,
                 filter_token,
             },
             tenant_cache_ttl_ms: raw.tenant_cache_ttl_s * 1000,
@@ -193,6 +208,7 @@ pub(crate) mod tests {
                 authority: "cp".into(),
                 timeout_ms: 2000,
                 forward_timeout_ms: 15_000,
+                repair_timeout_ms: 25_000,
                 filter_token: "tok".into()
             }
         );

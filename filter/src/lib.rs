@@ -44,6 +44,7 @@ pub mod repair;
 pub mod route;
 pub mod sanitize;
 pub mod schema;
+pub mod semantic;
 pub mod tenant_lookups;
 pub mod transform;
 pub mod worker;

@@ -19,6 +19,7 @@ use crate::money::CurrencyTable;
 use crate::repair::repair;
 use crate::sanitize::sanitize;
 use crate::schema::{SchemaId, SchemaSet};
+use crate::semantic::PatternStep;
 use crate::transform::{self, Engine, Expression, Input};
 
 const DEFAULT_REGISTRY_JSON: &str = include_str!("../registry/default.json");
@@ -46,6 +47,22 @@ pub struct RawType {
     pub decoded_schema: Option<Value>,
     #[serde(default)]
     pub invariants: Vec<RawInvariant>,
+    /// The LLM fallback for its embedded JSON (tenants with `fallback_enabled`).
+    #[serde(default)]
+    pub fallback: Option<RawFallback>,
+}
+
+/// `fallback` of a type: what the provider is told and what its repair must keep.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFallback {
+    /// JSON Schema of one embedded value, sent to the provider (structured outputs).
+    #[serde(default)]
+    pub schema: Option<Value>,
+    /// Paths within the embedded value (JSON pointers, `*` for any member or item) whose
+    /// values the repair must keep from the broken text; absent: every value.
+    #[serde(default)]
+    pub invariants: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -105,6 +122,38 @@ struct PayloadType {
     embedded_json: Vec<Pointer>,
     decoded_schema: Option<SchemaId>,
     invariants: Vec<Invariant>,
+    fallback_schema: Option<Value>,
+    /// `None`: every value of the embedded JSON.
+    fallback_invariants: Option<Vec<Vec<PatternStep>>>,
+}
+
+/// An embedded JSON text deterministic repair could not fix, on a type that may ask the LLM
+/// fallback.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FallbackNeed {
+    /// JSON pointer of the text in the payload.
+    pub location: String,
+    /// The text (sanitized).
+    pub text: String,
+    /// The refusal if the fallback cannot help (`REPAIR_FAILED`).
+    pub error: ApiError,
+    pub schema: Option<Value>,
+    pub invariants: Option<Vec<Vec<PatternStep>>>,
+}
+
+/// A repaired value for the embedded JSON at `location`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fix {
+    pub location: String,
+    pub value: Value,
+}
+
+/// What [`Registry::normalize_with`] ends with.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Normalized(Normalized),
+    /// Deterministic repair failed here; nothing after decoding ran.
+    NeedsFallback(Box<FallbackNeed>),
 }
 
 struct Invariant {
@@ -315,6 +364,27 @@ impl Registry {
                         })
                 })
                 .collect::<Result<_, _>>()?;
+            let fallback = ty.fallback.clone().unwrap_or_default();
+            let fallback_invariants = match &fallback.invariants {
+                None => None,
+                Some(paths) => Some(
+                    paths
+                        .iter()
+                        .map(|p| {
+                            Pointer::parse(p).map(|ptr| {
+                                ptr.0
+                                    .into_iter()
+                                    .map(|s| match s {
+                                        Segment::Any => PatternStep::Any,
+                                        Segment::Key(k) => PatternStep::Key(k),
+                                    })
+                                    .collect()
+                            })
+                        })
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(|e| format!("{}: {e}", field("fallback.invariants")))?,
+                ),
+            };
             types.insert(
                 name.clone(),
                 PayloadType {
@@ -322,6 +392,8 @@ impl Registry {
                     embedded_json,
                     decoded_schema,
                     invariants,
+                    fallback_schema: fallback.schema,
+                    fallback_invariants,
                 },
             );
         }
@@ -369,6 +441,23 @@ impl Registry {
     /// Validate → repair embedded JSON → invariants → transform → validate the target.
     /// `payload` is already sanitized. Every error is a 422 with the stage's code.
     pub fn normalize(&self, from: &str, to: &str, payload: Value) -> Result<Normalized, ApiError> {
+        match self.normalize_with(from, to, payload, &[], false)? {
+            Outcome::Normalized(n) => Ok(n),
+            Outcome::NeedsFallback(need) => Err(need.error),
+        }
+    }
+
+    /// [`Registry::normalize`], with the LLM fallback's repairs: an embedded text deterministic
+    /// repair cannot fix takes its value from `fixes` (by location); without one, and with
+    /// `fallback`, the first such text is answered as [`Outcome::NeedsFallback`].
+    pub fn normalize_with(
+        &self,
+        from: &str,
+        to: &str,
+        payload: Value,
+        fixes: &[Fix],
+        fallback: bool,
+    ) -> Result<Outcome, ApiError> {
         let source = self.types.get(from).ok_or_else(|| {
             unprocessable("UNKNOWN_TYPE", format!("unknown payload_type {from:?}"))
         })?;
@@ -397,7 +486,24 @@ impl Registry {
                 )
             })?;
         let mut decoded = payload;
-        let repairs = decode_embedded_json(&source.embedded_json, &mut decoded)?;
+        let mut need = None;
+        let wanted = fallback.then_some(&mut need);
+        let repairs = match decode_embedded_json(&source.embedded_json, &mut decoded, fixes, wanted)
+        {
+            Ok(repairs) => repairs,
+            Err(error) => {
+                return match need {
+                    Some((location, text)) => Ok(Outcome::NeedsFallback(Box::new(FallbackNeed {
+                        location,
+                        text,
+                        error,
+                        schema: source.fallback_schema.clone(),
+                        invariants: source.fallback_invariants.clone(),
+                    }))),
+                    None => Err(error),
+                }
+            }
+        };
         check_depth(&decoded)?;
         if let Some(schema) = source.decoded_schema {
             self.schemas.validate(schema, &decoded).map_err(|e| {
@@ -437,7 +543,7 @@ impl Registry {
         if !target.invariants.is_empty() {
             self.check_invariants(target, Some(&Input::new(&value)))?;
         }
-        Ok(Normalized { value, repairs })
+        Ok(Outcome::Normalized(Normalized { value, repairs }))
     }
 
     /// `input`: the value as JMESPath data (`None` when `ty` has no invariants).
@@ -470,8 +576,15 @@ impl Registry {
 }
 
 /// Replaces each embedded JSON string by its value, repairing it when the strict parse fails
-/// with a syntax error. Returns the number of repaired strings.
-fn decode_embedded_json(pointers: &[Pointer], payload: &mut Value) -> Result<u32, ApiError> {
+/// with a syntax error. Returns the number of repaired strings. A string deterministic repair
+/// cannot fix takes its value from `fixes`; without one, when `need` is given, it is recorded
+/// there (location, text) and the error returned.
+fn decode_embedded_json(
+    pointers: &[Pointer],
+    payload: &mut Value,
+    fixes: &[Fix],
+    mut need: Option<&mut Option<(String, String)>>,
+) -> Result<u32, ApiError> {
     let mut repairs = 0;
     for pointer in pointers {
         pointer.for_each_mut(payload, &mut |location, value| {
@@ -487,20 +600,34 @@ fn decode_embedded_json(pointers: &[Pointer], payload: &mut Value) -> Result<u32
                     ))
                 }
                 Err(first) => {
-                    let fixed = repair(text).ok_or_else(|| {
-                        unprocessable(
+                    let repaired = match repair(text) {
+                        None => Err(unprocessable(
                             "REPAIR_FAILED",
                             format!("embedded JSON at {location}: {first}"),
-                        )
-                    })?;
-                    let v = canonical::parse(fixed.as_bytes(), &parse_options()).map_err(|e| {
-                        unprocessable(
-                            "REPAIR_FAILED",
-                            format!("embedded JSON at {location} cannot be repaired: {e}"),
-                        )
-                    })?;
-                    repairs += 1;
-                    v
+                        )),
+                        Some(fixed) => canonical::parse(fixed.as_bytes(), &parse_options())
+                            .map_err(|e| {
+                                unprocessable(
+                                    "REPAIR_FAILED",
+                                    format!("embedded JSON at {location} cannot be repaired: {e}"),
+                                )
+                            }),
+                    };
+                    match repaired {
+                        Ok(v) => {
+                            repairs += 1;
+                            v
+                        }
+                        Err(e) => match fixes.iter().find(|f| f.location == location) {
+                            Some(fix) => fix.value.clone(),
+                            None => {
+                                if let Some(need) = need.as_deref_mut() {
+                                    *need = Some((location.to_owned(), text.clone()));
+                                }
+                                return Err(e);
+                            }
+                        },
+                    }
                 }
             };
             // its strings are string values of the payload too (SPEC §4 sanitize)

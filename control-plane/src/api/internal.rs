@@ -12,7 +12,8 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 use signet_protocol::internal::tenant::KEY_HASH_HEADER;
 use signet_protocol::internal::{
-    idempotency, Code, Commit, CommitBatch, CommitReply, CommitResult, CommitResults, ErrorReply,
+    idempotency, repair, Code, Commit, CommitBatch, CommitReply, CommitResult, CommitResults,
+    ErrorReply,
 };
 use signet_protocol::{receipt, time, trace};
 
@@ -70,6 +71,21 @@ pub async fn idempotency(
         response: &response,
     };
     Ok(Json(stored).into_response())
+}
+
+/// `POST /v1/internal/repair`: the LLM fallback (`crate::fallback`).
+pub async fn repair(State(cp): AppState, _: FilterAuth, body: Body) -> Result<Response, HttpError> {
+    let request: repair::RepairRequest = body.parse()?;
+    let request = repair::RepairRequest {
+        tenant: request.tenant.into_owned().into(),
+        idempotency_key: request.idempotency_key.into_owned().into(),
+        payload_type: request.payload_type.into_owned().into(),
+        location: request.location.into_owned().into(),
+        text: request.text.into_owned().into(),
+        schema: request.schema,
+    };
+    let repaired = crate::fallback::repair(cp, request).await?;
+    Ok(Json(repaired).into_response())
 }
 
 /// `POST /v1/internal/commits`: each commit of the batch is decided on its own, as if it came
@@ -196,7 +212,6 @@ async fn commit_one(cp: &ControlPlane, item: &RawValue) -> Result<Accepted, Http
 
     let now = now_ms();
     let month = time::rfc3339_millis(now.max(0) as u64)[..7].to_owned();
-    let fu_tokens = commit.fu_tokens;
     // a forwarded exchange: its delivery's retries carry the committed receipt
     let forwarded = r.contains_key("forwarded").then(|| {
         (
@@ -219,7 +234,9 @@ async fn commit_one(cp: &ControlPlane, item: &RawValue) -> Result<Accepted, Http
             prev_receipt_hash,
             receipt: commit.receipt.to_string(),
             response: Arc::from(commit.response.get()),
-            fu_tokens,
+            // FU are metered by /v1/internal/repair, once per provider call; the receipt's
+            // fu_tokens states them and counts nothing a second time here.
+            fu_tokens: 0,
             month,
             now_ms: now,
             deadline_ms: commit.deadline_ms,
@@ -241,7 +258,6 @@ async fn commit_one(cp: &ControlPlane, item: &RawValue) -> Result<Accepted, Http
             }
             cp.metrics.commits.inc();
             cp.metrics.vex.inc();
-            cp.metrics.fu.inc_by(fu_tokens);
             Ok(Accepted::Committed)
         }
         CommitOutcome::Replay { response } => {

@@ -24,7 +24,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use signet_protocol::internal::forward as forward_message;
-use signet_protocol::internal::{commit, health, idempotency, tenant, Code};
+use signet_protocol::internal::{commit, health, idempotency, repair, tenant, Code};
 
 use crate::ControlPlane;
 
@@ -54,7 +54,8 @@ impl Routers {
             .route(commit::PATH, post(internal::commits))
             .route(idempotency::PATH, post(internal::idempotency))
             .route(health::PATH, get(internal::health))
-            .route(forward_message::PATH, post(forward::forward));
+            .route(forward_message::PATH, post(forward::forward))
+            .route(repair::PATH, post(internal::repair));
         let public = Router::new()
             .route("/healthz", get(public::healthz))
             .route("/metrics", get(public::metrics))

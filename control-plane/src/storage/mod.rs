@@ -8,6 +8,7 @@
 //! - `sqlite`, `postgres`: a backend locks the rows a commit depends on, calls
 //!   [`batch::decide_batch`] and writes its rows, atomically.
 //! - [`forward`]: forwarded deliveries, their attempts and outbox ([`ForwardStore`]).
+//! - [`fallback`]: the LLM fallback's FU reservations and settlements ([`FallbackStore`]).
 //! - [`worker`]: the liveness of a backend's threads and tasks, which `ping` reports.
 //!
 //! A new table (or column, or constraint) is a new migration file in each of
@@ -25,6 +26,7 @@ use signet_protocol::internal::{Candidate, Head, Record, Rejection};
 
 mod batch;
 pub mod forward;
+pub mod fallback;
 mod migrations;
 mod postgres;
 mod rows;
@@ -32,6 +34,7 @@ mod sqlite;
 pub(crate) mod worker;
 
 pub use forward::ForwardStore;
+pub use fallback::FallbackStore;
 pub use postgres::PostgresStorage;
 pub use sqlite::SqliteStorage;
 
@@ -280,6 +283,8 @@ pub trait Storage: ForwardStore + Send + Sync + 'static {
     async fn signing_keys(&self) -> Result<Vec<String>, StoreError>;
     async fn usage(&self, tenant: &str, month: &str) -> Result<Usage, StoreError>;
     async fn billing_queue(&self, tenant: &str) -> Result<Vec<BillingRow>, StoreError>;
+    /// The LLM fallback's reservations and settlements.
+    fn fallback(&self) -> &dyn FallbackStore;
 }
 
 /// Hops and counters are stored as signed 64-bit integers. A hop is at most the chain cap and a

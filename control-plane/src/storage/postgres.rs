@@ -27,6 +27,7 @@ mod batcher;
 mod commit;
 /// [`ForwardStore`](super::ForwardStore) on this backend.
 mod forward;
+mod fallback;
 
 /// How long a request waits for a pooled connection (`wait`: every connection busy), for a new
 /// one (`create`: connect and authenticate) and for a returned one to be checked (`recycle`):
@@ -174,10 +175,12 @@ async fn sweep_loop(
                     .get()
                     .await
                     .map_err(|e| StoreError::Database(e.to_string()))?;
-                client
+                let keys = client
                     .execute(SWEEP_IDEMPOTENCY, &[&cutoff, &rows])
                     .await
-                    .map_err(db)
+                    .map_err(db)?;
+                // the fallback's results replay for as long as the exchange's key does
+                Ok::<_, StoreError>(keys.max(fallback::sweep(&client, cutoff, rows).await?))
             };
             match pass.await {
                 Ok(deleted) if deleted < rows as u64 => break,
@@ -200,6 +203,10 @@ fn db(e: tokio_postgres::Error) -> StoreError {
 
 #[async_trait]
 impl Storage for PostgresStorage {
+    fn fallback(&self) -> &dyn FallbackStore {
+        self
+    }
+
     fn kind(&self) -> &'static str {
         "postgres"
     }

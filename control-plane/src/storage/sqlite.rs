@@ -38,6 +38,7 @@ use super::migrations::SQLITE as MIGRATIONS;
 
 /// [`ForwardStore`](super::ForwardStore) on this backend.
 mod forward;
+mod fallback;
 
 pub struct SqliteStorage {
     jobs: mpsc::Sender<Box<dyn Job>>,
@@ -200,7 +201,10 @@ fn sweep_loop(jobs: mpsc::Sender<Box<dyn Job>>, retention: Retention, stopped: m
         let cutoff = retention.cutoff_ms(crate::now_ms());
         loop {
             let pass = run_blocking(&jobs, move |conn| {
-                sweep_idempotency(conn, cutoff, rows).map(|deleted| (deleted, true))
+                // the fallback's results replay for as long as the exchange's key does
+                let deleted = sweep_idempotency(conn, cutoff, rows)?
+                    .max(fallback::sweep(conn, cutoff, rows)?);
+                Ok((deleted, true))
             });
             match pass {
                 Ok(deleted) if deleted < retention.sweep_rows => break,
@@ -593,6 +597,10 @@ fn insert_each<P: rusqlite::Params>(
 
 #[async_trait]
 impl Storage for SqliteStorage {
+    fn fallback(&self) -> &dyn FallbackStore {
+        self
+    }
+
     fn kind(&self) -> &'static str {
         "sqlite"
     }

@@ -1,8 +1,7 @@
 //! What an exchange asks of the filter, and the control-plane callouts it makes.
 
 use serde_json::value::RawValue;
-use signet_protocol::internal::{self, commit, health, idempotency, tenant};
-use signet_protocol::internal::{self, commit, forward, idempotency, tenant};
+use signet_protocol::internal::{self, commit, forward, health, idempotency, repair, tenant};
 
 use crate::config::Config;
 
@@ -17,6 +16,8 @@ pub enum Call {
     Health,
     /// The delivery of a verified payload to its `forward_url` (SPEC §5).
     Forward,
+    /// The LLM-fallback repair of an embedded JSON text (`control_plane.repair_timeout_ms`).
+    Repair,
 }
 
 impl Call {
@@ -27,6 +28,7 @@ impl Call {
             Call::Idempotency => "idempotency",
             Call::Health => "health",
             Call::Forward => "forward",
+            Call::Repair => "repair",
         }
     }
 }
@@ -124,6 +126,7 @@ pub fn callout(
         Call::Idempotency => ("POST", idempotency::PATH),
         Call::Health => ("GET", health::PATH),
         Call::Forward => ("POST", forward::PATH),
+        Call::Repair => ("POST", repair::PATH),
     };
     let mut headers = vec![
         (":method".to_owned(), method.to_owned()),
@@ -143,8 +146,10 @@ pub fn callout(
         cluster: cp.cluster.clone(),
         headers,
         body,
+        // a delivery and a repair wait for the receiver and the LLM provider
         timeout_ms: match call {
             Call::Forward => cp.forward_timeout_ms,
+            Call::Repair => cp.repair_timeout_ms,
             _ => cp.timeout_ms,
         },
     }

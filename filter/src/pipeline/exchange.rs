@@ -11,6 +11,7 @@ use signet_protocol::{cid, trace, ApiError};
 
 use super::actions::{callout, Action, Call, CalloutResponse, Forward, Response};
 use super::forward;
+use super::fallback::{self as llm, Refusal};
 use super::headers::{
     receipt_headers, trim_ows, visible_ascii, Headers, API_KEY_HEADERS, FORGEABLE_HEADERS,
     IDEMPOTENCY_HIT_HEADER, IDEMPOTENCY_KEY_HEADERS, MAX_IDEMPOTENCY_KEY_BYTES, TRACE_HEADER,
@@ -20,7 +21,7 @@ use super::reply::{classify, control_plane_error, Reply};
 use super::request::{self, bad_trace_id, Request};
 use super::sign::{self, Signed, Subject};
 use super::tenant_cache::{self, Cached};
-use super::verify::{verify, Verified};
+use super::verify::{verify_with, Verdict, Verified};
 use crate::config::Config;
 use crate::host::{stats, Host, LogLevel};
 use crate::rate_limit;
@@ -77,10 +78,9 @@ enum Stage {
     /// The control plane delivers to `forward_url` (pipeline/forward.rs); its answer is signed
     /// into the receipt.
     Forwarding(Box<Forwarding>),
-    // A stage that waits for a callout between the body and the commit slots in here, holding
-    // what it needs to resume, and gets an arm in `on_callout_response`:
-    // - LLM-fallback repair: after deterministic repair fails, before transform
-    //   (`AwaitingRepair { admitted, request, .. }`);
+    /// Deterministic repair failed on a tenant with `fallback_enabled`: the LLM-fallback
+    /// repair callout is out (`fallback.rs`); its answer verifies the payload again.
+    Repairing(Box<Repairing>),
     /// The signed receipt is in a commit batch.
     Committing(Box<Committing>),
 }
@@ -121,6 +121,18 @@ struct Refused {
     _admitted: Admitted,
     fingerprint: String,
     error: ApiError,
+}
+
+/// A request waiting for an LLM-fallback repair.
+struct Repairing {
+    admitted: Admitted,
+    /// Its payload is the sanitized one, verified again with `fixes`.
+    request: Request,
+    need: Box<crate::registry::FallbackNeed>,
+    fixes: Vec<crate::registry::Fix>,
+    /// FU of the repairs so far.
+    fu_tokens: u64,
+    calls: u8,
 }
 
 struct Committing {
@@ -269,9 +281,13 @@ impl Exchange {
             Stage::AwaitingTenant { .. } => Call::Tenant,
             Stage::CheckingReplay(_) => Call::Idempotency,
             Stage::Forwarding(_) => Call::Forward,
+            Stage::Repairing(_) => Call::Repair,
             Stage::Committing(_) => Call::Commit,
             Stage::AwaitingBody(_) | Stage::Refusing { .. } => return self.wait(routed, stage),
         };
+        if let Stage::Repairing(repairing) = stage {
+            return self.on_repair(host, routed, response, *repairing);
+        }
         let reply = classify(response);
         if let Stage::CheckingReplay(refused) = stage {
             return self.on_stored_answer(host, routed, reply, *refused);
@@ -304,9 +320,10 @@ impl Exchange {
                     Err(e) => self.fail(host, e),
                 }
             }
-            Stage::AwaitingBody(_) | Stage::Refusing { .. } | Stage::CheckingReplay(_) => {
-                self.wait(routed, stage)
-            }
+            Stage::AwaitingBody(_)
+            | Stage::Refusing { .. }
+            | Stage::CheckingReplay(_)
+            | Stage::Repairing(_) => self.wait(routed, stage),
         }
     }
 
@@ -408,15 +425,129 @@ impl Exchange {
                 return self.refuse(host, routed, admitted, fingerprint, e);
             }
         };
-        let verified = match verify(host, &self.config, &admitted.grant, &mut request) {
-            Ok(verified) => verified,
+        let fallback = admitted.grant.fallback_enabled;
+        let config = self.config.clone();
+        let verified =
+            match verify_with(host, &config, &admitted.grant, &mut request, &[], fallback) {
+                Ok(Verdict::Verified(verified)) => verified,
+                Ok(Verdict::NeedsFallback(need)) => {
+                    let repairing = Repairing {
+                        admitted,
+                        request,
+                        need,
+                        fixes: Vec::new(),
+                        fu_tokens: 0,
+                        calls: 0,
+                    };
+                    return self.ask_repair(host, routed, repairing);
+                }
+                Err(e) => {
+                    let fingerprint = std::mem::take(&mut request.fingerprint);
+                    return self.refuse(host, routed, admitted, fingerprint, e);
+                }
+            };
+        self.on_verified(host, routed, admitted, request, verified)
+    }
+
+    /// Sends the repair callout for `repairing.need`.
+    fn ask_repair(
+        &mut self,
+        host: &mut dyn Host,
+        routed: Routed,
+        mut repairing: Repairing,
+    ) -> Action {
+        if repairing.calls >= llm::MAX_REPAIRS {
+            let fingerprint = std::mem::take(&mut repairing.request.fingerprint);
+            let error = repairing.need.error.clone();
+            return self.refuse(host, routed, repairing.admitted, fingerprint, error);
+        }
+        let callout = llm::repair_callout(
+            &self.config,
+            &repairing.admitted.grant.tenant,
+            repairing.admitted.in_flight.key(),
+            &repairing.request.payload_type,
+            &repairing.need,
+        );
+        match callout {
+            Ok(callout) => {
+                repairing.calls = repairing.calls.saturating_add(1);
+                self.state = State::Open(routed, Stage::Repairing(Box::new(repairing)));
+                Action::Call(callout)
+            }
+            Err(e) => self.fail(host, e),
+        }
+    }
+
+    /// The repair's answer: with the fix, the payload is verified again (another broken text
+    /// asks again); a refused repair is answered as the pipeline's refusals are.
+    fn on_repair(
+        &mut self,
+        host: &mut dyn Host,
+        routed: Routed,
+        response: CalloutResponse,
+        mut repairing: Repairing,
+    ) -> Action {
+        match llm::on_repaired(host, response, &repairing.need) {
+            Ok((fix, fu)) => {
+                repairing.fixes.push(fix);
+                repairing.fu_tokens = repairing.fu_tokens.saturating_add(fu);
+            }
+            Err(Refusal::Error(e)) => {
+                let fingerprint = std::mem::take(&mut repairing.request.fingerprint);
+                return self.refuse(host, routed, repairing.admitted, fingerprint, e);
+            }
+            Err(Refusal::Unavailable(why)) => {
+                host.count(&stats::callout_failures(Call::Repair.name()));
+                host.log(
+                    LogLevel::Warn,
+                    &format!("signet: control plane repair call failed: {why}"),
+                );
+                return self.unavailable(host, &routed.route);
+            }
+        }
+        let Repairing {
+            admitted,
+            mut request,
+            fixes,
+            fu_tokens,
+            calls,
+            ..
+        } = repairing;
+        let config = self.config.clone();
+        match verify_with(host, &config, &admitted.grant, &mut request, &fixes, true) {
+            Ok(Verdict::Verified(mut verified)) => {
+                verified.fallback_fu = Some(fu_tokens);
+                self.on_verified(host, routed, admitted, request, verified)
+            }
+            Ok(Verdict::NeedsFallback(need)) => {
+                let repairing = Repairing {
+                    admitted,
+                    request,
+                    need,
+                    fixes,
+                    fu_tokens,
+                    calls,
+                };
+                self.ask_repair(host, routed, repairing)
+            }
             Err(e) => {
                 let fingerprint = std::mem::take(&mut request.fingerprint);
-                return self.refuse(host, routed, admitted, fingerprint, e);
+                self.refuse(host, routed, admitted, fingerprint, e)
             }
-        };
-        // A callout stage before signing (see `Stage`) returns `self.wait(routed, …)` with its
-        // callout here; its answer continues with the commit below.
+        }
+    }
+
+    /// A verified request: signed on the head this worker knows, then committed. (A callout
+    /// stage before signing, see `Stage`, returns `self.wait(routed, …)` with its callout here;
+    /// its answer continues with the commit below.)
+    fn on_verified(
+        &mut self,
+        host: &mut dyn Host,
+        routed: Routed,
+        admitted: Admitted,
+        request: Request,
+        verified: Verified,
+    ) -> Action {
         let head = request
             .trace_id
             .as_deref()

@@ -34,6 +34,7 @@
 pub mod actions;
 mod exchange;
 mod forward;
+mod fallback;
 mod headers;
 mod health;
 mod reply;

@@ -68,6 +68,10 @@ pub fn sign(
     if let Some(forwarded) = forwarded {
         extensions.insert("forwarded".into(), (*forwarded).clone());
     }
+    if let Some(fu) = verified.fallback_fu {
+        extensions.insert("fallback_used".into(), true.into());
+        extensions.insert("fu_tokens".into(), fu.into());
+    }
     let draft = ReceiptDraft {
         trace_id: verified.trace_id.clone(),
         hop: head.as_ref().map_or(1, |h| h.hop.saturating_add(1)),
@@ -109,7 +113,8 @@ pub fn sign(
         fingerprint: request.fingerprint.as_str().into(),
         receipt: Value::Object(receipt),
         response: &response,
-        fu_tokens: 0,
+        // what the receipt states; metered by the repair callout, not by the commit
+        fu_tokens: verified.fallback_fu.unwrap_or(0),
         deadline_ms: Some(deadline_ms),
     }
     .to_json()

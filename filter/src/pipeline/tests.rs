@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 use signet_protocol::internal::tenant::{self, KEY_HASH_HEADER};
 use signet_protocol::internal::{
     commit, decide, forward, idempotency, Candidate, Code, Commit, CommitBatch, CommitReply,
+    commit, decide, idempotency, repair, Candidate, Code, Commit, CommitBatch, CommitReply,
     CommitResult, CommitResults, Decision, ErrorReply, Grant, Head, Record, TraceState,
     FILTER_TOKEN_HEADER,
 };
@@ -60,6 +61,8 @@ struct FakeControlPlane {
     racing_writers: u32,
     /// The control plane's clock (Unix ms); 0: it never finds a commit late.
     clock_ms: u64,
+    /// LLM-fallback repair requests received.
+    repairs: Vec<Value>,
     signer: signet_protocol::SigningKey,
     /// Every forward request received.
     forwards: Vec<forward::ForwardRequest>,
@@ -86,6 +89,7 @@ impl FakeControlPlane {
             scripted: HashMap::new(),
             racing_writers: 0,
             clock_ms: 0,
+            repairs: Vec::new(),
             signer,
             forwards: Vec::new(),
         }
@@ -180,6 +184,17 @@ impl FakeControlPlane {
                             "url": request.url, "status_code": 200, "host": "api.example.com",
                             "pinned_ip": "203.0.113.7", "response_size": 2}}),
                     ),
+            Call::Repair => {
+                assert_eq!(header(":path").as_deref(), Some(repair::PATH));
+                assert_eq!(
+                    callout.timeout_ms, 25_000,
+                    "control_plane.repair_timeout_ms"
+                );
+                let body: Value = serde_json::from_slice(callout.body.as_deref().unwrap()).unwrap();
+                self.repairs.push(body);
+                match self.scripted.get("repair") {
+                    Some((status, body)) => reply(*status, body.clone()),
+                    None => error(503, "FALLBACK_UNAVAILABLE", "no provider"),
                 }
             }
             Call::Idempotency => {
@@ -587,6 +602,141 @@ fn repaired_arguments_are_counted() {
     assert_eq!(status, 200);
     assert_eq!(body["normalized"]["amount_minor"], 1000);
     assert_eq!(h.host.counter("signet.repairs"), 1);
+}
+
+// ---- the LLM fallback --------------------------------------------------------------------------
+
+/// Arguments deterministic repair cannot fix (a lost quote in the middle), and their repair.
+const BROKEN_ARGUMENTS: &str =
+    r#"{"invoice_id": "INV-7", "amount": 12.5, "currency": EUR", "customer_name": "Acme"}"#;
+const REPAIRED_ARGUMENTS: &str =
+    r#"{"invoice_id":"INV-7","amount":12.5,"currency":"EUR","customer_name":"Acme"}"#;
+
+fn broken_exchange() -> Vec<u8> {
+    let payload = json!({"tool_calls":[{"type":"function","function":{"name":"create_invoice",
+        "arguments": BROKEN_ARGUMENTS}}]});
+    exchange_body(json!({ "payload": payload }))
+}
+
+fn with_fallback(h: &mut Harness) {
+    let mut g = grant("demo", &["*.example.com"]);
+    g.fallback_enabled = true;
+    h.cp.tenants.insert(cid::sha256_hex(KEY.as_bytes()), g);
+}
+
+#[test]
+fn the_fallback_repairs_what_deterministic_repair_cannot_and_the_receipt_says_so() {
+    let mut h = Harness::new();
+    with_fallback(&mut h);
+    h.cp.scripted.insert(
+        "repair",
+        (
+            200,
+            json!({"repaired": REPAIRED_ARGUMENTS, "fu_tokens": 77}),
+        ),
+    );
+    let (status, body, _) = respond(&h.post("k-1", &broken_exchange()));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["normalized"]["amount_minor"], 1250);
+    assert_eq!(body["normalized"]["currency"], "EUR");
+    let sent = &h.cp.repairs[0];
+    assert_eq!(
+        (&sent["tenant"], &sent["idempotency_key"], &sent["text"]),
+        (
+            &json!("demo"),
+            &json!("k-1#/tool_calls/0/function/arguments"),
+            &json!(BROKEN_ARGUMENTS)
+        )
+    );
+    assert_eq!(sent["payload_type"], "openai.tooluse.invoice.v1");
+    assert_eq!(sent["schema"]["required"][0], "invoice_id");
+    let trace = body["trace_id"].as_str().unwrap();
+    let stored = &h.cp.chains[trace][0];
+    assert_eq!(
+        (&stored["fallback_used"], &stored["fu_tokens"]),
+        (&json!(true), &json!(77))
+    );
+    receipt::verify(stored, Some(&h.cp.jwks), true).unwrap();
+    assert_eq!(h.host.counter("signet.fallbacks.outcome.used"), 1);
+    // without a repair the receipt has neither member
+    let (_, plain, _) = respond(&h.post("k-2", &exchange_body(json!({}))));
+    let plain = &h.cp.chains[plain["trace_id"].as_str().unwrap()][0];
+    assert!(plain.get("fallback_used").is_none() && plain.get("fu_tokens").is_none());
+    assert_eq!(h.cp.repairs.len(), 1);
+}
+
+#[test]
+fn a_repair_that_changes_an_amount_currency_or_id_is_422() {
+    for changed in [
+        r#"{"invoice_id":"INV-7","amount":125,"currency":"EUR","customer_name":"Acme"}"#,
+        r#"{"invoice_id":"INV-7","amount":12.5,"currency":"USD","customer_name":"Acme"}"#,
+        r#"{"invoice_id":"INV-8","amount":12.5,"currency":"EUR","customer_name":"Acme"}"#,
+        r#"{"invoice_id":"INV-7","amount":12.5,"customer_name":"Acme"}"#,
+        "not json",
+    ] {
+        let mut h = Harness::new();
+        with_fallback(&mut h);
+        h.cp.scripted.insert(
+            "repair",
+            (200, json!({"repaired": changed, "fu_tokens": 5})),
+        );
+        let action = h.post("k-1", &broken_exchange());
+        let (status, body, _) = respond(&action);
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (422, Some("FALLBACK_INVARIANT_FAILED")),
+            "{changed}: {body}"
+        );
+        assert!(
+            body["detail"].as_str().unwrap().contains("5 FU metered"),
+            "{body}"
+        );
+        assert!(h.cp.chains.is_empty(), "nothing committed");
+        assert_eq!(
+            h.host.counter("signet.fallbacks.outcome.invariant_failed"),
+            1
+        );
+    }
+}
+
+#[test]
+fn without_fallback_a_broken_text_is_422_as_before_and_no_repair_is_asked() {
+    let mut h = Harness::new();
+    assert_eq!(
+        error_of(&h.post("k-1", &broken_exchange())),
+        (422, "REPAIR_FAILED".into())
+    );
+    assert!(h.cp.repairs.is_empty());
+    assert!(!h.cp.calls.contains(&Call::Repair));
+}
+
+#[test]
+fn the_fallbacks_errors_reach_the_client_with_their_codes() {
+    for (status, code) in [
+        (429, "FU_QUOTA_EXCEEDED"),
+        (504, "FALLBACK_TIMEOUT"),
+        (502, "FALLBACK_PROVIDER_ERROR"),
+        (422, "FALLBACK_REFUSED"),
+    ] {
+        let mut h = Harness::new();
+        with_fallback(&mut h);
+        h.cp.scripted
+            .insert("repair", (status, json!({"detail": "d", "code": code})));
+        assert_eq!(
+            error_of(&h.post("k-1", &broken_exchange())),
+            (status, code.into())
+        );
+        assert!(h.cp.chains.is_empty());
+    }
+    // no answer at all: the control plane is unavailable
+    let mut h = Harness::new();
+    with_fallback(&mut h);
+    h.cp.scripted.insert("repair", (500, json!("oops")));
+    assert_eq!(
+        error_of(&h.post("k-1", &broken_exchange())),
+        (503, "CONTROL_PLANE_UNAVAILABLE".into())
+    );
+    assert_eq!(h.host.counter("signet.callout_failures.call.repair"), 1);
 }
 
 // ---- chain conflicts ---------------------------------------------------------------------------

@@ -10,6 +10,7 @@ use super::request::Request;
 use crate::config::Config;
 use crate::host::{stats, Host};
 use crate::policy;
+use crate::registry::{FallbackNeed, Fix, Outcome};
 use crate::sanitize::sanitize;
 
 /// The verified payload; kept to re-sign on a chain conflict and for an inline route's body.
@@ -21,24 +22,48 @@ pub struct Verified {
     /// The `forward_url` HEL allowed: the exchange delivers before it signs
     /// (`pipeline/forward.rs`).
     pub forward: Option<policy::Allowed>,
+    /// FU of the LLM-fallback repairs it needed (`None`: none was needed).
+    pub fallback_fu: Option<u64>,
 }
 
-/// Verifies the request's payload (taking it out of `request`).
-pub fn verify(
+/// What [`verify_with`] ends with.
+pub enum Verdict {
+    Verified(Verified),
+    /// An embedded text needs the LLM fallback; the request holds its payload again.
+    NeedsFallback(Box<FallbackNeed>),
+}
+
+/// Verifies the request's payload (taking it out of `request`), with the LLM fallback's
+/// `fixes` so far; with `fallback` (the grant's
+/// `fallback_enabled`), an embedded text that neither deterministic repair nor `fixes` repairs
+/// is answered as [`Verdict::NeedsFallback`] (the exchange's repair stage asks the control
+/// plane, then verifies again with the fix).
+pub fn verify_with(
     host: &mut dyn Host,
     config: &Config,
     grant: &Grant,
     request: &mut Request,
-) -> Result<Verified, ApiError> {
+    fixes: &[Fix],
+    fallback: bool,
+) -> Result<Verdict, ApiError> {
     let mut payload = std::mem::take(&mut request.payload);
     sanitize(&mut payload);
-    // An LLM-fallback repair slots in inside normalize: when deterministic repair fails (and
-    // the grant has `fallback_enabled`), the exchange enters a repair stage whose callout's
-    // answer resumes at transform (see `Stage` in exchange.rs).
-    let normalized =
-        config
-            .registry
-            .normalize(&request.payload_type, &request.target_type, payload)?;
+    // kept to verify again once the fallback answers (sanitize is idempotent)
+    let kept = fallback.then(|| payload.clone());
+    let outcome = config.registry.normalize_with(
+        &request.payload_type,
+        &request.target_type,
+        payload,
+        fixes,
+        fallback,
+    )?;
+    let normalized = match outcome {
+        Outcome::Normalized(normalized) => normalized,
+        Outcome::NeedsFallback(need) => {
+            request.payload = kept.unwrap_or_default();
+            return Ok(Verdict::NeedsFallback(need));
+        }
+    };
     for _ in 0..normalized.repairs {
         host.count(stats::REPAIRS);
     }
@@ -59,11 +84,12 @@ pub fn verify(
         Some(t) => t.clone(),
         None => format!("sig-{}", host.random_hex(8)),
     };
-    Ok(Verified {
+    Ok(Verdict::Verified(Verified {
         trace_id,
         cid: cid::cid(canon.as_bytes()),
         canon,
         normalized: normalized.value,
         forward,
-    })
+        fallback_fu: None,
+    }))
 }

@@ -63,6 +63,14 @@ codes! {
     IdempotencyKeyUnknown = 404 "IDEMPOTENCY_KEY_UNKNOWN", "No committed request has this idempotency key.";
     BodyTooLarge = 413 "BODY_TOO_LARGE", "A request body over the endpoint's limit.";
     IdempotencyKeyReused = 422 "IDEMPOTENCY_KEY_REUSED", "The idempotency key was used with another request.";
+    FallbackDisabled = 403 "FALLBACK_DISABLED", "A fallback repair for a tenant without `fallback_enabled`.";
+    FallbackInFlight = 409 "FALLBACK_IN_FLIGHT", "A fallback repair of this idempotency key is already running.";
+    FallbackInvalid = 422 "FALLBACK_INVALID", "The provider answered, but not with usable JSON (malformed, truncated, too large); its tokens are metered.";
+    FallbackRefused = 422 "FALLBACK_REFUSED", "The provider refused to repair the text; its tokens are metered.";
+    FuQuotaExceeded = 429 "FU_QUOTA_EXCEEDED", "The repair's token estimate does not fit the tenant's `fu_monthly_limit`; no provider call was made.";
+    FallbackProviderError = 502 "FALLBACK_PROVIDER_ERROR", "The provider answered with an error status (5xx, or a 4xx other than 429); nothing metered.";
+    FallbackUnavailable = 503 "FALLBACK_UNAVAILABLE", "No provider is configured, or it is unreachable or rate limiting (429); nothing metered.";
+    FallbackTimeout = 504 "FALLBACK_TIMEOUT", "The provider did not answer within `SP_OPENAI_TIMEOUT_MS`; nothing metered.";
     ExportFailed = 500 "EXPORT_FAILED", "The export bundle could not be built.";
     StorageUnavailable = 503 "STORAGE_UNAVAILABLE", "The database failed; nothing was stored.";
     CommitExpired = 504 "COMMIT_EXPIRED", "The commit arrived after its deadline; nothing was stored.";

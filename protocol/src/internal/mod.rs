@@ -9,6 +9,8 @@
 //! - [`health`]: `GET /v1/internal/health` (and the public `/healthz`): [`health::Health`].
 //! - [`forward`]: `POST /v1/internal/forward`, a [`forward::ForwardRequest`] delivered once by
 //!   the control plane and answered with the receipt's [`forward::Forwarded`].
+//! - [`repair`]: `POST /v1/internal/repair`, the LLM-fallback repair of an embedded JSON text,
+//!   metered in FU against the tenant's monthly quota.
 //! - [`decide`]: the commit decision (idempotency, then the chain append) as a pure function, the
 //!   one both storage backends and the filter's test fake call.
 //! - [`code`]: every error code the control plane answers, with its status.
@@ -21,6 +23,7 @@ pub mod decide;
 pub mod health;
 pub mod forward;
 pub mod idempotency;
+pub mod repair;
 pub mod tenant;
 
 pub use code::Code;

@@ -7,6 +7,7 @@ mod commits;
 mod config;
 mod errors;
 mod forward;
+mod fallback;
 mod hostile;
 mod idempotency;
 mod one_address;
