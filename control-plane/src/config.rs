@@ -82,6 +82,8 @@ pub struct Config {
     pub receipt_max_skew: Duration,
     /// `SP_IDEMPOTENCY_RETENTION_SECS`: how long a committed idempotency key is kept (7 days).
     pub idempotency_retention: Duration,
+    /// `SP_STRIPE_*`, `SP_BILLING_*`: the billing reporter.
+    pub billing: crate::billing::settings::BillingSettings,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -189,6 +191,8 @@ impl Config {
             crate::tenants::TenantConfigError::Reserved(p) => invalid("SP_RESERVED_CONFIG", p),
         })?;
 
+        let billing = crate::billing::settings::BillingSettings::from_lookup(&get, &tenants)?;
+
         let kid = get("SP_KID")
             .ok_or_else(|| invalid("SP_KID", "required (key id of SP_PRIVATE_KEY_B64)"))?;
         let seed = get("SP_PRIVATE_KEY_B64").ok_or_else(|| {
@@ -277,6 +281,7 @@ impl Config {
             chain_max,
             receipt_max_skew,
             idempotency_retention,
+            billing,
         })
     }
 }

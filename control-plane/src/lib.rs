@@ -9,7 +9,7 @@
 //!   one error answer.
 //! - [`storage`]: the receipt store (SQLite or PostgreSQL): commits, chains, usage, billing queue.
 //! - [`tenants`]: API keys (kept as hashes), what each grants and each tenant's billing plan.
-//! - [`billing`]: SPEC §6 tier math: what one usage event bills.
+//! - [`billing`]: SPEC §6: what usage bills, and the reporter that sends it to Stripe.
 //! - [`keys`]: the signing key and the JWKS of every kid ever used.
 //! - [`metrics`]: the Prometheus counters served at `/metrics`.
 //! - [`server`]: one listener per API, with its connection limit and timeouts.
@@ -47,6 +47,8 @@ pub struct ControlPlane {
     pub receipt_max_skew: Duration,
     /// `SP_REQUEST_TIMEOUT_SECS`.
     pub request_timeout: Duration,
+    /// The Stripe reporter's settings, liveness and counters.
+    pub billing: billing::Billing,
 }
 
 impl ControlPlane {
@@ -59,7 +61,8 @@ impl ControlPlane {
         let storage = open_storage(&config.storage, retention).await?;
         let keys =
             KeyRing::load(storage.as_ref(), config.signing_key, config.previous_keys).await?;
-        Ok(Arc::new(ControlPlane {
+        let cp = Arc::new(ControlPlane {
+            billing: billing::Billing::new(config.billing),
             metrics: Metrics::new(storage.kind()),
             storage,
             tenants: RwLock::new(Arc::new(config.tenants)),
@@ -70,7 +73,9 @@ impl ControlPlane {
             chain_max: config.chain_max,
             receipt_max_skew: config.receipt_max_skew,
             request_timeout: config.limits.request_timeout,
-        }))
+        });
+        billing::reporter::spawn(&cp)?;
+        Ok(cp)
     }
 
     pub fn tenants(&self) -> Arc<TenantDirectory> {

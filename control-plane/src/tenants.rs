@@ -26,6 +26,8 @@ pub struct TenantDirectory {
     /// by the global `SP_HEL_ALLOWLIST`.
     grants: HashMap<String, Arc<Grant>>,
     plans: HashMap<String, Arc<BillingPlan>>,
+    /// `stripe_customer` of each tenant that has one: whom its meter events bill.
+    customers: HashMap<String, String>,
 }
 
 impl TenantDirectory {
@@ -60,6 +62,7 @@ impl TenantDirectory {
         let mut grants = HashMap::new();
         // Tenant-level settings must agree across all keys of a tenant.
         let mut items: HashMap<String, TenantItems> = HashMap::new();
+        let mut customers: HashMap<String, Option<String>> = HashMap::new();
         for (n, (api_key, entry)) in keys.into_iter().enumerate() {
             let which = format!("entry #{} (tenant {:?})", n + 1, entry.tenant);
             if api_key.is_empty() {
@@ -91,6 +94,14 @@ impl TenantDirectory {
                 }
             }
             items.insert(entry.tenant.clone(), tenant_items);
+            if customers.get(&entry.tenant) != Some(&entry.stripe_customer) {
+                if customers.contains_key(&entry.tenant) {
+                    return Err(TenantConfigError::ApiKeys(format!(
+                        "{which}: stripe_customer must be the same for every key of a tenant"
+                    )));
+                }
+                customers.insert(entry.tenant.clone(), entry.stripe_customer.clone());
+            }
             grants.insert(
                 api_key_hash(&api_key),
                 Arc::new(Grant {
@@ -129,7 +140,25 @@ impl TenantDirectory {
                 })
             });
         }
-        Ok(Self { grants, plans })
+        let customers = customers
+            .into_iter()
+            .filter_map(|(tenant, customer)| Some((tenant, customer?)))
+            .collect();
+        Ok(Self {
+            grants,
+            plans,
+            customers,
+        })
+    }
+
+    /// The tenant's `stripe_customer`, if it has one.
+    pub fn stripe_customer(&self, tenant: &str) -> Option<&str> {
+        self.customers.get(tenant).map(String::as_str)
+    }
+
+    /// Every tenant with its billing plan, in no particular order.
+    pub fn plans(&self) -> impl Iterator<Item = (&str, &BillingPlan)> {
+        self.plans.iter().map(|(t, p)| (t.as_str(), p.as_ref()))
     }
 
     pub fn grant_for_key_hash(&self, key_hash: &str) -> Option<Arc<Grant>> {
@@ -184,6 +213,9 @@ struct KeyEntry {
     stripe_item_vex: Option<String>,
     #[serde(default)]
     stripe_item_fu: Option<String>,
+    /// The Stripe customer (`cus_…`) the tenant's meter events bill.
+    #[serde(default)]
+    stripe_customer: Option<String>,
 }
 
 #[derive(Deserialize)]

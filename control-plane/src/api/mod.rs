@@ -54,7 +54,8 @@ impl Routers {
             .route("/.well-known/jwks.json", get(public::jwks))
             .route("/.well-known/signet-jwks.json", get(public::jwks))
             .route("/v1/receipts/chain/{trace_id}", get(public::chain))
-            .route("/v1/receipts/export/{trace_id}", get(public::export));
+            .route("/v1/receipts/export/{trace_id}", get(public::export))
+            .route("/v1/usage", get(public::usage));
         let admin = Router::new()
             .route("/v1/admin/reload", post(admin::reload))
             .route("/v1/admin/usage/{tenant}", get(admin::usage));

@@ -7,6 +7,7 @@
 //! - [`migrations`]: each backend's schema, the `.sql` files of `control-plane/migrations/`.
 //! - `sqlite`, `postgres`: a backend locks the rows a commit depends on, calls
 //!   [`batch::decide_batch`] and writes its rows, atomically.
+//! - [`billing`]: the billing reporter's claims, leases and reads (its own trait).
 //! - [`worker`]: the liveness of a backend's threads and tasks, which `ping` reports.
 //!
 //! A new table (or column, or constraint) is a new migration file in each of
@@ -23,11 +24,12 @@ use crate::billing::BillingPlan;
 use signet_protocol::internal::{Candidate, Head, Record, Rejection};
 
 mod batch;
+pub mod billing;
 mod migrations;
 mod postgres;
 mod rows;
 mod sqlite;
-mod worker;
+pub(crate) mod worker;
 
 pub use postgres::PostgresStorage;
 pub use sqlite::SqliteStorage;
@@ -247,7 +249,7 @@ impl std::fmt::Display for StoreError {
 impl std::error::Error for StoreError {}
 
 #[async_trait]
-pub trait Storage: Send + Sync + 'static {
+pub trait Storage: billing::BillingStore + Send + Sync + 'static {
     /// `sqlite` or `postgres`.
     fn kind(&self) -> &'static str;
     /// A round trip to the database; `Err` too when a worker of the backend (writer, batcher,

@@ -24,6 +24,7 @@ use super::*;
 use batcher::{run_batches, Job};
 
 mod batcher;
+mod billing;
 mod commit;
 
 /// How long a request waits for a pooled connection (`wait`: every connection busy), for a new
