@@ -170,9 +170,10 @@ async fn send_one(cp: &ControlPlane, client: &StripeClient, report: LeasedReport
     let attempt = if now >= give_up_at {
         Attempt::Dead {
             error: format!(
-                "not acknowledged within {} s of its first send (after {} attempts)",
+                "gave up: not acknowledged within {} s of its first send, after {} attempts: {}",
                 settings.give_up_after.as_secs(),
-                report.attempts
+                report.attempts,
+                report.last_error.as_deref().unwrap_or("no answer")
             ),
         }
     } else if report.lease_until_ms.saturating_sub(now) < stripe.timeout.as_millis() as i64 + 1000 {

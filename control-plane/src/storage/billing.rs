@@ -56,6 +56,8 @@ pub struct LeasedReport {
     pub attempts: u32,
     pub first_sent_ms: i64,
     pub lease_until_ms: i64,
+    /// Why the previous attempt failed.
+    pub last_error: Option<String>,
 }
 
 /// How an attempt ended.

@@ -41,12 +41,12 @@ WHERE id IN (SELECT id FROM billing_reports
              WHERE state = 'sending' AND next_attempt_ms <= $1 AND lease_until_ms <= $1
              ORDER BY next_attempt_ms, id LIMIT $3 FOR UPDATE SKIP LOCKED)
 RETURNING id, tenant, meter, band, event_name, stripe_customer, value, identifier,
-          idempotency_key, window_start_ms, attempts, first_sent_ms, lease_until_ms";
+          idempotency_key, window_start_ms, attempts, first_sent_ms, lease_until_ms, last_error";
 
 const FINISH: &str = "
-UPDATE billing_reports SET state = $3, attempts = attempts + 1, lease_until_ms = 0,
-    last_error = $4, next_attempt_ms = COALESCE($5, next_attempt_ms),
-    done_ms = CASE WHEN $3 = 'sending' THEN NULL ELSE $6 END
+UPDATE billing_reports SET state = $3::TEXT, attempts = attempts + 1, lease_until_ms = 0,
+    last_error = $4::TEXT, next_attempt_ms = COALESCE($5::BIGINT, next_attempt_ms),
+    done_ms = CASE WHEN $3::TEXT = 'sending' THEN NULL ELSE $6::BIGINT END
 WHERE id = $1 AND state = 'sending' AND lease_until_ms = $2";
 
 fn u32_of(v: i32) -> u32 {
@@ -209,6 +209,7 @@ impl BillingStore for PostgresStorage {
                 attempts: u32_of(r.get(10)),
                 first_sent_ms: r.get(11),
                 lease_until_ms: r.get(12),
+                last_error: r.get(13),
             })
             .collect();
         reports.sort_by_key(|r| r.id);

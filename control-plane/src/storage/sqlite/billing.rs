@@ -128,7 +128,7 @@ WHERE id IN (SELECT id FROM billing_reports
              WHERE state = 'sending' AND next_attempt_ms <= ?1 AND lease_until_ms <= ?1
              ORDER BY next_attempt_ms, id LIMIT ?3)
 RETURNING id, tenant, meter, band, event_name, stripe_customer, value, identifier,
-          idempotency_key, window_start_ms, attempts, first_sent_ms, lease_until_ms";
+          idempotency_key, window_start_ms, attempts, first_sent_ms, lease_until_ms, last_error";
 
 fn leased(r: &rusqlite::Row<'_>) -> rusqlite::Result<LeasedReport> {
     Ok(LeasedReport {
@@ -145,6 +145,7 @@ fn leased(r: &rusqlite::Row<'_>) -> rusqlite::Result<LeasedReport> {
         attempts: r.get(10)?,
         first_sent_ms: r.get(11)?,
         lease_until_ms: r.get(12)?,
+        last_error: r.get(13)?,
     })
 }
 
