@@ -32,12 +32,18 @@ async fn usage_reaches_stripe_exactly_once_per_band(backend: Backend) {
     billing_env(&mut db, &stripe.base_url);
     let server = Server::start(&db).await;
     let n = 1_500;
+    let started = Instant::now();
     exchanges(&server, "acme", 0..n).await;
     exchanges(&server, "free", 0..20).await;
+    let committed = started.elapsed();
     let usage = settled(&server, "acme", Duration::from_secs(60)).await;
     assert_exact(&stripe.fake, &usage, n);
     // one event per meter, band and window, not one per exchange
     let events = stripe.fake.events().len() as u64;
+    eprintln!(
+        "{backend:?}: {n} exchanges committed in {committed:?}, all reported {:?} later as {events} meter events",
+        started.elapsed() - committed
+    );
     assert!(events < n / 10, "{events} events for {n} exchanges");
     assert_eq!(usage["billing"]["meters"]["vex"]["amount"], "5.7"); // 300×0.01 + 400×0.005 + 700×0.001
                                                                     // a tenant without a meter is counted, never sent
@@ -104,6 +110,10 @@ async fn usage_reaches_stripe_exactly_once_per_band(backend: Backend) {
         .await;
     assert_eq!(other.status, 401, "{}", other.body);
     assert_eq!(server.get("/v1/usage", &[]).await.status, 401);
+    let bad_month = server
+        .get("/v1/usage?month=2026-1", &[("X-SIGNET-API-Key", ACME_KEY)])
+        .await;
+    assert_eq!(bad_month.status, 400);
     server.stop().await;
     db.cleanup().await;
 }

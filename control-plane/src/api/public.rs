@@ -99,6 +99,15 @@ pub async fn usage(
     let month = query
         .month
         .unwrap_or_else(crate::billing::usage::current_month);
+    let well_formed = month.len() == 7
+        && month.as_bytes()[4] == b'-'
+        && month
+            .bytes()
+            .enumerate()
+            .all(|(i, b)| i == 4 || b.is_ascii_digit());
+    if !well_formed {
+        return Err(HttpError::new(Code::BadRequest, "month must be YYYY-MM"));
+    }
     let body = crate::billing::usage::month(&cp, &tenant, &month)
         .await
         .map_err(HttpError::storage)?;

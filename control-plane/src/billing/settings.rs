@@ -325,7 +325,9 @@ mod tests {
         let keys_vex_only =
             r#"{"k":{"tenant":"acme","stripe_customer":"cus_1","stripe_item_vex":"vex"}}"#;
         let reserved_no_tiers = r#"{"acme":{"fu_reserved":100}}"#;
-        let cases: &[(&str, &str, &[(&str, &str)], &str, &str)] = &[
+        // (SP_API_KEYS, SP_RESERVED_CONFIG, other variables, the variable named, what it says)
+        type Case<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)], &'a str, &'a str);
+        let cases: &[Case] = &[
             (
                 no_customer,
                 "{}",

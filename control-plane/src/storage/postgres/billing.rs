@@ -13,7 +13,7 @@ use crate::storage::billing::*;
 use crate::storage::{to_i64, to_u64, StoreError};
 
 /// Any constant shared by every instance: one claimer at a time.
-const CLAIM_LOCK: i64 = 0x5347_4e42_494c_4c; // "SGNBILL"
+const CLAIM_LOCK: i64 = 0x0053_474e_4249_4c4c; // "SGNBILL"
 
 const PENDING_ROWS: &str = "
 SELECT id, tenant, month, meter, band, units, stripe_item, amount, created_ms FROM billing_queue
