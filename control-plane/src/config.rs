@@ -86,6 +86,8 @@ pub struct Config {
     pub forward: crate::forward::ForwardConfig,
     /// `SP_OPENAI_*`: the LLM fallback's provider.
     pub fallback: crate::fallback::FallbackConfig,
+    /// `SP_STRIPE_*`, `SP_BILLING_*`: the billing reporter.
+    pub billing: crate::billing::settings::BillingSettings,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -193,6 +195,8 @@ impl Config {
             crate::tenants::TenantConfigError::Reserved(p) => invalid("SP_RESERVED_CONFIG", p),
         })?;
 
+        let billing = crate::billing::settings::BillingSettings::from_lookup(&get, &tenants)?;
+
         let kid = get("SP_KID")
             .ok_or_else(|| invalid("SP_KID", "required (key id of SP_PRIVATE_KEY_B64)"))?;
         let seed = get("SP_PRIVATE_KEY_B64").ok_or_else(|| {
@@ -291,6 +295,7 @@ impl Config {
             idempotency_retention,
             forward: crate::forward::ForwardConfig::from_lookup(&get)?,
             fallback,
+            billing,
         })
     }
 }

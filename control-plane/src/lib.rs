@@ -11,7 +11,7 @@
 //! - [`forward`]: delivering exchanges to their `forward_url` (SPEC §5), and the outbox that
 //!   retries them.
 //! - [`tenants`]: API keys (kept as hashes), what each grants and each tenant's billing plan.
-//! - [`billing`]: SPEC §6 tier math: what one usage event bills.
+//! - [`billing`]: SPEC §6: what usage bills, and the reporter that sends it to Stripe.
 //! - [`fallback`]: the LLM-fallback repair, its provider client and its FU quota.
 //! - [`keys`]: the signing key and the JWKS of every kid ever used.
 //! - [`metrics`]: the Prometheus counters served at `/metrics`.
@@ -55,6 +55,8 @@ pub struct ControlPlane {
     pub forward: forward::ForwardService,
     /// The LLM fallback (`SP_OPENAI_*`).
     pub fallback: fallback::Fallback,
+    /// The Stripe reporter's settings, liveness and counters.
+    pub billing: billing::Billing,
 }
 
 impl ControlPlane {
@@ -75,7 +77,8 @@ impl ControlPlane {
             metrics.forward.clone(),
             retention,
         )?;
-        Ok(Arc::new(ControlPlane {
+        let cp = Arc::new(ControlPlane {
+            billing: billing::Billing::new(config.billing),
             metrics,
             forward,
             storage,
@@ -88,7 +91,9 @@ impl ControlPlane {
             receipt_max_skew: config.receipt_max_skew,
             request_timeout: config.limits.request_timeout,
             fallback: fallback::Fallback::new(config.fallback)?,
-        }))
+        });
+        billing::reporter::spawn(&cp)?;
+        Ok(cp)
     }
 
     pub fn tenants(&self) -> Arc<TenantDirectory> {

@@ -28,6 +28,8 @@ pub struct TenantDirectory {
     plans: HashMap<String, Arc<BillingPlan>>,
     /// The LLM fallback of each tenant: on when any of its keys enables it.
     fallbacks: HashMap<String, FallbackGrant>,
+    /// `stripe_customer` of each tenant that has one: whom its meter events bill.
+    customers: HashMap<String, String>,
 }
 
 /// What the LLM fallback may do for a tenant.
@@ -71,6 +73,7 @@ impl TenantDirectory {
         let mut fallbacks: HashMap<String, FallbackGrant> = HashMap::new();
         // Tenant-level settings must agree across all keys of a tenant.
         let mut items: HashMap<String, TenantItems> = HashMap::new();
+        let mut customers: HashMap<String, Option<String>> = HashMap::new();
         for (n, (api_key, entry)) in keys.into_iter().enumerate() {
             let which = format!("entry #{} (tenant {:?})", n + 1, entry.tenant);
             if api_key.is_empty() {
@@ -105,6 +108,14 @@ impl TenantDirectory {
             let fallback = fallbacks.entry(entry.tenant.clone()).or_default();
             fallback.enabled |= entry.fallback_enabled;
             fallback.fu_monthly_limit = entry.fu_monthly_limit;
+            if customers.get(&entry.tenant) != Some(&entry.stripe_customer) {
+                if customers.contains_key(&entry.tenant) {
+                    return Err(TenantConfigError::ApiKeys(format!(
+                        "{which}: stripe_customer must be the same for every key of a tenant"
+                    )));
+                }
+                customers.insert(entry.tenant.clone(), entry.stripe_customer.clone());
+            }
             grants.insert(
                 api_key_hash(&api_key),
                 Arc::new(Grant {
@@ -143,10 +154,15 @@ impl TenantDirectory {
                 })
             });
         }
+        let customers = customers
+            .into_iter()
+            .filter_map(|(tenant, customer)| Some((tenant, customer?)))
+            .collect();
         Ok(Self {
             grants,
             plans,
             fallbacks,
+            customers,
         })
     }
 
@@ -163,6 +179,16 @@ impl TenantDirectory {
         allowlist.sort();
         allowlist.dedup();
         Some(allowlist)
+    }
+
+    /// The tenant's `stripe_customer`, if it has one.
+    pub fn stripe_customer(&self, tenant: &str) -> Option<&str> {
+        self.customers.get(tenant).map(String::as_str)
+    }
+
+    /// Every tenant with its billing plan, in no particular order.
+    pub fn plans(&self) -> impl Iterator<Item = (&str, &BillingPlan)> {
+        self.plans.iter().map(|(t, p)| (t.as_str(), p.as_ref()))
     }
 
     pub fn grant_for_key_hash(&self, key_hash: &str) -> Option<Arc<Grant>> {
@@ -222,6 +248,9 @@ struct KeyEntry {
     stripe_item_vex: Option<String>,
     #[serde(default)]
     stripe_item_fu: Option<String>,
+    /// The Stripe customer (`cus_…`) the tenant's meter events bill.
+    #[serde(default)]
+    stripe_customer: Option<String>,
 }
 
 #[derive(Deserialize)]

@@ -37,6 +37,8 @@ pub async fn reload(
         &cp.global_allowlist,
     )
     .map_err(|e| HttpError::new(Code::ConfigInvalid, e.to_string()))?;
+    crate::billing::settings::check_tenants(&directory, cp.billing.settings.stripe.is_some())
+        .map_err(|e| HttpError::new(Code::ConfigInvalid, e.to_string()))?;
     let counts = json!({"api_keys": directory.key_count(), "tenants": directory.tenant_count()});
     cp.replace_tenants(directory);
     tracing::info!(%counts, "tenants reloaded");
@@ -60,9 +62,11 @@ pub async fn usage(
     });
     let usage = cp.storage.usage(&tenant, &month).await;
     let queue = cp.storage.billing_queue(&tenant).await;
-    let (usage, queue) = (
+    let billing = crate::billing::usage::month(&cp, &tenant, &month).await;
+    let (usage, queue, billing) = (
         usage.map_err(HttpError::storage)?,
         queue.map_err(HttpError::storage)?,
+        billing.map_err(HttpError::storage)?,
     );
     let rows: Vec<Value> = queue
         .into_iter()
@@ -76,6 +80,7 @@ pub async fn usage(
         })
         .collect();
     Ok(Json(
-        json!({"tenant": tenant, "month": month, "vex": usage.vex, "fu": usage.fu, "billing_queue": rows}),
+        json!({"tenant": tenant, "month": month, "vex": usage.vex, "fu": usage.fu, "billing_queue": rows,
+               "billing": billing["billing"], "stripe_customer": billing["stripe_customer"]}),
     ))
 }

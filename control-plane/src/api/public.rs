@@ -27,13 +27,25 @@ pub async fn healthz(State(cp): AppState) -> Response {
     timer.done();
     let storage = cp.storage.kind().into();
     match ping {
-        Ok(()) => Json(Health {
-            status: "ok".into(),
-            storage,
-            database: "reachable".into(),
-            reason: None,
-        })
-        .into_response(),
+        Ok(()) => match cp.billing.check() {
+            Ok(()) => Json(Health {
+                status: "ok".into(),
+                storage,
+                database: "reachable".into(),
+                reason: None,
+            })
+            .into_response(),
+            Err(reason) => {
+                tracing::warn!("health check: {reason}");
+                let body = Health {
+                    status: "unavailable".into(),
+                    storage,
+                    database: "reachable".into(),
+                    reason: Some(reason.into()),
+                };
+                (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+            }
+        },
         Err(e) => {
             tracing::warn!("health check: {e}");
             let body = Health {
@@ -68,12 +80,14 @@ pub async fn openapi() -> Response {
 }
 
 pub async fn metrics(State(cp): AppState) -> Response {
+    let mut text = cp.metrics.encode();
+    crate::billing::usage::append_metrics(&cp, &mut text).await;
     (
         [(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
         )],
-        cp.metrics.encode(),
+        text,
     )
         .into_response()
 }
@@ -93,6 +107,55 @@ pub async fn jwks(State(cp): AppState) -> Response {
         cp.keys.jwks_json().to_owned(),
     )
         .into_response()
+}
+
+/// `GET /v1/usage?month=YYYY-MM`: the caller's own month (its API key), as the admin sees it
+/// (`GET /v1/admin/usage/{tenant}`) less the raw queue. An auditor (the admin key) names the
+/// tenant with `?tenant=`.
+pub async fn usage(
+    State(cp): AppState,
+    reader: ChainReader,
+    Parsed(Query(query)): Parsed<Query<UsageQuery>>,
+) -> Result<Json<Value>, HttpError> {
+    let tenant = match (reader, query.tenant) {
+        (ChainReader::Tenant(own), None) => own,
+        (ChainReader::Tenant(own), Some(named)) if own == named => own,
+        (ChainReader::Tenant(_), Some(_)) => {
+            return Err(HttpError::new(
+                Code::UnknownApiKey,
+                "a tenant reads its own usage only",
+            ))
+        }
+        (ChainReader::Auditor, Some(named)) => named,
+        (ChainReader::Auditor, None) => {
+            return Err(HttpError::new(
+                Code::BadRequest,
+                "an auditor names the tenant: ?tenant=",
+            ))
+        }
+    };
+    let month = query
+        .month
+        .unwrap_or_else(crate::billing::usage::current_month);
+    let well_formed = month.len() == 7
+        && month.as_bytes()[4] == b'-'
+        && month
+            .bytes()
+            .enumerate()
+            .all(|(i, b)| i == 4 || b.is_ascii_digit());
+    if !well_formed {
+        return Err(HttpError::new(Code::BadRequest, "month must be YYYY-MM"));
+    }
+    let body = crate::billing::usage::month(&cp, &tenant, &month)
+        .await
+        .map_err(HttpError::storage)?;
+    Ok(Json(body))
+}
+
+#[derive(Deserialize)]
+pub struct UsageQuery {
+    tenant: Option<String>,
+    month: Option<String>,
 }
 
 /// `?tenant=`: whose trace an auditor reads (a trace id names a chain within its tenant);

@@ -9,6 +9,7 @@
 //!   [`batch::decide_batch`] and writes its rows, atomically.
 //! - [`forward`]: forwarded deliveries, their attempts and outbox ([`ForwardStore`]).
 //! - [`fallback`]: the LLM fallback's FU reservations and settlements ([`FallbackStore`]).
+//! - [`billing`]: the billing reporter's claims, leases and reads (its own trait).
 //! - [`worker`]: the liveness of a backend's threads and tasks, which `ping` reports.
 //!
 //! A new table (or column, or constraint) is a new migration file in each of
@@ -27,6 +28,7 @@ use signet_protocol::internal::{Candidate, Head, Record, Rejection};
 mod batch;
 pub mod forward;
 pub mod fallback;
+pub mod billing;
 mod migrations;
 mod postgres;
 mod rows;
@@ -253,7 +255,7 @@ impl std::fmt::Display for StoreError {
 impl std::error::Error for StoreError {}
 
 #[async_trait]
-pub trait Storage: ForwardStore + Send + Sync + 'static {
+pub trait Storage: ForwardStore + billing::BillingStore + Send + Sync + 'static {
     /// `sqlite` or `postgres`.
     fn kind(&self) -> &'static str;
     /// A round trip to the database; `Err` too when a worker of the backend (writer, batcher,

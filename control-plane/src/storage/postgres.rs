@@ -24,6 +24,7 @@ use super::*;
 use batcher::{run_batches, Job};
 
 mod batcher;
+mod billing;
 mod commit;
 /// [`ForwardStore`](super::ForwardStore) on this backend.
 mod forward;

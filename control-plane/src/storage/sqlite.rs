@@ -30,6 +30,8 @@ use super::worker::{check_all, panic_message, Worker};
 use super::*;
 use signet_protocol::internal::{Record, TraceState};
 
+mod billing;
+
 const MAX_BATCH: usize = 512;
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 const WAL_RESTART_FRAMES: i64 = 16_384;

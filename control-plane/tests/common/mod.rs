@@ -4,6 +4,9 @@
 
 #![allow(dead_code)]
 
+pub mod billing;
+pub mod fake_stripe;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
