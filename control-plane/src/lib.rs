@@ -21,8 +21,8 @@
 pub mod api;
 pub mod billing;
 pub mod config;
-pub mod forward;
 pub mod fallback;
+pub mod forward;
 pub mod keys;
 pub mod metrics;
 pub mod server;

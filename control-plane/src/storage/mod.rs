@@ -26,17 +26,17 @@ use crate::billing::BillingPlan;
 use signet_protocol::internal::{Candidate, Head, Record, Rejection};
 
 mod batch;
-pub mod forward;
-pub mod fallback;
 pub mod billing;
+pub mod fallback;
+pub mod forward;
 mod migrations;
 mod postgres;
 mod rows;
 mod sqlite;
 pub(crate) mod worker;
 
-pub use forward::ForwardStore;
 pub use fallback::FallbackStore;
+pub use forward::ForwardStore;
 pub use postgres::PostgresStorage;
 pub use sqlite::SqliteStorage;
 

@@ -26,9 +26,9 @@ use batcher::{run_batches, Job};
 mod batcher;
 mod billing;
 mod commit;
+mod fallback;
 /// [`ForwardStore`](super::ForwardStore) on this backend.
 mod forward;
-mod fallback;
 
 /// How long a request waits for a pooled connection (`wait`: every connection busy), for a new
 /// one (`create`: connect and authenticate) and for a returned one to be checked (`recycle`):

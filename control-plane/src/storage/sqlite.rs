@@ -38,9 +38,9 @@ const WAL_RESTART_FRAMES: i64 = 16_384;
 
 use super::migrations::SQLITE as MIGRATIONS;
 
+mod fallback;
 /// [`ForwardStore`](super::ForwardStore) on this backend.
 mod forward;
-mod fallback;
 
 pub struct SqliteStorage {
     jobs: mpsc::Sender<Box<dyn Job>>,

@@ -10,8 +10,8 @@ use signet_protocol::internal::{idempotency, Code, CommitReply, ErrorReply, Gran
 use signet_protocol::{cid, trace, ApiError};
 
 use super::actions::{callout, Action, Call, CalloutResponse, Forward, Response};
-use super::forward;
 use super::fallback::{self as llm, Refusal};
+use super::forward;
 use super::headers::{
     receipt_headers, trim_ows, visible_ascii, Headers, API_KEY_HEADERS, FORGEABLE_HEADERS,
     IDEMPOTENCY_HIT_HEADER, IDEMPOTENCY_KEY_HEADERS, MAX_IDEMPOTENCY_KEY_BYTES, TRACE_HEADER,

@@ -33,8 +33,8 @@
 
 pub mod actions;
 mod exchange;
-mod forward;
 mod fallback;
+mod forward;
 mod headers;
 mod health;
 mod reply;

@@ -9,10 +9,9 @@ use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use signet_protocol::internal::tenant::{self, KEY_HASH_HEADER};
 use signet_protocol::internal::{
-    commit, decide, forward, idempotency, Candidate, Code, Commit, CommitBatch, CommitReply,
-    commit, decide, idempotency, repair, Candidate, Code, Commit, CommitBatch, CommitReply,
-    CommitResult, CommitResults, Decision, ErrorReply, Grant, Head, Record, TraceState,
-    FILTER_TOKEN_HEADER,
+    commit, decide, forward, idempotency, repair, Candidate, Code, Commit, CommitBatch,
+    CommitReply, CommitResult, CommitResults, Decision, ErrorReply, Grant, Head, Record,
+    TraceState, FILTER_TOKEN_HEADER,
 };
 use signet_protocol::{cid, receipt, Jwks};
 
@@ -184,6 +183,8 @@ impl FakeControlPlane {
                             "url": request.url, "status_code": 200, "host": "api.example.com",
                             "pinned_ip": "203.0.113.7", "response_size": 2}}),
                     ),
+                }
+            }
             Call::Repair => {
                 assert_eq!(header(":path").as_deref(), Some(repair::PATH));
                 assert_eq!(

@@ -20,8 +20,8 @@
 pub mod code;
 pub mod commit;
 pub mod decide;
-pub mod health;
 pub mod forward;
+pub mod health;
 pub mod idempotency;
 pub mod repair;
 pub mod tenant;
