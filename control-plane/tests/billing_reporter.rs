@@ -29,7 +29,7 @@ async fn the_fake_behaves_like_stripe() {
 async fn usage_reaches_stripe_exactly_once_per_band(backend: Backend) {
     let stripe = FakeStripe::start().await;
     let mut db = TestDb::new(backend).await;
-    billing_env(&mut db, &stripe.base_url);
+    let _openai = billing_env(&mut db, &stripe.base_url).await;
     let server = Server::start(&db).await;
     let n = 1_500;
     let started = Instant::now();
@@ -120,14 +120,15 @@ async fn usage_reaches_stripe_exactly_once_per_band(backend: Backend) {
 
 async fn failures_and_dropped_answers_change_nothing(backend: Backend) {
     let stripe = FakeStripe::start().await;
+    // a fifth of the requests each: every kind happens even when a fast run needs few events
     stripe.fake.set_faults(Faults {
-        error_500: 0.1,
-        rate_limited: 0.1,
-        drop_after_record: 0.1,
+        error_500: 0.2,
+        rate_limited: 0.2,
+        drop_after_record: 0.2,
         ..Faults::default()
     });
     let mut db = TestDb::new(backend).await;
-    billing_env(&mut db, &stripe.base_url);
+    let _openai = billing_env(&mut db, &stripe.base_url).await;
     let server = Server::start(&db).await;
     let n = 1_200;
     exchanges(&server, "acme", 0..n).await;
@@ -165,7 +166,7 @@ async fn a_reporter_dead_mid_send_turns_healthz_red_and_another_instance_finishe
         ..Faults::default()
     });
     let mut db = TestDb::new(backend).await;
-    billing_env(&mut db, &stripe.base_url);
+    let _openai = billing_env(&mut db, &stripe.base_url).await;
     let a = Server::start(&db).await;
     let n = 900;
     exchanges(&a, "acme", 0..n).await;
@@ -203,7 +204,7 @@ async fn a_reporter_dead_mid_send_turns_healthz_red_and_another_instance_finishe
 async fn two_instances_report_each_aggregate_once(backend: Backend) {
     let stripe = FakeStripe::start().await;
     let mut db = TestDb::new(backend).await;
-    billing_env(&mut db, &stripe.base_url);
+    let _openai = billing_env(&mut db, &stripe.base_url).await;
     let a = Arc::new(Server::start(&db).await);
     let b = Arc::new(Server::start(&db).await);
     let n = 1_000;
@@ -241,7 +242,7 @@ async fn validation_errors_are_dead_letters_visible_in_metrics_and_the_admin_api
         ..Faults::default()
     });
     let mut db = TestDb::new(backend).await;
-    billing_env(&mut db, &stripe.base_url);
+    let _openai = billing_env(&mut db, &stripe.base_url).await;
     let server = Server::start(&db).await;
     let n = 400;
     exchanges(&server, "acme", 0..n).await;
@@ -306,7 +307,7 @@ async fn a_stripe_down_past_the_give_up_time_is_dead_lettered_nothing_lost(backe
         ..Faults::default()
     });
     let mut db = TestDb::new(backend).await;
-    billing_env(&mut db, &stripe.base_url);
+    let _openai = billing_env(&mut db, &stripe.base_url).await;
     db.set("SP_BILLING_GIVE_UP_SECS", "2");
     let server = Server::start(&db).await;
     exchanges(&server, "acme", 0..200).await;
@@ -349,6 +350,7 @@ async fn without_a_stripe_key_the_queue_fills_and_health_stays_green(backend: Ba
     let mut db = TestDb::new(backend).await;
     db.set("SP_API_KEYS", &acme_keys());
     db.set("SP_RESERVED_CONFIG", &acme_reserved());
+    let _openai = fallback_env(&mut db).await;
     let server = Server::start(&db).await;
     exchanges(&server, "acme", 0..150).await;
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -88,7 +88,7 @@ async fn a_kill_9_mid_report_loses_and_doubles_nothing(backend: Backend) {
     let stripe = FakeStripe::start().await;
     let fake = stripe.fake.clone();
     let mut db = TestDb::new(backend).await;
-    billing_env(&mut db, &stripe.base_url);
+    let _openai = billing_env(&mut db, &stripe.base_url).await;
     let n = 1_000;
 
     // 1. Killed while Stripe has recorded an event and not answered.
@@ -111,8 +111,9 @@ async fn a_kill_9_mid_report_loses_and_doubles_nothing(backend: Backend) {
         ..Faults::default()
     });
     let (process, client) = spawn(&db).await;
-    exchanges(&client, "acme", n / 2..n).await;
+    // counted from the restart: the reporter sends closed windows while the exchanges go on
     let recorded = fake.events().len();
+    exchanges(&client, "acme", n / 2..n).await;
     until("progress", Duration::from_secs(60), || {
         fake.events().len() > recorded + 3
     })

@@ -4,14 +4,12 @@
 //! monthly quota never overshot by concurrent repairs on one or two instances.
 
 mod common;
-#[path = "common/fake_openai.rs"]
-mod fake_openai;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::fake_openai::{Behaviour, FakeOpenAi, MODEL, OPENAI_KEY};
 use common::*;
-use fake_openai::{Behaviour, FakeOpenAi, MODEL, OPENAI_KEY};
 use serde_json::{json, Value};
 use signet_control_plane::fallback::{prepare, FallbackConfig};
 use signet_control_plane::storage::fallback::{Reservation, Reserved};

@@ -1,6 +1,7 @@
 //! What the billing tests share: the enterprise tenant (a reservation and three tiers per meter,
-//! each tier its own Stripe meter), exchanges in bulk, waiting for the reporter to settle, and
-//! the exact comparison of what the fake Stripe holds with the local overage per band.
+//! each tier its own Stripe meter), exchanges in bulk (VEx by their commits, FU by the LLM-fallback
+//! repairs before them, against a fake provider), waiting for the reporter to settle, and the
+//! exact comparison of what the fake Stripe holds with the local overage per band.
 
 #![allow(dead_code)]
 
@@ -8,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use super::fake_openai::{Behaviour, FakeOpenAi, MODEL, OPENAI_KEY};
 use super::fake_stripe::{FakeStripe, STRIPE_KEY};
 use super::*;
 
@@ -20,8 +22,9 @@ pub const FU_THRESHOLDS: [u64; 3] = [10_000, 20_000, 1_000_000_000];
 
 pub fn acme_keys() -> String {
     json!({
-        ACME_KEY: {"tenant": "acme", "allowlist": [], "stripe_customer": "cus_acme"},
-        FREE_KEY: {"tenant": "free", "allowlist": []},
+        ACME_KEY: {"tenant": "acme", "allowlist": [], "stripe_customer": "cus_acme",
+                   "fallback_enabled": true},
+        FREE_KEY: {"tenant": "free", "allowlist": [], "fallback_enabled": true},
     })
     .to_string()
 }
@@ -43,8 +46,20 @@ pub fn acme_reserved() -> String {
     .to_string()
 }
 
-/// Reporting to `stripe_url` with short windows, intervals, timeouts and retries.
-pub fn billing_env(db: &mut TestDb, stripe_url: &str) {
+/// The LLM fallback against a fake provider that meters what each repair asks ([`exchanges`]);
+/// the fake must live as long as the control plane.
+pub async fn fallback_env(db: &mut TestDb) -> FakeOpenAi {
+    let openai = FakeOpenAi::start().await;
+    openai.answer(Behaviour::Metered);
+    db.set("SP_OPENAI_BASE_URL", &openai.base_url);
+    db.set("SP_OPENAI_API_KEY", OPENAI_KEY);
+    db.set("SP_OPENAI_MODEL", MODEL);
+    openai
+}
+
+/// Reporting to `stripe_url` with short windows, intervals, timeouts and retries, and the
+/// fallback of [`fallback_env`] (keep what it returns alive).
+pub async fn billing_env(db: &mut TestDb, stripe_url: &str) -> FakeOpenAi {
     let _ = tracing_subscriber::fmt()
         .with_test_writer()
         .with_env_filter("signet_control_plane=info")
@@ -57,6 +72,7 @@ pub fn billing_env(db: &mut TestDb, stripe_url: &str) {
     db.set("SP_BILLING_REPORT_INTERVAL_MS", "100");
     db.set("SP_STRIPE_TIMEOUT_SECS", "1");
     db.set("SP_BILLING_RETRY_BASE_MS", "20");
+    fallback_env(db).await
 }
 
 /// Units per band for `used` units over `reserved` with these tier thresholds (SPEC §6,
@@ -80,16 +96,35 @@ pub fn expected_bands(used: u64, reserved: u64, thresholds: &[u64]) -> Vec<u64> 
         .collect()
 }
 
-/// Fallback units of exchange `i`.
+/// Fallback units of exchange `i`: every tenth exchange needed the LLM fallback (a repair, two
+/// transactions, is dearer than a commit in a batch), with 0 to 600 tokens.
 pub fn fu_of(i: u64) -> u64 {
-    (i * 37) % 61
+    if i % 10 == 0 {
+        (i * 37) % 601
+    } else {
+        0
+    }
 }
 
-/// Commits exchanges `range` of `tenant` (one new trace each), 50 to a batch, 4 batches at a
-/// time; every one must be committed.
+/// Exchanges `range` of `tenant` (one new trace each), as the filter makes them: first the
+/// LLM-fallback repair of each exchange with FU (`fu_of`, metered by the repair), 50 at a time,
+/// then the commits (VEx), 50 to a batch, 4 batches at a time; every one must succeed.
 pub async fn exchanges(client: &Client, tenant: &str, range: std::ops::Range<u64>) {
     let key = signing_key();
     let ids: Vec<u64> = range.collect();
+    let metered: Vec<u64> = ids.iter().copied().filter(|i| fu_of(*i) > 0).collect();
+    for wave in metered.chunks(50) {
+        let repairs = wave.iter().map(|i| async move {
+            let request = json!({"tenant": tenant, "idempotency_key": format!("k-{tenant}-{i}"),
+                                 "payload_type": "invoice.v1", "location": "/arguments",
+                                 "text": format!("{{fu={}", fu_of(*i)), "schema": null});
+            (*i, client.internal("repair", &request).await)
+        });
+        for (i, reply) in futures_util::future::join_all(repairs).await {
+            assert_eq!(reply.status, 200, "repair {i}: {}", reply.body);
+            assert_eq!(reply.body["fu_tokens"], fu_of(i), "{}", reply.body);
+        }
+    }
     for wave in ids.chunks(200) {
         let mut bodies = Vec::new();
         for batch in wave.chunks(50) {

@@ -35,6 +35,9 @@ pub enum Behaviour {
     Malformed,
     /// 200 with a body of this many bytes (a JSON string of `x`).
     Huge(usize),
+    /// 200 with `{}` and a usage of N prompt tokens, N read from the user message `fu=N`: each
+    /// concurrent call meters what its own request asks (the billing tests).
+    Metered,
 }
 
 #[derive(Debug)]
@@ -208,6 +211,10 @@ async fn complete(
     let problems = check(&headers, &body);
     let unauthorized = problems.iter().any(|p| p.starts_with("authorization"));
     state.problems.lock().unwrap().extend(problems);
+    let user = body["messages"][1]["content"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned();
     state.requests.lock().unwrap().push(body);
     if unauthorized {
         let error = json!({"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}});
@@ -268,5 +275,19 @@ async fn complete(
         }
         Behaviour::Malformed => json_ok("<html>upstream connect error</html>".into()),
         Behaviour::Huge(bytes) => json_ok(format!("\"{}\"", "x".repeat(bytes))),
+        Behaviour::Metered => {
+            let tokens: u64 = user
+                .split_once("fu=")
+                .and_then(|(_, n)| n.split(|c: char| !c.is_ascii_digit()).next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            let usage = json!({"prompt_tokens": tokens, "completion_tokens": 0,
+                               "total_tokens": tokens});
+            json_ok(completion_with(
+                json!({"role": "assistant", "content": "{}", "refusal": null}),
+                "stop",
+                Some(&usage),
+            ))
+        }
     }
 }

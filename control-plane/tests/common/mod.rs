@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod billing;
+pub mod fake_openai;
 pub mod fake_stripe;
 
 use std::collections::HashMap;

@@ -243,7 +243,15 @@ impl BillingStore for PostgresStorage {
     }
 
     async fn month_billing(&self, tenant: &str, month: &str) -> Result<MonthBilling, StoreError> {
-        let client = self.client().await?;
+        let mut client = self.client().await?;
+        // one snapshot: a claim between two reads would move units out of both
+        let tx = client
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await
+            .map_err(db)?;
         let band = |r: &tokio_postgres::Row| BandUnits {
             meter: r.get(0),
             band: u32_of(r.get(1)),
@@ -252,7 +260,7 @@ impl BillingStore for PostgresStorage {
             units: to_u64(r.get(4)),
             count: to_u64(r.get(5)),
         };
-        let reports = client
+        let reports = tx
             .query(
                 "SELECT meter, band, event_name, state, SUM(value)::BIGINT, COUNT(*) FROM billing_reports
                  WHERE tenant = $1 AND month = $2 GROUP BY meter, band, event_name, state",
@@ -260,7 +268,7 @@ impl BillingStore for PostgresStorage {
             )
             .await
             .map_err(db)?;
-        let pending = client
+        let pending = tx
             .query(
                 "SELECT meter, band, stripe_item, 'pending', SUM(units)::BIGINT, COUNT(*) FROM billing_queue
                  WHERE tenant = $1 AND month = $2 AND state = 'pending'
@@ -269,7 +277,7 @@ impl BillingStore for PostgresStorage {
             )
             .await
             .map_err(db)?;
-        let dead = client
+        let dead = tx
             .query(
                 "SELECT identifier, meter, band, event_name, value, window_start_ms, attempts,
                         last_error
@@ -298,8 +306,16 @@ impl BillingStore for PostgresStorage {
     }
 
     async fn billing_stats(&self, month: &str) -> Result<BillingStats, StoreError> {
-        let client = self.client().await?;
-        let pending = client
+        let mut client = self.client().await?;
+        // one snapshot: a claim between two reads would move units out of both
+        let tx = client
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await
+            .map_err(db)?;
+        let pending = tx
             .query(
                 "SELECT meter, COUNT(*), SUM(units)::BIGINT FROM billing_queue WHERE state = 'pending'
                  GROUP BY meter",
@@ -307,14 +323,14 @@ impl BillingStore for PostgresStorage {
             )
             .await
             .map_err(db)?;
-        let oldest_pending = client
+        let oldest_pending = tx
             .query_opt(
                 "SELECT created_ms FROM billing_queue WHERE state = 'pending' ORDER BY id LIMIT 1",
                 &[],
             )
             .await
             .map_err(db)?;
-        let reports = client
+        let reports = tx
             .query(
                 "SELECT meter, state, COUNT(*), SUM(value)::BIGINT FROM billing_reports
                  WHERE month = $1 GROUP BY meter, state",
@@ -322,7 +338,7 @@ impl BillingStore for PostgresStorage {
             )
             .await
             .map_err(db)?;
-        let oldest_sending: Option<i64> = client
+        let oldest_sending: Option<i64> = tx
             .query_one(
                 "SELECT MIN(created_ms) FROM billing_reports WHERE state = 'sending'",
                 &[],
@@ -330,7 +346,7 @@ impl BillingStore for PostgresStorage {
             .await
             .map_err(db)?
             .get(0);
-        let usage = client
+        let usage = tx
             .query(
                 "SELECT tenant, vex, fu FROM usage_monthly WHERE month = $1",
                 &[&month],
