@@ -16,8 +16,6 @@ use super::extract::{AdminAuth, Body, ChainReader, FilterAuth, Parsed, TraceId};
 use super::{HttpError, State as AppState};
 use crate::storage::forward::{Attempt, Delivery, Redrive};
 
-pub const DELIVERIES_PATH: &str = "/v1/forward/deliveries/{trace_id}";
-pub const REDRIVE_PATH: &str = "/v1/admin/forward/redrive";
 /// Deliveries answered per trace.
 pub const DELIVERIES_MAX: usize = 1000;
 

@@ -64,12 +64,12 @@ impl Routers {
             .route("/openapi.json", get(public::openapi))
             .route("/v1/receipts/chain/{trace_id}", get(public::chain))
             .route("/v1/receipts/export/{trace_id}", get(public::export))
-            .route(forward::DELIVERIES_PATH, get(forward::deliveries))
+            .route("/v1/forward/deliveries/{trace_id}", get(forward::deliveries))
             .route("/v1/usage", get(public::usage));
         let admin = Router::new()
             .route("/v1/admin/reload", post(admin::reload))
             .route("/v1/admin/usage/{tenant}", get(admin::usage))
-            .route(forward::REDRIVE_PATH, post(forward::redrive));
+            .route("/v1/admin/forward/redrive", post(forward::redrive));
         Routers {
             public: finish(public, &state),
             internal: finish(internal, &state),

@@ -265,7 +265,11 @@ pub async fn append_metrics(cp: &ControlPlane, text: &mut String) {
                     })
                     .inc_by(*units);
             }
-            let mut by_state: BTreeMap<String, i64> = BTreeMap::new();
+            // every state from 0, so that an alert on one sees its first report
+            let mut by_state: BTreeMap<String, i64> = ["sending", "reported", "dead", "unmetered"]
+                .into_iter()
+                .map(|state| (state.to_owned(), 0))
+                .collect();
             for (meter, state, count, units) in &stats.reports {
                 enqueued
                     .get_or_create(&TypeLabels {

@@ -111,6 +111,9 @@ impl FallbackMetrics {
             "usage.total_tokens per provider call",
             m.actual_tokens.clone(),
         );
+        for kind in super::openai::ERROR_KINDS {
+            m.errors.get_or_create(&KindLabels { kind });
+        }
         FallbackMetrics { registry, ..m }
     }
 
@@ -122,5 +125,36 @@ impl FallbackMetrics {
 impl Default for FallbackMetrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::openai::{Failure, Unusable, ERROR_KINDS};
+
+    #[test]
+    fn every_error_kind_is_exported_from_zero() {
+        let kinds = [
+            Failure::Timeout.kind(),
+            Failure::Unreachable(String::new()).kind(),
+            Failure::RateLimited.kind(),
+            Failure::Status(503).kind(),
+            Failure::Status(400).kind(),
+            Unusable::Refused(String::new()).kind(),
+            Unusable::Malformed(String::new()).kind(),
+            Unusable::Truncated.kind(),
+            Unusable::TooLarge.kind(),
+        ];
+        assert_eq!(kinds, ERROR_KINDS);
+        let text = {
+            let mut out = String::new();
+            let metrics = super::FallbackMetrics::new();
+            prometheus_client::encoding::text::encode(&mut out, &metrics.registry).unwrap();
+            out
+        };
+        for kind in ERROR_KINDS {
+            let series = format!("signet_fallback_errors_total{{kind=\"{kind}\"}} 0");
+            assert!(text.contains(&series), "{series} missing:\n{text}");
+        }
     }
 }

@@ -41,6 +41,20 @@ impl Failure {
     }
 }
 
+/// Every [`Failure::kind`] and [`Unusable::kind`]: the values of `signet_fallback_errors_total`'s
+/// `kind` label, each exported from 0 so that an alert on a kind's rate sees its first error.
+pub const ERROR_KINDS: [&str; 9] = [
+    "timeout",
+    "unreachable",
+    "rate_limited",
+    "status_5xx",
+    "status_4xx",
+    "refused",
+    "malformed",
+    "truncated",
+    "too_large",
+];
+
 /// A 200 answer whose content cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Unusable {

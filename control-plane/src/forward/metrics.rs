@@ -10,6 +10,9 @@ use prometheus_client::registry::Registry;
 
 use crate::storage::forward::OutboxDepth;
 
+/// The values of `signet_forward_total`'s `outcome` label, each exported from 0.
+pub const OUTCOMES: [&str; 5] = ["delivered", "failed", "dead", "refused", "replay"];
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
     /// `delivered`, `failed` (retry scheduled), `dead`, `refused` (HEL/SSRF), `replay`.
@@ -32,8 +35,12 @@ pub struct ForwardMetrics {
 
 impl Default for ForwardMetrics {
     fn default() -> Self {
+        let outcomes = Family::default();
+        for outcome in OUTCOMES {
+            outcomes.get_or_create(&OutcomeLabels { outcome });
+        }
         ForwardMetrics {
-            outcomes: Family::default(),
+            outcomes,
             attempts: Counter::default(),
             retry_queue_depth: Gauge::default(),
             dead_letters: Gauge::default(),
@@ -74,6 +81,7 @@ impl ForwardMetrics {
     }
 
     pub fn outcome(&self, outcome: &'static str) {
+        debug_assert!(OUTCOMES.contains(&outcome), "{outcome} is not in OUTCOMES");
         self.outcomes
             .get_or_create(&OutcomeLabels { outcome })
             .inc();

@@ -46,6 +46,17 @@ fn one_base_url_round_trips_exchange_chain_export_and_offline_verify() {
         export.header("X-SIGNET-Response-CID"),
         export.json()["bundle_cid"].as_str()
     );
+    // the tenant's deliveries of the trace (none: no forward_url) and its month
+    let deliveries = get(&format!("/v1/forward/deliveries/{trace_id}"), &tenant);
+    assert_eq!(deliveries.status, 200, "{}", deliveries.text());
+    assert_eq!(deliveries.json()["trace_id"], trace_id.as_str());
+    assert_eq!(deliveries.json()["deliveries"], serde_json::json!([]));
+    let usage = get("/v1/usage", &tenant);
+    assert_eq!(usage.status, 200, "{}", usage.text());
+    assert_eq!(usage.json()["tenant"], "demo");
+    assert!(usage.json()["vex"].as_u64() >= Some(1), "{}", usage.text());
+    assert!(usage.json().get("billing_queue").is_none());
+    assert_eq!(get("/v1/usage", &[]).status, 401);
     for path in ["/.well-known/jwks.json", "/.well-known/signet-jwks.json"] {
         let jwks = get(path, &[]);
         assert_eq!(jwks.status, 200, "{path}");

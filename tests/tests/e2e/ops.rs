@@ -223,6 +223,9 @@ fn every_series_of_the_dashboard_and_the_alerts_exists_in_a_live_scrape() {
         ("signet_callout_failures", "signet_call"),
         ("signet_cp_storage_seconds_bucket", "op"),
         ("signet_cp_errors_total", "code"),
+        ("signet_forward_total", "outcome"),
+        ("signet_billing_reports", "state"),
+        ("signet_fallback_errors_total", "kind"),
     ] {
         assert!(
             envoy
