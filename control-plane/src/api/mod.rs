@@ -64,7 +64,10 @@ impl Routers {
             .route("/openapi.json", get(public::openapi))
             .route("/v1/receipts/chain/{trace_id}", get(public::chain))
             .route("/v1/receipts/export/{trace_id}", get(public::export))
-            .route("/v1/forward/deliveries/{trace_id}", get(forward::deliveries))
+            .route(
+                "/v1/forward/deliveries/{trace_id}",
+                get(forward::deliveries),
+            )
             .route("/v1/usage", get(public::usage));
         let admin = Router::new()
             .route("/v1/admin/reload", post(admin::reload))

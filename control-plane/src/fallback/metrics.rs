@@ -112,7 +112,7 @@ impl FallbackMetrics {
             m.actual_tokens.clone(),
         );
         for kind in super::openai::ERROR_KINDS {
-            m.errors.get_or_create(&KindLabels { kind });
+            let _created = m.errors.get_or_create(&KindLabels { kind });
         }
         FallbackMetrics { registry, ..m }
     }

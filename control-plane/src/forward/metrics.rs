@@ -37,7 +37,7 @@ impl Default for ForwardMetrics {
     fn default() -> Self {
         let outcomes = Family::default();
         for outcome in OUTCOMES {
-            outcomes.get_or_create(&OutcomeLabels { outcome });
+            let _created = outcomes.get_or_create(&OutcomeLabels { outcome });
         }
         ForwardMetrics {
             outcomes,

@@ -99,7 +99,7 @@ pub fn expected_bands(used: u64, reserved: u64, thresholds: &[u64]) -> Vec<u64> 
 /// Fallback units of exchange `i`: every tenth exchange needed the LLM fallback (a repair, two
 /// transactions, is dearer than a commit in a batch), with 0 to 600 tokens.
 pub fn fu_of(i: u64) -> u64 {
-    if i % 10 == 0 {
+    if i.is_multiple_of(10) {
         (i * 37) % 601
     } else {
         0

@@ -185,7 +185,11 @@ fn the_running_stack_answers_as_the_openapi_document_says() {
     let own = format!("/v1/forward/deliveries/{trace_id}");
     contract.check("get", deliveries, &get(&own, &tenant));
     contract.check("get", deliveries, &get(&own, &[]));
-    for path in ["/v1/usage", "/v1/usage?month=2026-1", "/v1/usage?tenant=other"] {
+    for path in [
+        "/v1/usage",
+        "/v1/usage?month=2026-1",
+        "/v1/usage?tenant=other",
+    ] {
         contract.check("get", "/v1/usage", &get(path, &tenant));
     }
     for path in [
@@ -302,8 +306,12 @@ fn routes_of(source: &str, router: &str) -> BTreeSet<String> {
         .split(".route(")
         .skip(1)
         .map(|r| {
+            let r = r.trim_start();
             // a path constant would hide the route from this check: the router names literals
-            assert!(r.starts_with('"'), "a {router} route that is not a literal path: {r}");
+            assert!(
+                r.starts_with('"'),
+                "a {router} route that is not a literal path: {r}"
+            );
             r.split('"').nth(1).expect("the path literal").to_owned()
         })
         .collect()
