@@ -57,6 +57,7 @@ test: toolchain envoy wasm ops-check
 up: $(if $(OBSERVE),prometheus)
 	@OBSERVE=$(OBSERVE) PROMETHEUS_BIN=$(TOOLS)/usr/bin/prometheus scripts/up.sh
 
-# Load on the passthrough, exchange and inline routes: requests/s, p50, p99 and ratios.
+# Load on the passthrough, exchange (16 and 64 connections, SQLite, then PostgreSQL) and inline
+# routes: requests/s, p50, p99, ratios, CPU per request, the V8 stage bench, #12 targets PASS/FAIL.
 bench:
 	@scripts/bench.sh

@@ -11,6 +11,7 @@
 #   BASE=HEAD~2 scripts/wasm-bench/run.sh     # another baseline revision; BASE= for none
 #   RUNS=5 BENCH_ARGS="--rounds 25" scripts/wasm-bench/run.sh
 #   BASE_NATIVE=1 scripts/wasm-bench/run.sh   # also the baseline built natively
+#   BASE= NATIVE=0 scripts/wasm-bench/run.sh  # the current .wasm alone (what `make bench` runs)
 #
 # Prints µs per stage and the sizes of signet_filter.wasm of both builds. Not part of
 # `make test` (it takes a few minutes: two LTO builds for wasm and one native build). Builds in
@@ -21,6 +22,7 @@ ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 HERE="$ROOT/scripts/wasm-bench"
 TARGET_DIR=$(realpath -m "${CARGO_TARGET_DIR:-$ROOT/target}")
 RUNS=${RUNS:-3}
+NATIVE=${NATIVE:-1}
 BENCH_ARGS=${BENCH_ARGS:-}
 if [[ -z ${BASE+set} ]]; then
     BASE=$(git -C "$ROOT" log --diff-filter=A --format=%H -- scripts/wasm-bench/run.sh | tail -1)
@@ -60,20 +62,24 @@ if [[ -n $BASE ]]; then
     fi
 fi
 
-echo "building the current tree for wasm32-wasip1 and natively ..." >&2
+builds="wasm32-wasip1"
+[[ $NATIVE == 0 ]] || builds+=" and natively"
+echo "building the current tree for $builds ..." >&2
 build_wasm "$ROOT" "$TARGET_DIR"
 out="$TARGET_DIR/wasm32-wasip1/wasm"
 cp "$out/examples/wasm_bench.wasm" "$WORK/current.wasm"
 columns+=("current${base_label:+~$base_label}=$WORK/current.wasm")
 sizes+=("current $(stat -c %s "$out/signet_filter.wasm")")
-(cd "$ROOT" && CARGO_TARGET_DIR="$TARGET_DIR" cargo build --quiet -p signet-filter --release \
-    --example wasm_bench)
-# shellcheck disable=SC2086
-"$TARGET_DIR/release/examples/wasm_bench" --json $BENCH_ARGS >"$WORK/native.json"
-if [[ -n ${native_base:-} ]]; then
-    columns+=("$native_base" "native~native-base=$WORK/native.json")
-else
-    columns+=("native=$WORK/native.json")
+if [[ $NATIVE != 0 ]]; then
+    (cd "$ROOT" && CARGO_TARGET_DIR="$TARGET_DIR" cargo build --quiet -p signet-filter --release \
+        --example wasm_bench)
+    # shellcheck disable=SC2086
+    "$TARGET_DIR/release/examples/wasm_bench" --json $BENCH_ARGS >"$WORK/native.json"
+    if [[ -n ${native_base:-} ]]; then
+        columns+=("$native_base" "native~native-base=$WORK/native.json")
+    else
+        columns+=("native=$WORK/native.json")
+    fi
 fi
 
 echo "running under node $(node --version) (V8 $(node -p process.versions.v8)), $RUNS runs each ..." >&2
