@@ -195,6 +195,20 @@ async fn sweep_loop(
     }
 }
 
+/// A read-only, repeatable-read transaction: several reads that see one snapshot (a write
+/// committing between two statements must not show in one and not the other).
+async fn snapshot(
+    client: &mut deadpool_postgres::Object,
+) -> Result<deadpool_postgres::Transaction<'_>, StoreError> {
+    client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await
+        .map_err(db)
+}
+
 fn db(e: tokio_postgres::Error) -> StoreError {
     StoreError::Database(match e.as_db_error() {
         Some(d) => format!("{}: {}", d.code().code(), d.message()),
@@ -241,13 +255,7 @@ impl Storage for PostgresStorage {
     ) -> Result<Option<StoredChain>, StoreError> {
         let mut client = self.client().await?;
         // One snapshot for the owner and the receipts.
-        let tx = client
-            .build_transaction()
-            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .await
-            .map_err(db)?;
+        let tx = snapshot(&mut client).await?;
         let owner = tx
             .query_opt(
                 "SELECT tenant FROM traces WHERE tenant = $1 AND trace_id = $2 AND head_hop > 0",

@@ -7,7 +7,7 @@
 use async_trait::async_trait;
 use tokio_postgres::types::ToSql;
 
-use super::{db, PostgresStorage};
+use super::{db, snapshot, PostgresStorage};
 use crate::billing::report::{aggregate, identifier, NewReport, QueuedRow, ReportState};
 use crate::storage::billing::*;
 use crate::storage::{to_i64, to_u64, StoreError};
@@ -245,13 +245,7 @@ impl BillingStore for PostgresStorage {
     async fn month_billing(&self, tenant: &str, month: &str) -> Result<MonthBilling, StoreError> {
         let mut client = self.client().await?;
         // one snapshot: a claim between two reads would move units out of both
-        let tx = client
-            .build_transaction()
-            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .await
-            .map_err(db)?;
+        let tx = snapshot(&mut client).await?;
         let band = |r: &tokio_postgres::Row| BandUnits {
             meter: r.get(0),
             band: u32_of(r.get(1)),
@@ -308,13 +302,7 @@ impl BillingStore for PostgresStorage {
     async fn billing_stats(&self, month: &str) -> Result<BillingStats, StoreError> {
         let mut client = self.client().await?;
         // one snapshot: a claim between two reads would move units out of both
-        let tx = client
-            .build_transaction()
-            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .await
-            .map_err(db)?;
+        let tx = snapshot(&mut client).await?;
         let pending = tx
             .query(
                 "SELECT meter, COUNT(*), SUM(units)::BIGINT FROM billing_queue WHERE state = 'pending'

@@ -8,7 +8,7 @@ use tokio_postgres::Row;
 
 use super::super::forward::*;
 use super::super::{to_i64, to_u64, StoreError};
-use super::{db, PostgresStorage};
+use super::{db, snapshot, PostgresStorage};
 
 fn delivery(r: &Row) -> Delivery {
     Delivery {
@@ -224,13 +224,7 @@ impl ForwardStore for PostgresStorage {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let mut client = self.client().await?;
         // one snapshot for the deliveries and their attempts
-        let tx = client
-            .build_transaction()
-            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .await
-            .map_err(db)?;
+        let tx = snapshot(&mut client).await?;
         let rows = tx
             .query(
                 &format!(
