@@ -3,78 +3,14 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::billing::*;
 use common::fake_stripe::{FakeStripe, Faults};
+use common::process::spawn;
 use common::*;
 
 both_backends!(a_kill_9_mid_report_loses_and_doubles_nothing);
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Process(Child);
-
-impl Process {
-    /// SIGKILL: no shutdown, no flush, whatever it was doing.
-    fn kill_9(mut self) {
-        self.0.kill().unwrap();
-        self.0.wait().unwrap();
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts the binary on free ports and waits until it is healthy.
-async fn spawn(db: &TestDb) -> (Process, Client) {
-    for _ in 0..5 {
-        let ports = [free_port(), free_port(), free_port()];
-        let mut process = Process(
-            Command::new(env!("CARGO_BIN_EXE_signet-control-plane"))
-                .env_clear()
-                .envs(&db.env)
-                .env("PORT", ports[0].to_string())
-                .env("SP_INTERNAL_PORT", ports[1].to_string())
-                .env("SP_ADMIN_PORT", ports[2].to_string())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
-        );
-        let base = |port: u16| format!("http://127.0.0.1:{port}");
-        let client = Client::new(Bases {
-            public: base(ports[0]),
-            internal: base(ports[1]),
-            admin: base(ports[2]),
-        });
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if process.0.try_wait().unwrap().is_some() {
-                break;
-            }
-            if let Ok(r) = client.http.get(client.url("/healthz")).send().await {
-                let body: serde_json::Value = r.json().await.unwrap_or_default();
-                if body["storage"] == db.env["SP_STORAGE"].as_str() && body["status"] == "ok" {
-                    return (process, client);
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-    panic!("the control plane did not come up");
-}
 
 async fn until(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + within;

@@ -7,6 +7,7 @@
 pub mod billing;
 pub mod fake_openai;
 pub mod fake_stripe;
+pub mod process;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
