@@ -38,11 +38,12 @@ pub struct Metrics {
     pub storage_seconds: Family<StorageLabels, Histogram>,
     /// Commits per `/v1/internal/commits` call (how much the filters' group commit gathers).
     pub commit_batch_size: Histogram,
-    /// `signet_forward_*`, in a registry of their own (prefix `signet`).
+    /// `signet_forward_*`.
     pub forward: crate::forward::ForwardMetrics,
-    forward_registry: Registry,
     /// The LLM fallback's (`signet_fallback_*`, `signet_fu_*`).
     pub fallback: crate::fallback::FallbackMetrics,
+    /// Forwarding's and the fallback's families, named without the `signet_cp_` prefix.
+    features_registry: Registry,
 }
 
 fn storage_histogram() -> Histogram {
@@ -66,11 +67,12 @@ impl Metrics {
             commit_batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 7)),
             registry: Registry::default(),
             forward: crate::forward::ForwardMetrics::default(),
-            forward_registry: Registry::default(),
             fallback: crate::fallback::FallbackMetrics::new(),
+            features_registry: Registry::default(),
         };
-        let mut forward_registry = Registry::with_prefix("signet");
-        m.forward.register(&mut forward_registry);
+        let mut features_registry = Registry::with_prefix("signet");
+        m.forward.register(&mut features_registry);
+        m.fallback.register(&mut features_registry);
         registry.register("commits", "Receipts stored", m.commits.clone());
         registry.register(
             "chain_conflicts",
@@ -97,7 +99,7 @@ impl Metrics {
         );
         Metrics {
             registry,
-            forward_registry,
+            features_registry,
             ..m
         }
     }
@@ -128,8 +130,7 @@ impl Metrics {
         use prometheus_client::encoding::text::{encode_eof, encode_registry};
         // Writing into a String cannot fail.
         let _ = encode_registry(&mut out, &self.registry);
-        let _ = encode_registry(&mut out, &self.forward_registry);
-        let _ = encode_registry(&mut out, &self.fallback.registry);
+        let _ = encode_registry(&mut out, &self.features_registry);
         let _ = encode_eof(&mut out);
         out
     }

@@ -23,8 +23,8 @@ pub struct MethodLabels {
     pub method: &'static str,
 }
 
+#[derive(Clone)]
 pub struct FallbackMetrics {
-    pub(crate) registry: Registry,
     /// Repairs the provider answered with usable JSON (replays not counted).
     pub used: Counter,
     /// FU metered, by tenant.
@@ -53,7 +53,6 @@ fn token_histogram() -> Histogram {
 impl FallbackMetrics {
     pub fn new() -> Self {
         let m = FallbackMetrics {
-            registry: Registry::default(),
             used: Counter::default(),
             fu_tokens: Family::default(),
             quota_denials: Family::default(),
@@ -65,56 +64,59 @@ impl FallbackMetrics {
             estimated_tokens: Family::new_with_constructor(token_histogram),
             actual_tokens: token_histogram(),
         };
-        let mut registry = Registry::with_prefix("signet");
+        for kind in super::openai::ERROR_KINDS {
+            let _created = m.errors.get_or_create(&KindLabels { kind });
+        }
+        m
+    }
+
+    /// Registers them in `registry`, whose prefix should be `signet`.
+    pub fn register(&self, registry: &mut Registry) {
         registry.register(
             "fallback_used",
             "LLM-fallback repairs answered with usable JSON",
-            m.used.clone(),
+            self.used.clone(),
         );
         registry.register(
             "fu_tokens",
             "Fallback units (provider tokens) metered, by tenant",
-            m.fu_tokens.clone(),
+            self.fu_tokens.clone(),
         );
         registry.register(
             "fu_quota_denials",
             "Fallback repairs refused by fu_monthly_limit before any provider call",
-            m.quota_denials.clone(),
+            self.quota_denials.clone(),
         );
         registry.register(
             "fallback_replays",
             "Fallback repairs answered from the stored result of their idempotency key",
-            m.replays.clone(),
+            self.replays.clone(),
         );
         registry.register(
             "fallback_errors",
             "Provider failures and unusable answers, by kind",
-            m.errors.clone(),
+            self.errors.clone(),
         );
         registry.register(
             "fallback_usage_missing",
             "Provider answers without usage, metered at the estimate",
-            m.usage_missing.clone(),
+            self.usage_missing.clone(),
         );
         registry.register(
             "fallback_provider_seconds",
             "Latency of provider calls",
-            m.provider_seconds.clone(),
+            self.provider_seconds.clone(),
         );
         registry.register(
             "fallback_estimated_tokens",
             "Tokens reserved per provider call (prompt estimate plus max_tokens)",
-            m.estimated_tokens.clone(),
+            self.estimated_tokens.clone(),
         );
         registry.register(
             "fallback_actual_tokens",
             "usage.total_tokens per provider call",
-            m.actual_tokens.clone(),
+            self.actual_tokens.clone(),
         );
-        for kind in super::openai::ERROR_KINDS {
-            let _created = m.errors.get_or_create(&KindLabels { kind });
-        }
-        FallbackMetrics { registry, ..m }
     }
 
     pub fn error(&self, kind: &'static str) {
@@ -148,8 +150,9 @@ mod tests {
         assert_eq!(kinds, ERROR_KINDS);
         let text = {
             let mut out = String::new();
-            let metrics = super::FallbackMetrics::new();
-            prometheus_client::encoding::text::encode(&mut out, &metrics.registry).unwrap();
+            let mut registry = prometheus_client::registry::Registry::with_prefix("signet");
+            super::FallbackMetrics::new().register(&mut registry);
+            prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
             out
         };
         for kind in ERROR_KINDS {
