@@ -106,9 +106,20 @@ pub async fn commits(
     cp.metrics
         .commit_batch_size
         .observe(batch.commits.len() as f64);
-    let outcomes =
-        futures_util::future::join_all(batch.commits.iter().map(|item| commit_one(&cp, item)))
-            .await;
+    // Every commit is checked (the CPU: parse, verify) before any reaches storage, so that
+    // their writes arrive together and storage groups them into one transaction; checking
+    // each just before its write let the SQLite writer start a transaction per commit.
+    let prepared: Vec<_> = batch
+        .commits
+        .iter()
+        .map(|item| prepare(&cp, item))
+        .collect();
+    let outcomes = futures_util::future::join_all(
+        prepared
+            .into_iter()
+            .map(|prepared| async { store(&cp, prepared?).await }),
+    )
+    .await;
     let results = outcomes
         .iter()
         .map(|outcome| match outcome {
@@ -154,8 +165,16 @@ enum Answer<'a> {
     Error(&'a ErrorReply),
 }
 
-/// One commit: parsed, validated, its receipt verified, then stored (or replayed, or rejected).
-async fn commit_one(cp: &ControlPlane, item: &RawValue) -> Result<Accepted, HttpError> {
+/// A commit that passed every check that needs no stored state: what storage decides on.
+struct Prepared {
+    request: CommitRequest,
+    /// (tenant, idempotency key, hop, receipt hash) of a forwarded exchange: its delivery's
+    /// retries carry the committed receipt.
+    forwarded: Option<(String, String, u64, String)>,
+}
+
+/// One commit parsed, validated and its receipt verified: ready for [`store`].
+fn prepare(cp: &ControlPlane, item: &RawValue) -> Result<Prepared, HttpError> {
     let invalid_commit = |e: &dyn std::fmt::Display| {
         HttpError::new(Code::BadRequest, format!("invalid commit: {e}"))
     };
@@ -212,7 +231,6 @@ async fn commit_one(cp: &ControlPlane, item: &RawValue) -> Result<Accepted, Http
 
     let now = now_ms();
     let month = time::rfc3339_millis(now.max(0) as u64)[..7].to_owned();
-    // a forwarded exchange: its delivery's retries carry the committed receipt
     let forwarded = r.contains_key("forwarded").then(|| {
         (
             commit.tenant.to_string(),
@@ -221,10 +239,8 @@ async fn commit_one(cp: &ControlPlane, item: &RawValue) -> Result<Accepted, Http
             receipt_hash.clone(),
         )
     });
-    let timer = cp.metrics.time("commit");
-    let outcome = cp
-        .storage
-        .commit(CommitRequest {
+    Ok(Prepared {
+        request: CommitRequest {
             tenant: commit.tenant.into_owned(),
             idempotency_key: commit.idempotency_key.into_owned(),
             fingerprint: commit.fingerprint.into_owned(),
@@ -242,8 +258,16 @@ async fn commit_one(cp: &ControlPlane, item: &RawValue) -> Result<Accepted, Http
             deadline_ms: commit.deadline_ms,
             chain_max: cp.chain_max,
             plan,
-        })
-        .await;
+        },
+        forwarded,
+    })
+}
+
+/// A prepared commit stored (or replayed, or rejected by what is stored).
+async fn store(cp: &ControlPlane, prepared: Prepared) -> Result<Accepted, HttpError> {
+    let Prepared { request, forwarded } = prepared;
+    let timer = cp.metrics.time("commit");
+    let outcome = cp.storage.commit(request).await;
     timer.done();
     match outcome.map_err(HttpError::storage)? {
         CommitOutcome::Committed => {
