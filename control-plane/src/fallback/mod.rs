@@ -123,9 +123,12 @@ impl Fallback {
             Some(key) => Some(Provider::new(&config.base_url, key, config.timeout)?),
             None => None,
         };
-        let model = config.model.clone();
-        // Loads the model's tokenizer table now rather than on the first repair.
-        std::thread::spawn(move || estimate::Estimator::for_model(&model));
+        // Loads the model's tokenizer table now rather than on the first repair; without a
+        // provider there is no repair to count for, so none of its CPU and memory.
+        if provider.is_some() {
+            let model = config.model.clone();
+            std::thread::spawn(move || estimate::Estimator::for_model(&model));
+        }
         Ok(Fallback { provider, config })
     }
 }
