@@ -2,12 +2,15 @@
 //!
 //! `cargo bench -p signet-control-plane --bench commit_load`
 //! Environment: `BENCH_CLIENTS` (concurrent clients, a comma-separated list, default `32,128`),
-//! `BENCH_COMMITS` (default 20000 per run), `BENCH_BACKENDS` (default `sqlite,postgres`).
+//! `BENCH_COMMITS` (default 20000 per run), `BENCH_BACKENDS` (default `sqlite,postgres`),
+//! `BENCH_BATCH` (commits per request, default 1).
 //!
 //! Each client owns a trace and appends its pre-signed receipts hop after hop with fresh
 //! idempotency keys. Two figures per backend and client count, in the same run:
 //! - `baseline`: the HTTP stack alone (`GET /.well-known/jwks.json`, no storage);
-//! - `commit`: `POST /v1/internal/commits` with one commit (a filter worker's batch when alone).
+//! - `commit`: `POST /v1/internal/commits` with `BENCH_BATCH` consecutive hops (one is a filter
+//!   worker's batch when alone; under load its batches carry several); its CPU figures are per
+//!   commit.
 //!
 //! The clients run in this process on a runtime of their own; the service runs on another
 //! (threads `cp-server`, like the binary's: one worker per core) with its storage threads
@@ -161,24 +164,29 @@ async fn drive(http: &reqwest::Client, base: &str, work: Vec<Work>) -> Figures {
     }
 }
 
-/// Client `c` appends hops 1..=n to trace `{prefix}-c`, each item a commit.
-fn chains(prefix: &str, clients: usize, per_client: usize) -> Vec<Work> {
+/// Client `c` appends hops 1..=n to trace `{prefix}-c`, each item a batch of `batch` commits.
+fn chains(prefix: &str, clients: usize, per_client: usize, batch: usize) -> Vec<Work> {
     let key = signing_key();
     (0..clients)
         .map(|c| {
             let trace_id = format!("{prefix}-{c}");
             let mut prev: Option<String> = None;
-            (1..=per_client as u64)
+            let commits: Vec<_> = (1..=per_client as u64)
                 .map(|hop| {
                     let receipt = sign_receipt(&key, &trace_id, hop, prev.as_deref(), "demo");
                     prev = receipt["receipt_hash"].as_str().map(String::from);
                     let idem = format!("{trace_id}-{hop}");
                     let fp = fingerprint(idem.as_bytes());
-                    let commit = json!({
+                    json!({
                         "tenant": "demo", "idempotency_key": idem, "fingerprint": fp,
                         "receipt": receipt, "response": response_for(&receipt), "fu_tokens": 0,
-                    });
-                    let batch = json!({ "commits": [commit] });
+                    })
+                })
+                .collect();
+            commits
+                .chunks(batch)
+                .map(|commits| {
+                    let batch = json!({ "commits": commits });
                     vec![("/v1/internal/commits", Some(batch.to_string().into_bytes()))]
                 })
                 .collect()
@@ -190,6 +198,7 @@ async fn bench_backend(
     backend: Backend,
     clients: usize,
     commits: usize,
+    batch: usize,
     server_rt: &tokio::runtime::Handle,
 ) {
     let mut db = TestDb::new(backend).await;
@@ -201,22 +210,26 @@ async fn bench_backend(
     }
     .await
     .unwrap();
-    let per_client = commits.div_ceil(clients);
+    let per_client = commits.div_ceil(clients).next_multiple_of(batch);
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(clients)
         .build()
         .unwrap();
 
     // Warm-up: connections, prepared statements, page cache.
-    drive(&http, &server.bases.internal, chains("warm", clients, 2)).await;
+    drive(&http, &server.bases.internal, chains("warm", clients, 2, 1)).await;
     let baseline_work = vec![vec![vec![("/.well-known/jwks.json", None)]; per_client]; clients];
     let baseline = drive(&http, &server.bases.public, baseline_work).await;
-    let commit = drive(
+    let mut commit = drive(
         &http,
         &server.bases.internal,
-        chains("commit", clients, per_client),
+        chains("commit", clients, per_client, batch),
     )
     .await;
+    // per commit, not per request
+    commit.per_second *= batch as f64;
+    commit.cpu /= batch as u32;
+    commit.server_cpu /= batch as u32;
 
     let expected = clients * (2 + per_client);
     let usage = server.usage("demo").await;
@@ -231,7 +244,7 @@ async fn bench_backend(
     println!("{} {baseline}", label("baseline GET jwks"));
     println!(
         "{} {commit}  ({:.0}% of baseline)",
-        label("commit"),
+        label(&format!("commit, {batch} a batch")),
         100.0 * commit.per_second / baseline.per_second
     );
     server_rt.spawn(server.stop()).await.unwrap();
@@ -262,6 +275,7 @@ fn main() {
         })
         .collect();
     let commits = env_or("BENCH_COMMITS", 20_000);
+    let batch = env_or("BENCH_BATCH", 1).max(1);
     let backends = std::env::var("BENCH_BACKENDS").unwrap_or_else(|_| "sqlite,postgres".into());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -281,7 +295,7 @@ fn main() {
                 other => panic!("BENCH_BACKENDS: unknown backend {other:?}"),
             };
             for &clients in &client_counts {
-                bench_backend(backend, clients, commits, server_rt.handle()).await;
+                bench_backend(backend, clients, commits, batch, server_rt.handle()).await;
             }
         }
     });
