@@ -24,8 +24,15 @@ pub const DEFAULT_PG_POOL_SIZE: usize = 16;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StorageConfig {
-    Sqlite { path: PathBuf },
-    Postgres { url: String, pool_size: usize },
+    Sqlite {
+        path: PathBuf,
+        /// `SP_SQLITE_CHECKPOINT_MS`: how often the WAL is copied into the database file.
+        checkpoint_every: Duration,
+    },
+    Postgres {
+        url: String,
+        pool_size: usize,
+    },
 }
 
 impl StorageConfig {
@@ -162,6 +169,13 @@ impl Config {
                     path: PathBuf::from(
                         get("SP_DB_PATH").unwrap_or_else(|| DEFAULT_DB_PATH.into()),
                     ),
+                    checkpoint_every: Duration::from_millis(parse_number(
+                        "SP_SQLITE_CHECKPOINT_MS",
+                        get("SP_SQLITE_CHECKPOINT_MS"),
+                        crate::storage::SQLITE_CHECKPOINT_EVERY.as_millis() as u64,
+                        5,
+                        60_000,
+                    )?),
                 }
             }
             Some("postgres") => StorageConfig::Postgres {
@@ -428,9 +442,16 @@ mod tests {
         assert_eq!(
             c.storage,
             StorageConfig::Sqlite {
-                path: "./data/signet.db".into()
+                path: "./data/signet.db".into(),
+                checkpoint_every: Duration::from_millis(250),
             }
         );
+        let often = config(&[("SP_SQLITE_CHECKPOINT_MS", "20")]).unwrap();
+        assert!(
+            matches!(often.storage, StorageConfig::Sqlite { checkpoint_every, .. }
+            if checkpoint_every == Duration::from_millis(20))
+        );
+        assert!(config(&[("SP_SQLITE_CHECKPOINT_MS", "1")]).is_err());
         assert_eq!(c.chain_max, 1000);
         assert!(c.admin_key_hash.is_none());
         assert_eq!(c.fallback.base_url, "https://api.openai.com/v1");

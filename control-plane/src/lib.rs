@@ -123,7 +123,14 @@ pub async fn open_storage(
     retention: Retention,
 ) -> Result<Arc<dyn Storage>, StoreError> {
     Ok(match config {
-        StorageConfig::Sqlite { path } => Arc::new(SqliteStorage::open_with(path, retention)?),
+        StorageConfig::Sqlite {
+            path,
+            checkpoint_every,
+        } => Arc::new(SqliteStorage::open_with(
+            path,
+            retention,
+            *checkpoint_every,
+        )?),
         StorageConfig::Postgres { url, pool_size } => {
             Arc::new(PostgresStorage::connect_with(url, *pool_size, retention).await?)
         }

@@ -549,6 +549,7 @@ async fn settled_repairs_and_dead_reservations_go_with_the_idempotency_retention
             signet_control_plane::storage::SqliteStorage::open_with(
                 std::path::Path::new(&db.env["SP_DB_PATH"]),
                 retention,
+                signet_control_plane::storage::SQLITE_CHECKPOINT_EVERY,
             )
             .unwrap(),
         ),

@@ -38,7 +38,7 @@ pub(crate) mod worker;
 pub use fallback::FallbackStore;
 pub use forward::ForwardStore;
 pub use postgres::PostgresStorage;
-pub use sqlite::SqliteStorage;
+pub use sqlite::{SqliteStorage, CHECKPOINT_EVERY as SQLITE_CHECKPOINT_EVERY};
 
 /// `commit`: store one verified receipt with everything that depends on it, in one
 /// transaction.

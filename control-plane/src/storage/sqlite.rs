@@ -33,7 +33,8 @@ use signet_protocol::internal::{Record, TraceState};
 mod billing;
 
 const MAX_BATCH: usize = 512;
-const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+/// The default of `SP_SQLITE_CHECKPOINT_MS` (see [`checkpoint_loop`]).
+pub const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 const WAL_RESTART_FRAMES: i64 = 16_384;
 
 use super::migrations::SQLITE as MIGRATIONS;
@@ -55,15 +56,20 @@ pub struct SqliteStorage {
 }
 
 impl SqliteStorage {
-    /// [`SqliteStorage::open_with`] the default [`Retention`].
+    /// [`SqliteStorage::open_with`] the default [`Retention`] and checkpoint interval.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        Self::open_with(path, Retention::DEFAULT)
+        Self::open_with(path, Retention::DEFAULT, CHECKPOINT_EVERY)
     }
 
     /// Opens (creating the file and its directory if needed) and migrates the database, then
-    /// starts the writer thread, the checkpoint thread and the sweep of idempotency records
-    /// older than `retention`. The threads end when the storage is dropped.
-    pub fn open_with(path: &Path, retention: Retention) -> Result<Self, StoreError> {
+    /// starts the writer thread, the checkpoint thread (a checkpoint every `checkpoint_every`)
+    /// and the sweep of idempotency records older than `retention`. The threads end when the
+    /// storage is dropped.
+    pub fn open_with(
+        path: &Path,
+        retention: Retention,
+        checkpoint_every: std::time::Duration,
+    ) -> Result<Self, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| {
                 StoreError::Database(format!("cannot create {}: {e}", dir.display()))
@@ -105,7 +111,7 @@ impl SqliteStorage {
             .name("signet-sqlite-checkpoint".into())
             .spawn(move || {
                 let _alive = alive;
-                checkpoint_loop(checkpoints, stopped)
+                checkpoint_loop(checkpoints, checkpoint_every, stopped)
             })
             .map_err(|e| {
                 StoreError::Database(format!("cannot start the checkpoint thread: {e}"))
@@ -305,17 +311,22 @@ where
     }
 }
 
-/// Copies the WAL into the database every `CHECKPOINT_EVERY`, next to the writer (PASSIVE never
-/// blocks it), so that the writer itself never waits for the database file's fsync. When the
-/// WAL has grown past `WAL_RESTART_FRAMES` under constant load, a RESTART checkpoint briefly
-/// waits for the writer so that the WAL starts over.
-fn checkpoint_loop(conn: Connection, stopped: mpsc::Receiver<()>) {
+/// Copies the WAL into the database every `every`, next to the writer (PASSIVE never blocks
+/// it), so that the writer itself never waits for the database file's fsync. When the WAL has
+/// grown past `WAL_RESTART_FRAMES` under constant load, a RESTART checkpoint briefly waits for
+/// the writer so that the WAL starts over.
+///
+/// The writer still waits on the disk: a checkpoint writes every page changed since the last
+/// one and syncs them at once, and a commit's WAL sync issued meanwhile waits behind that
+/// burst. So the interval trades tail latency for CPU: shorter bursts, more of them, a page
+/// written more often (docs/perf.md, "Latency below saturation").
+fn checkpoint_loop(conn: Connection, every: std::time::Duration, stopped: mpsc::Receiver<()>) {
     let checkpoint = |mode: &str| {
         conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
             r.get::<_, i64>(1)
         })
     };
-    while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(CHECKPOINT_EVERY) {
+    while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(every) {
         match checkpoint("PASSIVE") {
             Ok(frames) if frames > WAL_RESTART_FRAMES => {
                 if let Err(e) = checkpoint("RESTART") {
@@ -754,6 +765,42 @@ impl SqliteStorage {
 mod tests {
     use super::*;
 
+    use std::time::Duration;
+
+    /// How many bytes `path` grew by once ~400 KB were committed and `wait` has passed.
+    async fn database_size_after_writes(path: &Path, every: Duration, wait: Duration) -> u64 {
+        let storage = SqliteStorage::open_with(path, Retention::DEFAULT, every).unwrap();
+        let before = std::fs::metadata(path).unwrap().len();
+        storage
+            .run(|conn| {
+                conn.execute_batch(
+                    "CREATE TABLE IF NOT EXISTS scratch (x BLOB);
+                     WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 100)
+                     INSERT INTO scratch SELECT zeroblob(4000) FROM n;",
+                )?;
+                Ok(((), true))
+            })
+            .await
+            .unwrap();
+        tokio::time::sleep(wait).await;
+        let after = std::fs::metadata(path).unwrap().len();
+        after.saturating_sub(before)
+    }
+
+    #[tokio::test]
+    async fn checkpoints_copy_the_wal_into_the_database_at_the_configured_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let (often_db, rarely_db) = (dir.path().join("often.db"), dir.path().join("rarely.db"));
+        let wait = Duration::from_millis(500);
+        // committed pages reach the database file only through a checkpoint
+        let (often, rarely) = tokio::join!(
+            database_size_after_writes(&often_db, Duration::from_millis(5), wait),
+            database_size_after_writes(&rarely_db, Duration::from_secs(60), wait),
+        );
+        assert!(often >= 400_000, "checkpointed every 5 ms: {often} bytes");
+        assert_eq!(rarely, 0, "not checkpointed yet");
+    }
+
     #[tokio::test]
     async fn a_panicking_operation_fails_alone_and_the_writer_goes_on() {
         let dir = tempfile::tempdir().unwrap();
@@ -978,7 +1025,9 @@ mod tests {
             sweep_every: std::time::Duration::from_millis(50),
             sweep_rows: 2,
         };
-        let storage = SqliteStorage::open_with(&dir.path().join("t.db"), retention).unwrap();
+        let storage =
+            SqliteStorage::open_with(&dir.path().join("t.db"), retention, CHECKPOINT_EVERY)
+                .unwrap();
         let now = crate::now_ms();
         let hour_ms = 3_600_000;
         // Five expired records, one just within the retention.
