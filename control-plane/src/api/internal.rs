@@ -168,9 +168,8 @@ enum Answer<'a> {
 /// A commit that passed every check that needs no stored state: what storage decides on.
 struct Prepared {
     request: CommitRequest,
-    /// (tenant, idempotency key, hop, receipt hash) of a forwarded exchange: its delivery's
-    /// retries carry the committed receipt.
-    forwarded: Option<(String, String, u64, String)>,
+    /// A forwarded exchange: its delivery's retries carry the committed receipt.
+    forwarded: bool,
 }
 
 /// One commit parsed, validated and its receipt verified: ready for [`store`].
@@ -231,14 +230,7 @@ fn prepare(cp: &ControlPlane, item: &RawValue) -> Result<Prepared, HttpError> {
 
     let now = now_ms();
     let month = time::rfc3339_millis(now.max(0) as u64)[..7].to_owned();
-    let forwarded = r.contains_key("forwarded").then(|| {
-        (
-            commit.tenant.to_string(),
-            commit.idempotency_key.to_string(),
-            hop,
-            receipt_hash.clone(),
-        )
-    });
+    let forwarded = r.contains_key("forwarded");
     Ok(Prepared {
         request: CommitRequest {
             tenant: commit.tenant.into_owned(),
@@ -266,12 +258,22 @@ fn prepare(cp: &ControlPlane, item: &RawValue) -> Result<Prepared, HttpError> {
 /// A prepared commit stored (or replayed, or rejected by what is stored).
 async fn store(cp: &ControlPlane, prepared: Prepared) -> Result<Accepted, HttpError> {
     let Prepared { request, forwarded } = prepared;
+    // what linking the delivery needs, kept before storage takes the request
+    let link = forwarded.then(|| {
+        let r = &request;
+        (
+            r.tenant.clone(),
+            r.idempotency_key.clone(),
+            r.hop,
+            r.receipt_hash.clone(),
+        )
+    });
     let timer = cp.metrics.time("commit");
     let outcome = cp.storage.commit(request).await;
     timer.done();
     match outcome.map_err(HttpError::storage)? {
         CommitOutcome::Committed => {
-            if let Some((tenant, key, hop, hash)) = forwarded {
+            if let Some((tenant, key, hop, hash)) = link {
                 if let Err(e) = cp
                     .storage
                     .forward_link_receipt(&tenant, &key, hop, &hash)

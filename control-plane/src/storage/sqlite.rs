@@ -946,7 +946,6 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failing_operation_fails_alone_and_the_rest_of_its_batch_commits() {
         use std::sync::Arc;
-        use std::time::Duration;
 
         let dir = tempfile::tempdir().unwrap();
         let storage = Arc::new(SqliteStorage::open(&dir.path().join("t.db")).unwrap());
