@@ -19,8 +19,8 @@
 # Every Signet request has a new idempotency key and opens a new trace (scripts/bench/request.lua).
 #
 # Settings: BENCH_DURATION (10s), BENCH_WARMUP (2s), BENCH_CONNECTIONS (16),
-# BENCH_HIGH_CONNECTIONS (64), BENCH_THREADS (1), BENCH_OPEN_LOAD (0.5), ENVOY_CONCURRENCY (2), SP_STORAGE (sqlite) as
-# for make up; BENCH_POSTGRES: `auto` (default: when 127.0.0.1:5432 answers and psql is there,
+# BENCH_HIGH_CONNECTIONS (64), BENCH_THREADS (1), BENCH_OPEN_LOAD (0.5), ENVOY_CONCURRENCY (2),
+# SP_STORAGE (sqlite) as for make up; BENCH_POSTGRES: `auto` (default: when 127.0.0.1:5432 answers and psql is there,
 # in a schema of its own that is dropped afterwards), `0` (skip), or set SP_POSTGRES_URL to use
 # that database as is; BENCH_WASM=0 skips the V8 stage bench (BENCH_WASM_RUNS, 3);
 # BENCH_PROFILE=1 adds, per storage, one more exchange run under `perf record` (not one of the
@@ -93,8 +93,7 @@ else
     PG_URL="$PG_ADMIN_URL?options=-csearch_path%3D$PG_SCHEMA"
 fi
 
-stack_build
-cargo build --release --manifest-path "$ROOT/Cargo.toml" --bin open-loop
+stack_build --bin open-loop
 
 # The filter's stages in V8, before anything else runs on the machine.
 if [[ $BENCH_WASM != 0 ]]; then
@@ -221,7 +220,7 @@ open_loop() {
     for connections in "$@"; do
         name="open-c$connections${run#exchange}"
         log "open loop: exchange at $rate req/s on $connections connections, storage $SP_STORAGE"
-        "$BIN/open-loop" "$ENVOY/v1/exchange" "$BENCH_DIR/exchange.json" signet "$rate" \
+        "$BIN/open-loop" "$ENVOY/v1/exchange" "$BENCH_DIR/exchange.json" "$rate" \
             "$connections" "$(seconds "$BENCH_DURATION")" "$(seconds "$BENCH_WARMUP")" >"$BENCH_DIR/$name.txt" \
             || die "open-loop failed"
         echo "$name $connections $SP_STORAGE" >>"$BENCH_DIR/open.txt"

@@ -42,12 +42,12 @@ log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
 # Builds the filter (.wasm) and the release binaries, installing the wasm target and Envoy if
-# they are missing.
+# they are missing. Arguments go to that cargo build (`--bin NAME`: one more binary).
 stack_build() {
     log "building the filter, the control plane, the signet CLI and the demo upstream"
     make -C "$ROOT" --no-print-directory toolchain envoy wasm
     cargo build --release --manifest-path "$ROOT/Cargo.toml" \
-        --bin signet --bin signet-control-plane --bin demo-upstream
+        --bin signet --bin signet-control-plane --bin demo-upstream "$@"
     [[ -f $WASM ]] || die "the filter build did not produce $WASM"
     ENVOY_BIN=$(command -v envoy) || die "envoy is not on PATH after 'make envoy'"
     "$ENVOY_BIN" --version | grep -q "/$ENVOY_VERSION/" || die "envoy is not $ENVOY_VERSION"

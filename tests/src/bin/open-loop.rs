@@ -5,15 +5,15 @@
 //! about the tail a mesh sees below saturation (docs/perf.md, "Cost model").
 //!
 //! ```text
-//! open-loop URL BODY_FILE plain|signet RATE CONNECTIONS DURATION_S [WARMUP_S]
+//! open-loop URL BODY_FILE RATE CONNECTIONS DURATION_S [WARMUP_S]
 //! ```
 //!
-//! HTTP/1.1 with keep-alive on CONNECTIONS connections; a `signet` request carries the demo
-//! API key and a new idempotency key (a new exchange on a new trace), as
-//! scripts/bench/request.lua does for wrk. Prints one `key value` line per figure: `rate`
-//! (offered), `achieved`, `requests`, `non_2xx`, `errors`, `late` (requests still unanswered a
-//! second after the run's end: their latency counts as that long, a lower bound), `p50_ms`, `p90_ms`, `p99_ms`, `p999_ms`,
-//! `max_ms`. Requests of the warm-up are sent the same way and not counted. With
+//! HTTP/1.1 with keep-alive on CONNECTIONS connections; each request carries the demo API key
+//! and a new idempotency key (a new exchange on a new trace), as scripts/bench/request.lua
+//! does for wrk. Prints one `key value` line per figure: `rate` (offered), `achieved`,
+//! `requests`, `non_2xx`, `errors`, `late` (requests still unanswered a second after the run's
+//! end: their latency counts as that long, a lower bound), `p50_ms`, `p90_ms`, `p99_ms`,
+//! `p999_ms`, `max_ms`. Requests of the warm-up are sent the same way and not counted. With
 //! `OPEN_LOOP_TRACE=FILE`, FILE gets one line per counted request: when it was due (ms since
 //! the counted part began) and its latency (ms), to see when the slow ones happened.
 
@@ -28,7 +28,6 @@ struct Args {
     host: String,
     path: String,
     body: Vec<u8>,
-    signet: bool,
     rate: f64,
     connections: usize,
     duration: Duration,
@@ -36,42 +35,32 @@ struct Args {
 }
 
 fn usage() -> String {
-    "usage: open-loop URL BODY_FILE plain|signet RATE CONNECTIONS DURATION_S [WARMUP_S]".to_owned()
+    "usage: open-loop URL BODY_FILE RATE CONNECTIONS DURATION_S [WARMUP_S]".to_owned()
 }
 
 fn parse_args() -> Result<Args, String> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let [url, body, mode, rate, connections, duration, optional @ ..] = args.as_slice() else {
+    let [url, body, rate, connections, duration, optional @ ..] = args.as_slice() else {
         return Err(usage());
     };
     let rest = url
         .strip_prefix("http://")
         .ok_or("only http:// URLs (the bench talks to Envoy on loopback)")?;
     let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    let number = |what: &str, text: &str| {
+    // a positive number, or with `zero_ok` also 0
+    let number = |what: &str, text: &str, zero_ok: bool| {
         text.parse::<f64>()
             .ok()
-            .filter(|n| n.is_finite() && *n > 0.0)
-            .ok_or(format!("{what} must be a positive number, not {text:?}"))
-    };
-    let warmup = match optional {
-        [] => 0.0,
-        [w, ..] => w
-            .parse::<f64>()
-            .ok()
-            .filter(|n| n.is_finite() && *n >= 0.0)
-            .ok_or(format!("WARMUP_S must be a number >= 0, not {w:?}"))?,
+            .filter(|n| n.is_finite() && (*n > 0.0 || zero_ok && *n == 0.0))
+            .ok_or(format!(
+                "{what} must be a number > 0 (or 0 if optional), not {text:?}"
+            ))
     };
     Ok(Args {
         host: host.to_owned(),
         path: if path.is_empty() { "/" } else { path }.to_owned(),
         body: std::fs::read(body).map_err(|e| format!("{body}: {e}"))?,
-        signet: match mode.as_str() {
-            "signet" => true,
-            "plain" => false,
-            other => return Err(format!("mode must be plain or signet, not {other:?}")),
-        },
-        rate: number("RATE", rate)?,
+        rate: number("RATE", rate, false)?,
         connections: connections
             .parse::<usize>()
             .ok()
@@ -79,17 +68,19 @@ fn parse_args() -> Result<Args, String> {
             .ok_or(format!(
                 "CONNECTIONS must be a positive integer, not {connections:?}"
             ))?,
-        duration: Duration::from_secs_f64(number("DURATION_S", duration)?),
-        warmup: Duration::from_secs_f64(warmup),
+        duration: Duration::from_secs_f64(number("DURATION_S", duration, false)?),
+        warmup: match optional {
+            [] => Duration::ZERO,
+            [w, ..] => Duration::from_secs_f64(number("WARMUP_S", w, true)?),
+        },
     })
 }
 
-/// What one connection saw: latencies in microseconds of the counted requests, and its faults.
+/// What one connection saw: each counted request's (when it was due, since the counted part
+/// began; its latency), both in µs, and its faults.
 #[derive(Default)]
 struct Tally {
-    latencies_us: Vec<u64>,
-    /// (due, latency) in µs since the counted part began, with `OPEN_LOOP_TRACE`.
-    trace: Vec<(u64, u64)>,
+    samples: Vec<(u64, u64)>,
     non_2xx: u64,
     errors: u64,
     late: u64,
@@ -103,7 +94,6 @@ struct Schedule {
     counted_from: Instant,
     end: Instant,
     next: AtomicU64,
-    trace: bool,
 }
 
 impl Schedule {
@@ -119,11 +109,10 @@ fn request_bytes(args: &Args, run_id: &str, n: u64) -> Vec<u8> {
         args.host,
         args.body.len()
     );
-    if args.signet {
-        head.push_str("x-signet-api-key: demo-key\r\n");
-        head.push_str(&format!("x-signet-idempotency-key: open-{run_id}-{n}\r\n"));
-    }
-    head.push_str("\r\n");
+    head.push_str("x-signet-api-key: demo-key\r\n");
+    head.push_str(&format!(
+        "x-signet-idempotency-key: open-{run_id}-{n}\r\n\r\n"
+    ));
     let mut bytes = head.into_bytes();
     bytes.extend_from_slice(&args.body);
     bytes
@@ -190,6 +179,7 @@ async fn connection(args: Arc<Args>, schedule: Arc<Schedule>, run_id: Arc<str>) 
         }
         tokio::time::sleep_until(due.into()).await;
         let counted = due >= schedule.counted_from;
+        let at = micros(due.saturating_duration_since(schedule.counted_from));
         let request = request_bytes(&args, &run_id, i);
         let answer = async {
             if stream.is_none() {
@@ -210,9 +200,8 @@ async fn connection(args: Arc<Args>, schedule: Arc<Schedule>, run_id: Arc<str>) 
             Err(_) => {
                 if counted {
                     tally.late += 1;
-                    tally
-                        .latencies_us
-                        .push(micros(deadline.saturating_duration_since(due)));
+                    let latency = micros(deadline.saturating_duration_since(due));
+                    tally.samples.push((at, latency));
                 }
                 return tally;
             }
@@ -222,11 +211,7 @@ async fn connection(args: Arc<Args>, schedule: Arc<Schedule>, run_id: Arc<str>) 
             }
             Ok(Ok(status)) if counted => {
                 let latency = micros(Instant::now().saturating_duration_since(due));
-                tally.latencies_us.push(latency);
-                if schedule.trace {
-                    let at = micros(due.saturating_duration_since(schedule.counted_from));
-                    tally.trace.push((at, latency));
-                }
+                tally.samples.push((at, latency));
                 if !(200..300).contains(&status) {
                     tally.non_2xx += 1;
                 }
@@ -266,7 +251,6 @@ async fn main() {
         counted_from: start + args.warmup,
         end: start + args.warmup + args.duration,
         next: AtomicU64::new(0),
-        trace: trace_file.is_some(),
     });
     let run_id: Arc<str> = format!(
         "{}-{}",
@@ -285,17 +269,15 @@ async fn main() {
             all.errors += 1;
             continue;
         };
-        all.latencies_us.extend(tally.latencies_us);
-        all.trace.extend(tally.trace);
+        all.samples.extend(tally.samples);
         all.non_2xx += tally.non_2xx;
         all.errors += tally.errors;
         all.late += tally.late;
     }
-    all.latencies_us.sort_unstable();
     if let Some(file) = trace_file {
-        all.trace.sort_unstable();
+        all.samples.sort_unstable();
         let lines: String = all
-            .trace
+            .samples
             .iter()
             .map(|(at, latency)| format!("{:.3} {:.3}\n", *at as f64 / 1e3, *latency as f64 / 1e3))
             .collect();
@@ -303,21 +285,21 @@ async fn main() {
             eprintln!("open-loop: {}: {e}", file.to_string_lossy());
         }
     }
-    let answered = (all.latencies_us.len() as u64).saturating_sub(all.late) as f64;
+    let mut latencies_us: Vec<u64> = all.samples.iter().map(|(_, latency)| *latency).collect();
+    latencies_us.sort_unstable();
+    let answered = (latencies_us.len() as u64).saturating_sub(all.late) as f64;
     println!("rate {:.0}", args.rate);
     println!("achieved {:.0}", answered / args.duration.as_secs_f64());
-    println!("requests {}", all.latencies_us.len());
+    println!("requests {}", latencies_us.len());
     println!("non_2xx {}", all.non_2xx);
     println!("errors {}", all.errors);
     println!("late {}", all.late);
     for (name, pct) in [("p50", 50.0), ("p90", 90.0), ("p99", 99.0), ("p999", 99.9)] {
-        println!("{name}_ms {:.2}", percentile_ms(&all.latencies_us, pct));
+        println!("{name}_ms {:.2}", percentile_ms(&latencies_us, pct));
     }
     println!(
         "max_ms {:.2}",
-        all.latencies_us
-            .last()
-            .map_or(0.0, |us| *us as f64 / 1000.0)
+        latencies_us.last().map_or(0.0, |us| *us as f64 / 1000.0)
     );
 }
 
@@ -358,7 +340,6 @@ mod tests {
             counted_from: start,
             end: start + Duration::from_secs(1),
             next: AtomicU64::new(0),
-            trace: false,
         };
         assert_eq!(schedule.due(0), start);
         assert_eq!(schedule.due(400), start + Duration::from_secs(1));
