@@ -58,6 +58,7 @@ up: $(if $(OBSERVE),prometheus)
 	@OBSERVE=$(OBSERVE) PROMETHEUS_BIN=$(TOOLS)/usr/bin/prometheus scripts/up.sh
 
 # Load on the passthrough, exchange (16 and 64 connections, SQLite, then PostgreSQL) and inline
-# routes: requests/s, p50, p99, ratios, CPU per request, the V8 stage bench, #12 targets PASS/FAIL.
+# routes: requests/s, p50, p99, ratios, CPU per request; the open loop (latency below
+# saturation); the V8 stage bench; #12 targets PASS/FAIL.
 bench:
 	@scripts/bench.sh
