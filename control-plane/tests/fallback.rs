@@ -21,6 +21,7 @@ both_backends!(
     concurrent_repairs_never_exceed_the_monthly_limit,
     a_reservation_that_never_settles_stops_counting_when_it_expires,
     settled_repairs_and_dead_reservations_go_with_the_idempotency_retention,
+    a_provider_call_settled_twice_is_metered_and_billed_once,
 );
 
 mod sqlite_only {
@@ -532,37 +533,103 @@ async fn a_reservation_that_never_settles_stops_counting_when_it_expires(backend
     db.cleanup().await;
 }
 
-/// The retention sweep that removes old idempotency records removes the fallback's results
-/// (their replays end with the exchange's) and long-expired reservations too.
-async fn settled_repairs_and_dead_reservations_go_with_the_idempotency_retention(backend: Backend) {
-    use signet_control_plane::storage::fallback::{Settled, Settlement, StoredRepair};
-    use signet_control_plane::storage::{Retention, Storage};
-
-    let db = TestDb::new(backend).await;
-    let retention = Retention {
-        idempotency: Duration::from_secs(3600),
-        sweep_every: Duration::from_millis(50),
-        sweep_rows: 2,
-    };
-    let storage: Arc<dyn Storage> = match backend {
+/// The storage the control plane would open on `db`, with `retention`.
+async fn open_storage(
+    backend: Backend,
+    db: &TestDb,
+    retention: signet_control_plane::storage::Retention,
+) -> Arc<dyn signet_control_plane::storage::Storage> {
+    use signet_control_plane::storage::{PostgresStorage, SqliteStorage, SQLITE_CHECKPOINT_EVERY};
+    match backend {
         Backend::Sqlite => Arc::new(
-            signet_control_plane::storage::SqliteStorage::open_with(
+            SqliteStorage::open_with(
                 std::path::Path::new(&db.env["SP_DB_PATH"]),
                 retention,
-                signet_control_plane::storage::SQLITE_CHECKPOINT_EVERY,
+                SQLITE_CHECKPOINT_EVERY,
             )
             .unwrap(),
         ),
         Backend::Postgres => Arc::new(
-            signet_control_plane::storage::PostgresStorage::connect_with(
-                &db.env["SP_POSTGRES_URL"],
-                2,
-                retention,
-            )
-            .await
-            .unwrap(),
+            PostgresStorage::connect_with(&db.env["SP_POSTGRES_URL"], 2, retention)
+                .await
+                .unwrap(),
         ),
+    }
+}
+
+/// A settlement that arrives twice is metered and billed once. SQLite looks the call's ledger
+/// key up first; PostgreSQL's insert relies on its unique index (`usage_ledger_provider_call`).
+async fn a_provider_call_settled_twice_is_metered_and_billed_once(backend: Backend) {
+    use signet_control_plane::storage::fallback::{Settled, Settlement, StoredRepair};
+
+    let db = TestDb::new(backend).await;
+    let storage = open_storage(backend, &db, Default::default()).await;
+    let store = storage.fallback();
+    let now = signet_control_plane::now_ms();
+    let reservation = Reservation {
+        id: "id-twice".into(),
+        tenant: "demo".into(),
+        month: "2026-12".into(),
+        idempotency_key: "twice".into(),
+        fingerprint: "sha256:f".into(),
+        tokens: 10,
+        limit: None,
+        now_ms: now,
+        expires_ms: now + 60_000,
     };
+    assert_eq!(
+        store.reserve(reservation.clone()).await,
+        Ok(Reserved::Reserved)
+    );
+    let settlement = Settlement {
+        id: reservation.id.clone(),
+        tenant: "demo".into(),
+        month: "2026-12".into(),
+        idempotency_key: "twice".into(),
+        fingerprint: "sha256:f".into(),
+        fu_tokens: 7,
+        usage_estimated: false,
+        result: StoredRepair {
+            status: 200,
+            body: "{}".into(),
+        },
+        now_ms: now,
+        plan: Arc::default(),
+    };
+    assert_eq!(
+        store.settle(settlement.clone()).await,
+        Ok(Settled::Metered { month_fu: 7 })
+    );
+    assert_eq!(store.settle(settlement).await, Ok(Settled::AlreadySettled));
+    assert_eq!(storage.usage("demo", "2026-12").await.unwrap().fu, 7);
+    let lines = storage.billing_queue("demo").await.unwrap();
+    assert_eq!(
+        lines
+            .iter()
+            .map(|l| (l.meter.as_str(), l.units, l.idempotency_key.as_str()))
+            .collect::<Vec<_>>(),
+        [("fu", 7, "fallback:id-twice/fu/0")]
+    );
+    db.cleanup().await;
+}
+
+/// The retention sweep that removes old idempotency records removes the fallback's results
+/// (their replays end with the exchange's) and long-expired reservations too.
+async fn settled_repairs_and_dead_reservations_go_with_the_idempotency_retention(backend: Backend) {
+    use signet_control_plane::storage::fallback::{Settled, Settlement, StoredRepair};
+    use signet_control_plane::storage::Retention;
+
+    let db = TestDb::new(backend).await;
+    let storage = open_storage(
+        backend,
+        &db,
+        Retention {
+            idempotency: Duration::from_secs(3600),
+            sweep_every: Duration::from_millis(50),
+            sweep_rows: 2,
+        },
+    )
+    .await;
     let store = storage.fallback();
     let now = signet_control_plane::now_ms();
     let hour = 3_600_000;

@@ -16,6 +16,7 @@ pub(crate) const SQLITE: &[&str] = &[
     include_str!("../../migrations/sqlite/0006_forward_deliveries.sql"),
     include_str!("../../migrations/sqlite/0007_fallback_repairs.sql"),
     include_str!("../../migrations/sqlite/0008_billing_reports.sql"),
+    include_str!("../../migrations/sqlite/0009_one_unique_key_per_commit.sql"),
 ];
 
 /// Entry `i` takes a PostgreSQL schema from version `i` to `i + 1`.
@@ -28,6 +29,7 @@ pub(crate) const POSTGRES: &[&str] = &[
     include_str!("../../migrations/postgres/0006_forward_deliveries.sql"),
     include_str!("../../migrations/postgres/0007_fallback_repairs.sql"),
     include_str!("../../migrations/postgres/0008_billing_reports.sql"),
+    include_str!("../../migrations/postgres/0009_one_unique_key_per_commit.sql"),
 ];
 
 #[cfg(test)]

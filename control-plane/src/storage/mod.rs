@@ -198,7 +198,7 @@ pub struct BillingRow {
     pub stripe_item: Option<String>,
     pub price_per_unit: Option<String>,
     pub amount: Option<String>,
-    /// Unique per event and band: the Stripe `Idempotency-Key` and `identifier`.
+    /// `{event}/{meter}/{band}`: names the line (the report sent to Stripe has its own key).
     pub idempotency_key: String,
     pub state: String,
 }

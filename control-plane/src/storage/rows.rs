@@ -58,7 +58,7 @@ pub(crate) struct BillingRows<'a> {
     pub stripe_item: Vec<Option<String>>,
     pub price_per_unit: Vec<Option<String>>,
     pub amount: Vec<Option<String>>,
-    /// Unique per event and band: `{receipt_hash}/{meter}/{band}`.
+    /// `{receipt_hash}/{meter}/{band}`: unique because the receipt's hash is (migration 0009).
     pub idempotency_key: Vec<String>,
 }
 

@@ -881,6 +881,19 @@ mod tests {
             "DELETE FROM usage_ledger WHERE id = 2; DELETE FROM traces WHERE trace_id IS NULL;",
         )
         .unwrap();
+        migrate_to(&mut conn, 3).unwrap();
+        for refused in [
+            "INSERT INTO usage_ledger (tenant, month, trace_id, hop, receipt_hash, vex, fu, created_ms)
+                 VALUES ('demo', '2025-01', 't1', 1, 'sha256:h1', 1, 0, 7)",
+            "INSERT INTO billing_queue (tenant, month, meter, band, units, idempotency_key, created_ms)
+                 VALUES ('demo', '2025-01', 'vex', 0, 1, 'sha256:h1/vex/0', 7)",
+            "INSERT INTO traces VALUES (NULL, 'demo', 1, 'sha256:x', 7)",
+            "INSERT INTO signing_keys VALUES (NULL, '{}', 3)",
+        ] {
+            let e = conn.execute(refused, []).unwrap_err().to_string();
+            assert!(e.contains("constraint failed"), "{refused}: {e}");
+        }
+        // The rest of the migrations keep the rows.
         migrate(&mut conn).unwrap();
         let version: i64 = conn
             .query_row("SELECT max(version) FROM schema_version", [], |r| r.get(0))
@@ -904,17 +917,6 @@ mod tests {
             )
             .unwrap();
         assert_eq!(kid, ("k1".into(), r#"{"kty":"OKP"}"#.into(), 3));
-        for refused in [
-            "INSERT INTO usage_ledger (tenant, month, trace_id, hop, receipt_hash, vex, fu, created_ms)
-                 VALUES ('demo', '2025-01', 't1', 1, 'sha256:h1', 1, 0, 7)",
-            "INSERT INTO billing_queue (tenant, month, meter, band, units, idempotency_key, created_ms)
-                 VALUES ('demo', '2025-01', 'vex', 0, 1, 'sha256:h1/vex/0', 7)",
-            "INSERT INTO traces VALUES (NULL, 'demo', 1, 'sha256:x', 7)",
-            "INSERT INTO signing_keys VALUES (NULL, '{}', 3)",
-        ] {
-            let e = conn.execute(refused, []).unwrap_err().to_string();
-            assert!(e.contains("constraint failed"), "{refused}: {e}");
-        }
         // The migrated database takes the next commit of the trace.
         let req = CommitRequest {
             tenant: "demo".into(),
@@ -941,6 +943,17 @@ mod tests {
             read_usage(&conn, "demo", "2025-01").unwrap(),
             Some(Usage { vex: 2, fu: 0 })
         );
+    }
+
+    #[test]
+    fn a_provider_calls_ledger_key_is_unique_in_the_database() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate(&mut conn).unwrap();
+        let insert = "INSERT INTO usage_ledger (tenant, month, trace_id, hop, receipt_hash, vex, fu, created_ms)
+                      VALUES ('demo', '2026-12', '', 0, 'fallback:r1', 0, 7, 1)";
+        conn.execute(insert, []).unwrap();
+        let e = conn.execute(insert, []).unwrap_err().to_string();
+        assert!(e.contains("UNIQUE constraint failed"), "{e}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -38,10 +38,11 @@ const INSERT_RESERVATION: &str = "
 INSERT INTO fu_reservations (id, tenant, month, idempotency_key, tokens, expires_ms, created_ms)
 VALUES ($1, $2, $3, $4, $5, $6, $7)";
 
-/// The call's ledger row; nothing when the call was settled before (its key is unique).
+/// The call's ledger row; nothing when the call was settled before (`usage_ledger_provider_call`
+/// keeps its key unique).
 const INSERT_LEDGER: &str = "
 INSERT INTO usage_ledger (tenant, month, trace_id, hop, receipt_hash, vex, fu, created_ms)
-VALUES ($1, $2, '', 0, $3, 0, $4, $5) ON CONFLICT (receipt_hash) DO NOTHING";
+VALUES ($1, $2, '', 0, $3, 0, $4, $5) ON CONFLICT (receipt_hash) WHERE trace_id = '' DO NOTHING";
 
 const SET_MONTH_FU: &str = "UPDATE usage_monthly SET fu = $3 WHERE tenant = $1 AND month = $2";
 

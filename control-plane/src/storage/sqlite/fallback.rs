@@ -84,7 +84,7 @@ fn reserve(conn: &Connection, r: &Reservation) -> rusqlite::Result<(Reserved, bo
 fn settle(conn: &Connection, s: &Settlement) -> rusqlite::Result<(Settled, bool)> {
     let event = ledger_key(&s.id);
     let settled_before = conn
-        .prepare_cached("SELECT 1 FROM usage_ledger WHERE receipt_hash = ?1")?
+        .prepare_cached("SELECT 1 FROM usage_ledger WHERE receipt_hash = ?1 AND trace_id = ''")?
         .query_row([&event], |_| Ok(()))
         .optional()?;
     if settled_before.is_some() {
