@@ -379,9 +379,7 @@ fn verify_delivery_checks_a_captured_delivery_against_the_jwks() {
         "Signature-Input: {}\r\nSignature: {}\r\n",
         signed.signature_input, signed.signature
     ));
-    let jwks = Jwks {
-        keys: vec![key.public_jwk()],
-    };
+    let jwks: Jwks = [key.public_jwk()].into_iter().collect();
     let (h, b, j) = (dir.join("headers"), dir.join("body"), dir.join("jwks.json"));
     std::fs::write(&h, &headers).unwrap();
     std::fs::write(&b, body).unwrap();
@@ -409,9 +407,9 @@ fn verify_delivery_checks_a_captured_delivery_against_the_jwks() {
     assert_eq!(bad.status.code(), Some(1));
     assert!(stderr(&bad).contains("Content-Digest"), "{}", stderr(&bad));
     // another key's JWKS
-    let other = Jwks {
-        keys: vec![SigningKey::from_seed([10; 32], "k-del").public_jwk()],
-    };
+    let other: Jwks = [SigningKey::from_seed([10; 32], "k-del").public_jwk()]
+        .into_iter()
+        .collect();
     std::fs::write(&j, other.to_json()).unwrap();
     assert_eq!(run(&b).status.code(), Some(1));
 }

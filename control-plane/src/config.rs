@@ -227,7 +227,8 @@ impl Config {
             Some(v) => {
                 let keys = Jwks::from_json(v.as_bytes())
                     .map_err(|e| invalid("SP_PREVIOUS_JWKS", e.to_string()))?
-                    .keys;
+                    .keys()
+                    .to_vec();
                 // a JWKS reader skips keys it cannot use; here a skipped key would silently
                 // orphan every receipt it signed
                 let listed = serde_json::from_str::<serde_json::Value>(&v)

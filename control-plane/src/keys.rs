@@ -71,7 +71,7 @@ impl KeyRing {
                 keys.push(jwk);
             }
         }
-        let jwks = Jwks { keys };
+        let jwks: Jwks = keys.into_iter().collect();
         let jwks_json = jwks.to_json();
         Ok(Self {
             signing,

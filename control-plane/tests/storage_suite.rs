@@ -619,7 +619,7 @@ async fn rotation_keeps_old_kids_in_the_jwks(backend: Backend) {
     db.set("SP_KID", "test-k2");
     let server = Server::start(&db).await;
     let jwks = Jwks::from_json(server.get_text("/.well-known/jwks.json").await.as_bytes()).unwrap();
-    let kids: Vec<&str> = jwks.keys.iter().map(|k| k.kid.as_str()).collect();
+    let kids: Vec<&str> = jwks.keys().iter().map(|k| k.kid.as_str()).collect();
     assert_eq!(kids, vec!["test-k2", KID]);
     let export = server
         .get(

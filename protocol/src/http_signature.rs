@@ -289,9 +289,7 @@ mod tests {
     }
 
     fn jwks() -> Jwks {
-        Jwks {
-            keys: vec![key().public_jwk()],
-        }
+        [key().public_jwk()].into_iter().collect()
     }
 
     const URI: &str = "https://hooks.example.com/in?x=1";

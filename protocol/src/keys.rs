@@ -121,8 +121,16 @@ impl Jwk {
         }
     }
 
-    /// The 32 bytes of `x`. Whether they encode a usable point is decided by the signature check
-    /// (a `Signature` failure, as for a small-order key).
+    /// The point `x` encodes, if it is a usable Ed25519 public key. A key that is not fails
+    /// every signature check (a `Signature` failure, as for a small-order key).
+    fn point(&self) -> Option<VerifyingKey> {
+        let encoded = self.public_key().ok()?;
+        is_canonical_y(&encoded)
+            .then(|| VerifyingKey::from_bytes(&encoded).ok())
+            .flatten()
+    }
+
+    /// The 32 bytes of `x`.
     fn public_key(&self) -> Result<[u8; 32], VerifyError> {
         if self.kty != "OKP" || self.crv != "Ed25519" {
             return Err(VerifyError::new(
@@ -143,10 +151,14 @@ impl Jwk {
     }
 }
 
-/// `{"keys":[…]}` as served at `/.well-known/jwks.json`.
+/// `{"keys":[…]}` as served at `/.well-known/jwks.json`. Built from its keys with `collect`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Jwks {
-    pub keys: Vec<Jwk>,
+    keys: Vec<Jwk>,
+    /// Each key's point, decompressed once: ~5 µs of every verification otherwise
+    /// (docs/perf.md). `None` for a key that cannot verify anything.
+    #[serde(skip)]
+    points: Vec<Option<VerifyingKey>>,
 }
 
 impl Jwks {
@@ -165,12 +177,15 @@ impl Jwks {
         let Some(serde_json::Value::Array(keys)) = document.remove("keys") else {
             return Err(KeyError("not a JWKS document: no \"keys\" array".into()));
         };
-        let keys = keys
+        Ok(keys
             .into_iter()
             .filter_map(|key| serde_json::from_value::<Jwk>(key).ok())
             .filter(|key| key.kty == "OKP" && key.crv == "Ed25519")
-            .collect();
-        Ok(Jwks { keys })
+            .collect())
+    }
+
+    pub fn keys(&self) -> &[Jwk] {
+        &self.keys
     }
 
     /// The JWKS document as JSON.
@@ -184,10 +199,15 @@ impl Jwks {
 
     /// Checks the standard-base64 Ed25519 signature `sig_b64` of `msg` with the key `kid`.
     pub fn verify(&self, kid: &str, msg: &[u8], sig_b64: &str) -> Result<(), VerifyError> {
-        let key = self.find(kid).ok_or_else(|| {
-            VerifyError::new(Rule::UnknownKid, format!("kid {kid:?} is not in the JWKS"))
-        })?;
-        let public_key = key.public_key()?;
+        let (key, point) = self
+            .keys
+            .iter()
+            .zip(&self.points)
+            .find(|(key, _)| key.kid == kid)
+            .ok_or_else(|| {
+                VerifyError::new(Rule::UnknownKid, format!("kid {kid:?} is not in the JWKS"))
+            })?;
+        key.public_key()?;
         let signature = STANDARD
             .decode(sig_b64)
             .ok()
@@ -198,10 +218,7 @@ impl Jwks {
                     "signature is not standard base64 of 64 bytes",
                 )
             })?;
-        let verified = is_canonical_y(&public_key)
-            .then(|| VerifyingKey::from_bytes(&public_key).ok())
-            .flatten()
-            .is_some_and(|public_key| public_key.verify_strict(msg, &signature).is_ok());
+        let verified = point.is_some_and(|point| point.verify_strict(msg, &signature).is_ok());
         verified.then_some(()).ok_or_else(|| {
             VerifyError::new(
                 Rule::Signature,
@@ -230,9 +247,9 @@ impl<'de> Deserialize<'de> for Jwks {
 
 impl FromIterator<Jwk> for Jwks {
     fn from_iter<I: IntoIterator<Item = Jwk>>(keys: I) -> Self {
-        Jwks {
-            keys: keys.into_iter().collect(),
-        }
+        let keys: Vec<Jwk> = keys.into_iter().collect();
+        let points = keys.iter().map(Jwk::point).collect();
+        Jwks { keys, points }
     }
 }
 
@@ -330,7 +347,7 @@ mod tests {
         let doc = r#"{"keys":[{"kty":"RSA","n":"AQAB","e":"AQAB","kid":"r"},
             {"kty":"OKP","crv":"Ed25519","x":"11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo","kid":"e","use":"sig","alg":"EdDSA"}]}"#;
         let jwks = Jwks::from_json(doc.as_bytes()).unwrap();
-        assert_eq!(jwks.keys.len(), 1);
+        assert_eq!(jwks.keys().len(), 1);
         assert!(jwks.find("e").is_some());
         assert!(Jwks::from_json(b"[]").is_err());
         assert!(Jwks::from_json(br#"{"keys":{}}"#).is_err());
@@ -427,7 +444,7 @@ mod tests {
         let minimal = serde_json::json!({"keys":[{"kty":"OKP","crv":"Ed25519",
             "x": key.public_jwk().x, "kid": key.kid()}]});
         let jwks = Jwks::from_json(minimal.to_string().as_bytes()).unwrap();
-        assert_eq!(jwks.keys, vec![key.public_jwk()]);
+        assert_eq!(jwks.keys(), [key.public_jwk()]);
         let sig = key.sign(b"m");
         assert!(jwks.verify(key.kid(), b"m", &sig).is_ok());
     }

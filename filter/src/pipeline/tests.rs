@@ -73,9 +73,7 @@ impl FakeControlPlane {
             signet_protocol::SigningKey::from_seed_b64url(crate::config::tests::SEED, "k1")
                 .unwrap();
         Self {
-            jwks: Jwks {
-                keys: vec![config.signing_key.public_jwk()],
-            },
+            jwks: [config.signing_key.public_jwk()].into_iter().collect(),
             tenants: HashMap::from([(
                 cid::sha256_hex(KEY.as_bytes()),
                 grant("demo", &["*.example.com"]),
@@ -1378,7 +1376,7 @@ fn an_inline_request_without_a_key_is_refused_without_a_lookup() {
 #[test]
 fn control_plane_rejecting_the_filter_is_a_500() {
     let mut h = Harness::new();
-    h.cp.jwks = Jwks { keys: vec![] }; // the control plane does not know the filter's kid
+    h.cp.jwks = Jwks::default(); // the control plane does not know the filter's kid
     assert_eq!(
         error_of(&h.post("k-1", &exchange_body(json!({})))),
         (500, "RECEIPT_INVALID".into())
