@@ -13,6 +13,7 @@ the database file, and fsyncs. docs/perf.md ("What a commit writes") explains th
 import collections
 import os
 import shutil
+import signal
 import sqlite3
 import struct
 import sys
@@ -58,6 +59,7 @@ def btree_of_pages(db_path):
 
 
 def main():
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `| head` ends the output quietly
     if len(sys.argv) not in (2, 3):
         sys.exit(__doc__)
     db = sys.argv[1]
