@@ -444,13 +444,13 @@ mod tests {
             c.storage,
             StorageConfig::Sqlite {
                 path: "./data/signet.db".into(),
-                checkpoint_every: Duration::from_millis(250),
+                checkpoint_every: Duration::from_millis(20),
             }
         );
-        let often = config(&[("SP_SQLITE_CHECKPOINT_MS", "20")]).unwrap();
+        let rarely = config(&[("SP_SQLITE_CHECKPOINT_MS", "250")]).unwrap();
         assert!(
-            matches!(often.storage, StorageConfig::Sqlite { checkpoint_every, .. }
-            if checkpoint_every == Duration::from_millis(20))
+            matches!(rarely.storage, StorageConfig::Sqlite { checkpoint_every, .. }
+            if checkpoint_every == Duration::from_millis(250))
         );
         assert!(config(&[("SP_SQLITE_CHECKPOINT_MS", "1")]).is_err());
         assert_eq!(c.chain_max, 1000);

@@ -34,7 +34,7 @@ mod billing;
 
 const MAX_BATCH: usize = 512;
 /// The default of `SP_SQLITE_CHECKPOINT_MS` (see [`checkpoint_loop`]).
-pub const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+pub const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(20);
 const WAL_RESTART_FRAMES: i64 = 16_384;
 
 use super::migrations::SQLITE as MIGRATIONS;
@@ -334,7 +334,7 @@ where
 /// The writer still waits on the disk: a checkpoint writes every page changed since the last
 /// one and syncs them at once, and a commit's WAL sync issued meanwhile waits behind that
 /// burst. So the interval trades tail latency for CPU: shorter bursts, more of them, a page
-/// written more often (docs/perf.md, "Latency below saturation").
+/// written more often (docs/perf.md, "What a commit writes": why the default is 20 ms).
 fn checkpoint_loop(conn: Connection, every: std::time::Duration, stopped: mpsc::Receiver<()>) {
     let checkpoint = |mode: &str| {
         conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
