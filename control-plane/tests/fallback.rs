@@ -557,45 +557,53 @@ async fn open_storage(
     }
 }
 
-/// A settlement that arrives twice is metered and billed once. SQLite looks the call's ledger
-/// key up first; PostgreSQL's insert relies on its unique index (`usage_ledger_provider_call`).
-async fn a_provider_call_settled_twice_is_metered_and_billed_once(backend: Backend) {
-    use signet_control_plane::storage::fallback::{Settled, Settlement, StoredRepair};
-
-    let db = TestDb::new(backend).await;
-    let storage = open_storage(backend, &db, Default::default()).await;
-    let store = storage.fallback();
-    let now = signet_control_plane::now_ms();
-    let reservation = Reservation {
-        id: "id-twice".into(),
+/// A reservation of 10 tokens by tenant `demo` in 2026-12, made at `at`.
+fn reservation(key: &str, at: i64, expires_ms: i64) -> Reservation {
+    Reservation {
+        id: format!("id-{key}"),
         tenant: "demo".into(),
         month: "2026-12".into(),
-        idempotency_key: "twice".into(),
+        idempotency_key: key.into(),
         fingerprint: "sha256:f".into(),
         tokens: 10,
         limit: None,
-        now_ms: now,
-        expires_ms: now + 60_000,
-    };
-    assert_eq!(
-        store.reserve(reservation.clone()).await,
-        Ok(Reserved::Reserved)
-    );
-    let settlement = Settlement {
-        id: reservation.id.clone(),
-        tenant: "demo".into(),
-        month: "2026-12".into(),
-        idempotency_key: "twice".into(),
-        fingerprint: "sha256:f".into(),
+        now_ms: at,
+        expires_ms,
+    }
+}
+
+/// The settlement of `r` at `at`: 7 tokens used, answered 200.
+fn settlement(r: &Reservation, at: i64) -> signet_control_plane::storage::fallback::Settlement {
+    use signet_control_plane::storage::fallback::{Settlement, StoredRepair};
+    Settlement {
+        id: r.id.clone(),
+        tenant: r.tenant.clone(),
+        month: r.month.clone(),
+        idempotency_key: r.idempotency_key.clone(),
+        fingerprint: r.fingerprint.clone(),
         fu_tokens: 7,
         usage_estimated: false,
         result: StoredRepair {
             status: 200,
             body: "{}".into(),
         },
-        now_ms: now,
+        now_ms: at,
         plan: Arc::default(),
-    };
+    }
+}
+
+/// A settlement that arrives twice is metered and billed once. SQLite looks the call's ledger
+/// key up first; PostgreSQL's insert relies on its unique index (`usage_ledger_provider_call`).
+async fn a_provider_call_settled_twice_is_metered_and_billed_once(backend: Backend) {
+    use signet_control_plane::storage::fallback::Settled;
+
+    let db = TestDb::new(backend).await;
+    let storage = open_storage(backend, &db, Default::default()).await;
+    let store = storage.fallback();
+    let now = signet_control_plane::now_ms();
+    let r = reservation("twice", now, now + 60_000);
+    assert_eq!(store.reserve(r.clone()).await, Ok(Reserved::Reserved));
+    let settlement = settlement(&r, now);
     assert_eq!(
         store.settle(settlement.clone()).await,
         Ok(Settled::Metered { month_fu: 7 })
@@ -616,7 +624,7 @@ async fn a_provider_call_settled_twice_is_metered_and_billed_once(backend: Backe
 /// The retention sweep that removes old idempotency records removes the fallback's results
 /// (their replays end with the exchange's) and long-expired reservations too.
 async fn settled_repairs_and_dead_reservations_go_with_the_idempotency_retention(backend: Backend) {
-    use signet_control_plane::storage::fallback::{Settled, Settlement, StoredRepair};
+    use signet_control_plane::storage::fallback::Settled;
     use signet_control_plane::storage::Retention;
 
     let db = TestDb::new(backend).await;
@@ -633,17 +641,6 @@ async fn settled_repairs_and_dead_reservations_go_with_the_idempotency_retention
     let store = storage.fallback();
     let now = signet_control_plane::now_ms();
     let hour = 3_600_000;
-    let reservation = |key: &str, at: i64, expires: i64| Reservation {
-        id: format!("id-{key}"),
-        tenant: "demo".into(),
-        month: "2026-12".into(),
-        idempotency_key: key.into(),
-        fingerprint: "sha256:f".into(),
-        tokens: 10,
-        limit: None,
-        now_ms: at,
-        expires_ms: expires,
-    };
     // three repairs settled long ago (more than one pass of 2 rows), one just now
     for (key, at) in [
         ("old-1", now - 3 * hour),
@@ -653,23 +650,7 @@ async fn settled_repairs_and_dead_reservations_go_with_the_idempotency_retention
     ] {
         let r = reservation(key, at, at + 60_000);
         assert_eq!(store.reserve(r.clone()).await, Ok(Reserved::Reserved));
-        let settled = store
-            .settle(Settlement {
-                id: r.id.clone(),
-                tenant: r.tenant.clone(),
-                month: r.month.clone(),
-                idempotency_key: key.into(),
-                fingerprint: r.fingerprint.clone(),
-                fu_tokens: 7,
-                usage_estimated: false,
-                result: StoredRepair {
-                    status: 200,
-                    body: "{}".into(),
-                },
-                now_ms: at,
-                plan: Arc::default(),
-            })
-            .await;
+        let settled = store.settle(settlement(&r, at)).await;
         assert!(
             matches!(settled, Ok(Settled::Metered { .. })),
             "{settled:?}"
