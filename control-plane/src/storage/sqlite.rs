@@ -48,9 +48,9 @@ pub struct SqliteStorage {
     /// Reads that need no lock (chains, idempotency lookups, usage) go here, off the writer:
     /// WAL lets them run beside it, each on a snapshot.
     reader: Arc<std::sync::Mutex<Connection>>,
-    /// Dropping it ends the checkpoint thread, which then empties the WAL (see `Drop`).
-    stop_checkpoints: Option<mpsc::Sender<()>>,
-    checkpoint_thread: Option<std::thread::JoinHandle<()>>,
+    /// The checkpoint thread and its stop: dropping the sender ends it, and it then empties
+    /// the WAL (see `Drop`).
+    checkpoints: Option<(mpsc::Sender<()>, std::thread::JoinHandle<()>)>,
     /// Dropping it ends the sweep thread.
     _stop_sweep: mpsc::Sender<()>,
     /// The writer and checkpoint threads, checked by `ping`.
@@ -62,8 +62,8 @@ pub struct SqliteStorage {
 /// storage is dropped, so the drop waits for the checkpoint thread's last checkpoint.
 impl Drop for SqliteStorage {
     fn drop(&mut self) {
-        drop(self.stop_checkpoints.take());
-        if let Some(thread) = self.checkpoint_thread.take() {
+        if let Some((stop, thread)) = self.checkpoints.take() {
+            drop(stop);
             let _ = thread.join();
         }
     }
@@ -153,8 +153,7 @@ impl SqliteStorage {
         Ok(Self {
             jobs,
             reader: Arc::new(std::sync::Mutex::new(reader)),
-            stop_checkpoints: Some(stop_checkpoints),
-            checkpoint_thread: Some(checkpoint_thread),
+            checkpoints: Some((stop_checkpoints, checkpoint_thread)),
             _stop_sweep: stop_sweep,
             workers: vec![writer, checkpointer, sweeper],
         })
@@ -826,7 +825,7 @@ mod tests {
         // checkpoints held off: everything written is still in the WAL at the drop
         database_size_after_writes(&path, Duration::from_secs(60), Duration::ZERO).await;
         let wal_size = std::fs::metadata(&wal).map_or(0, |m| m.len());
-        assert!(wal_size == 0, "WAL of {wal_size} bytes after the drop");
+        assert_eq!(wal_size, 0, "the WAL after the drop");
         let storage = SqliteStorage::open(&path).unwrap();
         let rows: i64 = storage
             .read(|conn| conn.query_row("SELECT count(*) FROM scratch", [], |r| r.get(0)))
