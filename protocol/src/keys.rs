@@ -207,7 +207,7 @@ impl Jwks {
             .ok_or_else(|| {
                 VerifyError::new(Rule::UnknownKid, format!("kid {kid:?} is not in the JWKS"))
             })?;
-        key.public_key()?;
+        key.public_key()?; // a malformed `x` is an unknown kid, not a bad signature
         let signature = STANDARD
             .decode(sig_b64)
             .ok()

@@ -74,8 +74,8 @@ def main():
     windows = [log[i:i + window] for i in range(0, len(log) - window + 1, window)] or [log]
     distinct = collections.Counter()
     for w in windows:
-        for tree in {(name(p), p) for c in w for p in c}:
-            distinct[tree[0]] += 1
+        for tree, _page in {(name(p), p) for c in w for p in c}:
+            distinct[tree] += 1
     total_frames = sum(frames.values())
     total_distinct = sum(distinct.values()) / len(windows)
     print(f"{len(log)} commits, {total_frames / len(log):.2f} pages per commit; "
