@@ -34,8 +34,13 @@ pub fn is_cid(s: &str) -> bool {
 
 /// Lowercase hex SHA-256 of `bytes`, without prefix (e.g. the API key hash).
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    let mut out = String::with_capacity(64);
-    push_hex(&Sha256::digest(bytes), &mut out);
+    to_hex(&Sha256::digest(bytes))
+}
+
+/// Lowercase hex of `bytes` (random ids, digests).
+pub fn to_hex(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len() * 2);
+    push_hex(bytes, &mut out);
     out
 }
 
@@ -64,6 +69,12 @@ mod tests {
             assert!(!is_cid(bad), "{bad}");
         }
         assert!(!is_cid(&format!("{}0", cid(b""))));
+    }
+
+    #[test]
+    fn hex_is_lowercase_two_digits_per_byte() {
+        assert_eq!(to_hex(&[0x00, 0x0f, 0xa0, 0xff]), "000fa0ff");
+        assert_eq!(to_hex(&[]), "");
     }
 
     #[test]

@@ -15,7 +15,7 @@ use signet_protocol::internal::{
     idempotency, repair, Code, Commit, CommitBatch, CommitReply, CommitResult, CommitResults,
     ErrorReply,
 };
-use signet_protocol::{receipt, time, trace};
+use signet_protocol::{cid, receipt, time, trace};
 
 use super::extract::{header, Body, FilterAuth};
 use super::{HttpError, State as AppState};
@@ -315,8 +315,7 @@ fn validate(cp: &ControlPlane, commit: &Commit) -> Result<(), HttpError> {
             "the idempotency key must be 1 to 256 bytes",
         ));
     }
-    let hex = commit.fingerprint.strip_prefix("sha256:").unwrap_or("");
-    if hex.len() != 64 || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+    if !cid::is_cid(&commit.fingerprint) {
         return Err(HttpError::new(
             Code::FingerprintInvalid,
             "the fingerprint must be sha256: and 64 lowercase hex digits",

@@ -77,7 +77,7 @@ impl Host for WasmHost {
                 *b = *n;
             }
         }
-        buf.iter().map(|b| format!("{b:02x}")).collect()
+        signet_protocol::cid::to_hex(&buf)
     }
 
     fn count(&mut self, stat: &str) {
