@@ -112,17 +112,9 @@ stack_start
 
 ENVOY="http://127.0.0.1:$ENVOY_PORT"
 # The bodies: the invoice tool call as compact JSON, and the same payload in an exchange envelope.
-python3 - "$ROOT/scripts/payloads/invoice-toolcall.json" "$BENCH_DIR" <<'EOF'
-import json, sys
-payload = json.load(open(sys.argv[1]))
-compact = lambda v: json.dumps(v, separators=(",", ":"))
-open(f"{sys.argv[2]}/invoice.json", "w").write(compact(payload))
-open(f"{sys.argv[2]}/exchange.json", "w").write(compact({
-    "payload_type": "openai.tooluse.invoice.v1",
-    "target_type": "invoice.iso20022.v1",
-    "payload": payload,
-}))
-EOF
+python3 -c 'import json, sys; json.dump(json.load(open(sys.argv[1])), open(sys.argv[2], "w"), separators=(",", ":"))' \
+    "$ROOT/scripts/payloads/invoice-toolcall.json" "$BENCH_DIR/invoice.json"
+exchange_body "$ROOT/scripts/payloads/invoice-toolcall.json" "$BENCH_DIR/exchange.json"
 
 # run NAME PATH BODY MODE CONNECTIONS
 RUNS_MAIN=(

@@ -83,6 +83,15 @@ json_field() {
     python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$1" "$2"
 }
 
+# exchange_body PAYLOAD OUT: the payload file (an OpenAI invoice tool call) in the envelope of
+# POST /v1/exchange, as compact JSON.
+exchange_body() {
+    python3 -c 'import json, sys; json.dump({
+    "payload_type": "openai.tooluse.invoice.v1",
+    "target_type": "invoice.iso20022.v1",
+    "payload": json.load(open(sys.argv[1]))}, open(sys.argv[2], "w"), separators=(",", ":"))' "$1" "$2"
+}
+
 # start KEY NAME LOG CMD...: runs CMD in the background as the leader of its own session and
 # process group (setsid), so that stack_stop ends it with everything it spawned, whether or not
 # this shell has a terminal. Ctrl-C reaches only this script, whose trap calls stack_stop.

@@ -68,10 +68,7 @@ CP_ADMIN="http://127.0.0.1:$CONTROL_PLANE_ADMIN_PORT"
 # verified offline by the signet CLI against the JWKS.
 log "one verified exchange"
 exchange_file="$SIGNET_RUN/exchange.json"
-python3 -c 'import json,sys; print(json.dumps({
-    "payload_type": "openai.tooluse.invoice.v1",
-    "target_type": "invoice.iso20022.v1",
-    "payload": json.load(open(sys.argv[1]))}))' "$PAYLOAD" >"$exchange_file"
+exchange_body "$PAYLOAD" "$exchange_file"
 response=$(curl -sS --fail-with-body -X POST "$ENVOY/v1/exchange" \
     -H 'content-type: application/json' \
     -H 'X-SIGNET-API-Key: demo-key' \

@@ -18,8 +18,13 @@ ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 : "${PROBE_SECONDS:=12}"
 RATES=("$@")
 [[ ${#RATES[@]} -gt 0 ]] || RATES=(200 800)
-export ENVOY_PORT=10100 ENVOY_ADMIN_PORT=10101 CONTROL_PLANE_PORT=10188 \
-    CONTROL_PLANE_INTERNAL_PORT=10190 CONTROL_PLANE_ADMIN_PORT=10191 UPSTREAM_PORT=10189
+# make bench's ports (scripts/bench.sh), so it runs beside `make up`
+: "${ENVOY_PORT:=10100}"
+: "${ENVOY_ADMIN_PORT:=10101}"
+: "${CONTROL_PLANE_PORT:=10188}"
+: "${CONTROL_PLANE_INTERNAL_PORT:=10190}"
+: "${CONTROL_PLANE_ADMIN_PORT:=10191}"
+: "${UPSTREAM_PORT:=10189}"
 WORK=$(mktemp -d -t signet-probe.XXXXXX)
 TARGET_DIR=$(realpath -m "${CARGO_TARGET_DIR:-$ROOT/target}")
 PROBE_TARGET="$TARGET_DIR/in-envoy-probe"
@@ -45,8 +50,7 @@ git -C "$WORK/tree" apply "$ROOT/scripts/bench/in-envoy-probe.patch" \
 stack_build --bin open-loop
 stack_secrets
 stack_start
-python3 -c 'import json, sys; p = json.load(open(sys.argv[1])); json.dump({"payload_type": "openai.tooluse.invoice.v1", "target_type": "invoice.iso20022.v1", "payload": p}, open(sys.argv[2], "w"), separators=(",", ":"))' \
-    "$ROOT/scripts/payloads/invoice-toolcall.json" "$WORK/exchange.json"
+exchange_body "$ROOT/scripts/payloads/invoice-toolcall.json" "$WORK/exchange.json"
 
 envoy_pid=${STACK_PIDS[2]}
 for rate in "${RATES[@]}"; do
