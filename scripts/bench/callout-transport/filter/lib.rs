@@ -85,7 +85,11 @@ fn send(context: u32, mode: Mode) {
     match mode {
         Mode::Wake => answer(context, 200, Some(&ANSWER)),
         Mode::Http1 | Mode::Http2 => {
-            let cluster = if mode == Mode::Http1 { "peer_http1" } else { "peer_http2" };
+            let cluster = if mode == Mode::Http1 {
+                "peer_http1"
+            } else {
+                "peer_http2"
+            };
             let headers = vec![
                 (":method", "POST"),
                 (":path", "/message"),
@@ -111,7 +115,8 @@ fn send(context: u32, mode: Mode) {
             let stream = match open {
                 Some(token) => Some(token),
                 None => grpc_service("peer_http2").and_then(|service| {
-                    hostcalls::open_grpc_stream(&service, "callout.Transport", "Stream", Vec::new()).ok()
+                    hostcalls::open_grpc_stream(&service, "callout.Transport", "Stream", Vec::new())
+                        .ok()
                 }),
             };
             let Some(stream) = stream else {
@@ -129,15 +134,25 @@ fn send(context: u32, mode: Mode) {
 struct Root;
 
 impl Context for Root {
-    fn on_http_call_response(&mut self, token: u32, _headers: usize, body_size: usize, _trailers: usize) {
-        let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size).ok().flatten();
+    fn on_http_call_response(
+        &mut self,
+        token: u32,
+        _headers: usize,
+        body_size: usize,
+        _trailers: usize,
+    ) {
+        let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
+            .ok()
+            .flatten();
         if let Some(context) = VM.with(|vm| vm.borrow_mut().calls.remove(&token)) {
             answer(context, 200, body.as_deref());
         }
     }
 
     fn on_grpc_stream_message(&mut self, _token: u32, size: usize) {
-        let body = hostcalls::get_buffer(BufferType::GrpcReceiveBuffer, 0, size).ok().flatten();
+        let body = hostcalls::get_buffer(BufferType::GrpcReceiveBuffer, 0, size)
+            .ok()
+            .flatten();
         if let Some(context) = VM.with(|vm| vm.borrow_mut().on_stream.pop_front()) {
             answer(context, 200, body.as_deref());
         }

@@ -26,7 +26,9 @@ async fn serve(request: Request<Incoming>) -> Result<Response<Body>, Infallible>
     if request.uri().path() != "/callout.Transport/Stream" {
         let _ = request.into_body().collect().await;
         let mut response = Response::new(Full::new(Bytes::from_static(&ANSWER)).boxed());
-        response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        response
+            .headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         return Ok(response);
     }
     let (frames, answers) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1024);
@@ -35,7 +37,9 @@ async fn serve(request: Request<Incoming>) -> Result<Response<Body>, Infallible>
         answers.recv().await.map(|frame| (frame, answers))
     });
     let mut response = Response::new(BodyExt::boxed(StreamBody::new(answers)));
-    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
     Ok(response)
 }
 
@@ -43,7 +47,9 @@ async fn serve(request: Request<Incoming>) -> Result<Response<Body>, Infallible>
 async fn answer_each(mut body: Incoming, frames: mpsc::Sender<Result<Frame<Bytes>, Infallible>>) {
     let mut received = BytesMut::new();
     while let Some(Ok(frame)) = body.frame().await {
-        let Ok(data) = frame.into_data() else { continue };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
         received.extend_from_slice(&data);
         while received.len() >= PREFIX {
             let length = u32::from_be_bytes([received[1], received[2], received[3], received[4]]);
@@ -56,7 +62,11 @@ async fn answer_each(mut body: Incoming, frames: mpsc::Sender<Result<Frame<Bytes
             message.put_u8(0);
             message.put_u32(ANSWER.len() as u32);
             message.put_slice(&ANSWER);
-            if frames.send(Ok(Frame::data(message.freeze()))).await.is_err() {
+            if frames
+                .send(Ok(Frame::data(message.freeze())))
+                .await
+                .is_err()
+            {
                 return;
             }
         }
@@ -68,8 +78,11 @@ async fn answer_each(mut body: Incoming, frames: mpsc::Sender<Result<Frame<Bytes
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> std::io::Result<()> {
-    let port = std::env::args().nth(1).unwrap_or_else(|| "10290".to_owned());
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port.parse().unwrap_or(10290))).await?;
+    let port = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "10290".to_owned());
+    let listener =
+        tokio::net::TcpListener::bind(("127.0.0.1", port.parse().unwrap_or(10290))).await?;
     loop {
         let (connection, _) = listener.accept().await?;
         // HTTP/2's small frames would otherwise wait for the previous write's ACK (Nagle)
