@@ -162,6 +162,15 @@ cpu_snapshot() {
     done
 }
 
+# The control plane's commit calls so far: `sum count` of its commits-per-call histogram, to
+# tell the batches of a run (its CPU per commit depends on them: docs/perf.md, "The control
+# plane's CPU per commit is mostly per request").
+batch_snapshot() {
+    curl -fsS "http://127.0.0.1:$CONTROL_PLANE_PORT/metrics" \
+        | awk '/^signet_cp_commit_batch_size_sum / { s = $2 } /^signet_cp_commit_batch_size_count / { c = $2 }
+               END { print s + 0, c + 0 }'
+}
+
 measure() { # measure STORAGE RUN...
     local run name path body mode connections
     log "wrk: $BENCH_THREADS thread(s), $BENCH_DURATION per run (after $BENCH_WARMUP warm-up); Envoy concurrency $ENVOY_CONCURRENCY; storage $1"
@@ -170,8 +179,10 @@ measure() { # measure STORAGE RUN...
         read -r name path body mode connections <<<"$run"
         run_wrk "$BENCH_WARMUP" "$path" "$body" "$mode" "$connections" >/dev/null
         cpu_snapshot >"$BENCH_DIR/cpu-before-$name.txt"
+        batch_snapshot >"$BENCH_DIR/batches-before-$name.txt"
         run_wrk "$BENCH_DURATION" "$path" "$body" "$mode" "$connections" >"$BENCH_DIR/wrk-$name.txt"
         cpu_snapshot >"$BENCH_DIR/cpu-after-$name.txt"
+        batch_snapshot >"$BENCH_DIR/batches-after-$name.txt"
         echo "$name $connections $SP_STORAGE" >>"$BENCH_DIR/runs.txt"
         log "$name ($connections connections) done"
     done
@@ -266,25 +277,34 @@ def cpu_ms_per_request(name, total):
         cpu[label] = cpu.get(label, 0.0) + seconds - before.get((label, pid), 0.0)
     return {label: seconds * 1000 / total for label, seconds in cpu.items()}
 
+def commits_per_call(name):
+    """The mean commits per commit call of the run (None: no call)."""
+    (s0, c0), (s1, c1) = ([float(x) for x in open(f"{bench_dir}/batches-{when}-{name}.txt").read().split()]
+                          for when in ("before", "after"))
+    return (s1 - s0) / (c1 - c0) if c1 > c0 else None
+
 runs = [line.split() for line in open(f"{bench_dir}/runs.txt")]
 results = {}
 for name, conns, storage in runs:
     results[name] = parse(name)
-    results[name].update(conns=int(conns), storage=storage, cpu=cpu_ms_per_request(name, results[name]["total"]))
+    results[name].update(conns=int(conns), storage=storage, cpu=cpu_ms_per_request(name, results[name]["total"]),
+                         batch=commits_per_call(name))
 base = results["passthrough"]
 
 print()
 print(open(f"{bench_dir}/machine.txt").read().rstrip())
 print()
 print(f"{'run':<14} {'conns':>5} {'storage':>8} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'vs passthrough':>15}"
-      f" | CPU ms per request: {'envoy':>6} {'control plane':>13} {'upstream':>8} {'postgres':>8} | requests, non-2xx")
+      f" | CPU ms per request: {'envoy':>6} {'control plane':>13} {'upstream':>8} {'postgres':>8}"
+      f" | {'commits/call':>12} | requests, non-2xx")
 for name, r in results.items():
     ratio = f"{r['rps'] / base['rps']:.2f}x" if r["conns"] == base["conns"] else "-"
     cpu = r["cpu"]
     postgres = f"{cpu['postgres']:.3f}" if "postgres" in cpu else "-"
+    batch = f"{r['batch']:.1f}" if r["batch"] is not None else "-"
     print(f"{name:<14} {r['conns']:>5} {r['storage']:>8} {r['rps']:>8.0f} {r['p50']:>7.2f} {r['p99']:>7.2f} {ratio:>15}"
           f" | {'':19} {cpu['envoy']:>6.3f} {cpu['control_plane']:>13.3f} {cpu['upstream']:>8.3f} {postgres:>8}"
-          f" | {r['total']}, {r['non2xx']}"
+          f" | {batch:>12} | {r['total']}, {r['non2xx']}"
           + (f"  socket errors: {r['socket_errors']}" if r["socket_errors"] else ""))
 opened = {}  # the main storage's open-loop runs, by connections
 main_storage = results["exchange"]["storage"]
@@ -367,8 +387,10 @@ for label, value, bound, op, fmt, missing in targets:
         continue
     ok = value <= bound if op == "<=" else value >= bound
     print(f"{label:<62} {fmt.format(value):>10}  {bound_text:>11}  {'PASS' if ok else 'FAIL'}")
+batches = ", ".join(f"{r['batch']:.1f} on {r['storage']}" for r in (sqlite_run, pg_run) if r and r["batch"])
 print("CPU per commit: the control plane's CPU in the exchange run / the run's 200 answers (one"
-      " commit each, in the batches the filter sends).")
+      f" commit each, in the batches the filter sends: {batches or 'none'} commits a call; most of a"
+      " commit call's cost is per call, docs/perf.md).")
 print("p99: the wrk runs above are at saturation, where latency is connections / throughput;"
       " the targets take the open loop's, below it.")
 
