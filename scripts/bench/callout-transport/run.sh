@@ -8,7 +8,7 @@
 # modes alternating ROUNDS times; prints Envoy's and the peer's CPU µs per request (/proc) and
 # each callout mode minus `wake` in the same round.
 #
-#   scripts/bench/callout-transport/run.sh [RATE...]   # default 500 1500; ROUNDS (3), SECONDS (10)
+#   scripts/bench/callout-transport/run.sh [RATE...]   # default 500 1500; ROUNDS (3), SECONDS_PER_RUN (10)
 #
 # Measurement only: not part of make test or make bench; nothing it builds is shipped.
 set -euo pipefail
@@ -26,9 +26,8 @@ RATES=("$@")
 MODES=(passthrough wake http1 http2 grpc-stream)
 WORK=$(mktemp -d -t signet-transport.XXXXXX)
 OUT="$TARGET_DIR/callout-transport"
-PIDS=()
 cleanup() {
-    [[ ${#PIDS[@]} -eq 0 ]] || kill "${PIDS[@]}" 2>/dev/null || true
+    stack_stop
     rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -90,20 +89,16 @@ $(cluster peer_http1 http_protocol_options)
 $(cluster peer_http2 http2_protocol_options)
 YAML
 
-"$OUT/release/callout-transport-peer" "$TRANSPORT_PEER_PORT" >"$WORK/peer.log" 2>&1 &
-PIDS+=("$!"); peer_pid=$!
-"$ENVOY_BIN" --config-path "$WORK/envoy.yaml" --disable-hot-restart --concurrency "$ENVOY_CONCURRENCY" \
-    --log-level warn >"$WORK/envoy.log" 2>&1 &
-PIDS+=("$!"); envoy_pid=$!
-for _ in $(seq 100); do
-    kill -0 "$peer_pid" 2>/dev/null || { cat "$WORK/peer.log" >&2; die "the peer did not start"; }
-    curl -fs -o /dev/null "http://127.0.0.1:$TRANSPORT_ADMIN_PORT/ready" && break
-    sleep 0.1
-done
+start peer "the peer" "$WORK/peer.log" "$OUT/release/callout-transport-peer" "$TRANSPORT_PEER_PORT"
+wait_http peer "the peer" "http://127.0.0.1:$TRANSPORT_PEER_PORT/message"
+start envoy Envoy "$WORK/envoy.log" "$ENVOY_BIN" --config-path "$WORK/envoy.yaml" --disable-hot-restart \
+    --concurrency "$ENVOY_CONCURRENCY" --log-level warn
+wait_http envoy Envoy "http://127.0.0.1:$TRANSPORT_ADMIN_PORT/ready"
+peer_pid=${SERVICE_PID[peer]} envoy_pid=${SERVICE_PID[envoy]}
 echo '{}' >"$WORK/body.json"
 for mode in "${MODES[@]}"; do
     curl -fs -o /dev/null -d @"$WORK/body.json" "http://127.0.0.1:$TRANSPORT_PORT/$mode" \
-        || { cat "$WORK/envoy.log" >&2; die "$mode does not answer 200"; }
+        || service_failed envoy "$mode does not answer 200"
 done
 
 cpu() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }   # clock ticks, user + system
