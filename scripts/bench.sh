@@ -25,8 +25,9 @@
 # that database as is; BENCH_WASM=0 skips the V8 stage bench (BENCH_WASM_RUNS, 3);
 # BENCH_PROFILE=1 adds, per storage, one more exchange run under `perf record` (not one of the
 # figures above: perf slows it) and prints where Envoy's and the control plane's CPU per
-# exchange goes (scripts/bench/profile.py). Its own ports and a temp data dir, so it runs beside
-# `make up`.
+# exchange goes (scripts/bench/profile.py); BENCH_FSYNC_SECONDS (5, 0 skips) times fsync on the
+# data directory's disk alone before the stack starts (the `disk` line). Its own ports and a temp
+# data dir ($TMPDIR), so it runs beside `make up`.
 set -euo pipefail
 
 : "${ENVOY_PORT:=10100}"
@@ -46,6 +47,7 @@ set -euo pipefail
 : "${BENCH_WASM:=1}"
 : "${BENCH_WASM_RUNS:=3}"
 : "${BENCH_PROFILE:=0}"
+: "${BENCH_FSYNC_SECONDS:=5}"
 BENCH_DIR=$(mktemp -d -t signet-bench.XXXXXX)
 SIGNET_DATA="$BENCH_DIR/data"
 SIGNET_RUN="$BENCH_DIR/run"
@@ -102,11 +104,41 @@ if [[ $BENCH_WASM != 0 ]]; then
         || die "scripts/wasm-bench/run.sh failed"
 fi
 
+# fsync_probe DIR SECONDS: the latency of fsync on DIR's disk, alone: an 8 KiB write and its
+# fsync every millisecond, about what the SQLite writer does below saturation. Every commit waits
+# for one, so the disk's tail is a floor under the open loop's p99 (docs/perf.md).
+fsync_probe() {
+    python3 - "$@" <<'PROBE'
+import os, subprocess, sys, time
+folder, seconds = sys.argv[1], float(sys.argv[2])
+path = os.path.join(folder, "fsync-probe")
+fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+block, took, end = b"x" * 8192, [], time.monotonic() + seconds
+while time.monotonic() < end:
+    os.write(fd, block)
+    start = time.perf_counter()
+    os.fsync(fd)
+    took.append((time.perf_counter() - start) * 1000)
+    time.sleep(0.001)
+os.close(fd)
+os.unlink(path)
+took.sort()
+at = lambda q: took[min(len(took) - 1, int(q * len(took)))]
+fs = subprocess.run(["df", "--output=fstype", folder], capture_output=True, text=True).stdout.split()[-1]
+print(f"disk    fsync of 8 KiB on {fs}, alone, {seconds:g} s: p50 {at(0.5):.2f} ms, p99 {at(0.99):.2f},"
+      f" p99.9 {at(0.999):.2f}, max {took[-1]:.2f} ({len(took)} calls)")
+PROBE
+}
+
 stack_secrets
 # The machine, before the stack adds its own load.
 {
     echo "machine $(nproc) cores, $(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2- | xargs),"
     echo "        load average $(cut -d' ' -f1-3 /proc/loadavg) before the run; $(date -u '+%Y-%m-%d %H:%M UTC'); $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')"
+    if [[ $BENCH_FSYNC_SECONDS != 0 ]]; then
+        log "fsync on the data directory's disk ($BENCH_FSYNC_SECONDS s)"
+        fsync_probe "$BENCH_DIR" "$BENCH_FSYNC_SECONDS" || die "the fsync probe failed"
+    fi
 } >"$BENCH_DIR/machine.txt"
 stack_start
 
@@ -392,7 +424,8 @@ print("CPU per commit: the control plane's CPU in the exchange run / the run's 2
       f" commit each, in the batches the filter sends: {batches or 'none'} commits a call; most of a"
       " commit call's cost is per call, docs/perf.md).")
 print("p99: the wrk runs above are at saturation, where latency is connections / throughput;"
-      " the targets take the open loop's, below it.")
+      " the targets take the open loop's, below it. Each exchange waits for its commit's fsync:"
+      " the disk line above is that wait's own tail.")
 
 if error_runs:
     print(f"error: non-2xx answers or socket errors on {', '.join(error_runs)}: the figures are not valid", file=sys.stderr)
