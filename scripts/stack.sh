@@ -136,7 +136,16 @@ wait_http() {
     done
 }
 
+# stack_start: the control plane, the demo upstream, then Envoy. Its three steps are functions of
+# their own so that a measurement script can start another service, or edit the rendered Envoy
+# config, between them (scripts/bench/two-instances.sh).
 stack_start() {
+    stack_start_services
+    stack_render_envoy
+    stack_start_envoy
+}
+
+stack_start_services() {
     mkdir -p "$SIGNET_RUN"
     local port
     for port in "$ENVOY_PORT" "$ENVOY_ADMIN_PORT" "$CONTROL_PLANE_PORT" \
@@ -156,13 +165,19 @@ stack_start() {
     wait_http control-plane "control plane" \
         "http://127.0.0.1:$CONTROL_PLANE_PORT/.well-known/jwks.json"
     wait_http upstream "demo upstream" "http://127.0.0.1:$UPSTREAM_PORT/"
+}
 
+# Renders the Envoy config of the stack into $SIGNET_RUN/envoy.yaml.
+stack_render_envoy() {
     BIND_ADDRESS=127.0.0.1 ENVOY_ADMIN_ADDRESS=127.0.0.1 CONTROL_PLANE_HOST=127.0.0.1 \
         UPSTREAM_HOST=127.0.0.1 ENVOY_PORT=$ENVOY_PORT ENVOY_ADMIN_PORT=$ENVOY_ADMIN_PORT \
         CONTROL_PLANE_INTERNAL_PORT=$CONTROL_PLANE_INTERNAL_PORT \
         CONTROL_PLANE_PUBLIC_PORT=$CONTROL_PLANE_PORT UPSTREAM_PORT=$UPSTREAM_PORT \
         SIGNET_FILTER_WASM=$WASM \
         "$ROOT/scripts/render-envoy-config.sh" >"$SIGNET_RUN/envoy.yaml"
+}
+
+stack_start_envoy() {
     # The filter reads SP_PRIVATE_KEY_B64, SP_KID and SP_FILTER_TOKEN from this environment.
     start envoy "envoy on :$ENVOY_PORT (admin :$ENVOY_ADMIN_PORT)" "$SIGNET_RUN/envoy.log" \
         "$ENVOY_BIN" --config-path "$SIGNET_RUN/envoy.yaml" --disable-hot-restart \

@@ -54,24 +54,18 @@ cpu_seconds() { # cpu_seconds PID...: user + system seconds of these processes t
     echo "$total"
 }
 
-# stack INSTANCES: the stack_start of stack.sh, with a second control plane when asked.
+# stack INSTANCES: stack_start, with a second control plane as another endpoint of the callouts'
+# cluster when asked.
 stack() {
-    mkdir -p "$SIGNET_RUN"
-    start control-plane "control plane" "$SIGNET_RUN/control-plane.log" \
-        env PORT="$CONTROL_PLANE_PORT" SP_BIND=127.0.0.1 SP_INTERNAL_PORT="$CONTROL_PLANE_INTERNAL_PORT" \
-        SP_ADMIN_PORT="$CONTROL_PLANE_ADMIN_PORT" "$BIN/signet-control-plane"
-    start upstream "demo upstream" "$SIGNET_RUN/upstream.log" "$BIN/demo-upstream" "127.0.0.1:$UPSTREAM_PORT"
-    wait_http control-plane "control plane" "http://127.0.0.1:$CONTROL_PLANE_PORT/.well-known/jwks.json"
+    stack_start_services
     if [[ $1 == 2 ]]; then
         start second "second control plane" "$SIGNET_RUN/second.log" \
             env PORT="$SECOND_PORT" SP_BIND=127.0.0.1 SP_INTERNAL_PORT="$SECOND_INTERNAL_PORT" \
             SP_ADMIN_PORT="$SECOND_ADMIN_PORT" "$BIN/signet-control-plane"
         wait_http second "second control plane" "http://127.0.0.1:$SECOND_PORT/.well-known/jwks.json"
     fi
-    BIND_ADDRESS=127.0.0.1 ENVOY_ADMIN_ADDRESS=127.0.0.1 CONTROL_PLANE_HOST=127.0.0.1 \
-        UPSTREAM_HOST=127.0.0.1 CONTROL_PLANE_PUBLIC_PORT=$CONTROL_PLANE_PORT SIGNET_FILTER_WASM=$WASM \
-        "$ROOT/scripts/render-envoy-config.sh" >"$SIGNET_RUN/envoy.yaml"
-    if [[ $1 == 2 ]]; then # the second instance as another endpoint of the callouts' cluster
+    stack_render_envoy
+    if [[ $1 == 2 ]]; then
         python3 - "$SIGNET_RUN/envoy.yaml" "$CONTROL_PLANE_INTERNAL_PORT" "$SECOND_INTERNAL_PORT" <<'PY'
 import sys
 path, first, second = sys.argv[1:]
@@ -83,9 +77,7 @@ text = text.replace(endpoint % first, endpoint % first + "              - endpoi
 open(path, "w").write(text)
 PY
     fi
-    start envoy envoy "$SIGNET_RUN/envoy.log" "$ENVOY_BIN" --config-path "$SIGNET_RUN/envoy.yaml" \
-        --disable-hot-restart --concurrency "$ENVOY_CONCURRENCY" --log-level warn
-    wait_http envoy envoy "http://127.0.0.1:$ENVOY_ADMIN_PORT/ready"
+    stack_start_envoy
 }
 
 wrk_exchange() { # wrk_exchange CONNECTIONS DURATION
